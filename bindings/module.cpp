@@ -1,0 +1,65 @@
+// rlfuse._C: validates inputs and routes to csrc/. No math here.
+#include <torch/extension.h>
+
+#include "cpu/epilogue.h"
+
+namespace {
+
+void check_chunk(const at::Tensor& z, const at::Tensor& targets, const char* op) {
+  TORCH_CHECK(z.device().is_cpu(), op, ": logits must be a CPU tensor, got ", z.device());
+  TORCH_CHECK(z.dim() == 2, op, ": logits must be 2-D [C, V], got ", z.dim(), "-D");
+  TORCH_CHECK(z.scalar_type() == at::kFloat, op, ": logits must be float32, got ",
+              z.scalar_type());
+  TORCH_CHECK(z.is_contiguous(), op, ": logits must be contiguous");
+  TORCH_CHECK(targets.device().is_cpu() && targets.scalar_type() == at::kLong &&
+                  targets.dim() == 1 && targets.size(0) == z.size(0),
+              op, ": targets must be a CPU int64 tensor of shape [", z.size(0), "], got ",
+              targets.scalar_type(), " ", targets.sizes());
+}
+
+void check_row(const at::Tensor& x, int64_t c, const char* name, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
+                  x.size(0) == c && x.is_contiguous(),
+              op, ": ", name, " must be a contiguous CPU float32 tensor of shape [", c,
+              "], got ", x.scalar_type(), " ", x.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_stats(
+    const at::Tensor& z, const at::Tensor& targets, double scale, double softcap,
+    double inv_temp, int64_t ignore_index) {
+  check_chunk(z, targets, "logits_stats");
+  auto t = targets.contiguous();
+  auto opts = z.options().dtype(at::kFloat);
+  auto lse = at::empty({z.size(0)}, opts), logp = at::empty({z.size(0)}, opts),
+       ent = at::empty({z.size(0)}, opts);
+  rlfuse::cpu::logits_stats(z, t, {float(scale), float(softcap), float(inv_temp)},
+                            ignore_index, lse, logp, ent);
+  return {lse, logp, ent};
+}
+
+void logits_grad_(at::Tensor z, const at::Tensor& targets, const at::Tensor& lse,
+                  const at::Tensor& entropy, const at::Tensor& a, const at::Tensor& e,
+                  double scale, double softcap, double inv_temp, int64_t ignore_index) {
+  check_chunk(z, targets, "logits_grad_");
+  const int64_t c = z.size(0);
+  check_row(lse, c, "lse", "logits_grad_");
+  check_row(entropy, c, "entropy", "logits_grad_");
+  check_row(a, c, "grad_logp", "logits_grad_");
+  check_row(e, c, "grad_entropy", "logits_grad_");
+  rlfuse::cpu::logits_grad_(z, targets.contiguous(), lse, entropy, a, e,
+                            {float(scale), float(softcap), float(inv_temp)}, ignore_index);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rlfuse CPU epilogue kernels";
+  m.def("logits_stats", &logits_stats,
+        "lse, logp, entropy [C] fp32 of a chunk of raw logits [C, V] fp32",
+        py::arg("z"), py::arg("targets"), py::arg("scale"), py::arg("softcap"),
+        py::arg("inv_temp"), py::arg("ignore_index"));
+  m.def("logits_grad_", &logits_grad_, "overwrite raw logits [C, V] with dL/dlogits",
+        py::arg("z"), py::arg("targets"), py::arg("lse"), py::arg("entropy"), py::arg("a"),
+        py::arg("e"), py::arg("scale"), py::arg("softcap"), py::arg("inv_temp"),
+        py::arg("ignore_index"));
+}

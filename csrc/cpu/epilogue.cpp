@@ -1,0 +1,154 @@
+// CPU epilogue kernels: ATen parallel_for over rows, AVX2/AVX-512 Vectorized sweeps.
+// The vector width follows the build flags (-march=native in setup.py).
+#if defined(__AVX512F__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#include "cpu/epilogue.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace rlfuse::cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+// Returns the row's transformed logits: `raw` itself scaled by k when there is no softcap
+// (linear, folded into the sweeps), else written to `buf`.
+struct Row {
+  const float* z;  // transformed values are k * z[j]
+  float k;
+};
+
+inline Row transformed(const float* raw, int64_t v, Transform t, float* buf) {
+  if (t.softcap <= 0.f) return {raw, t.scale * t.inv_temp};
+  const float s = t.scale / t.softcap, c = t.softcap * t.inv_temp;
+  for (int64_t j = 0; j < v; ++j) buf[j] = c * std::tanh(s * raw[j]);
+  return {buf, 1.f};
+}
+
+inline float row_max(const float* z, int64_t v) {
+  Vec m(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kW <= v; j += kW) m = at::vec::maximum(m, Vec::loadu(z + j));
+  float out = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  for (; j < v; ++j) out = std::max(out, z[j]);
+  return out;
+}
+
+// sum exp(k z - mk) and sum exp(k z - mk) * k z.
+inline void row_sums(const float* z, int64_t v, float k, float mk, float& s_out, float& t_out) {
+  const Vec kv(k), mv(mk);
+  Vec s(0.f), t(0.f);
+  int64_t j = 0;
+  for (; j + kW <= v; j += kW) {
+    Vec x = Vec::loadu(z + j) * kv;
+    Vec p = (x - mv).exp_u20();
+    s = s + p;
+    t = at::vec::fmadd(p, x, t);
+  }
+  if (j < v) {
+    const int64_t r = v - j;
+    Vec x = Vec::loadu(z + j, r) * kv;
+    Vec p = Vec::set(Vec(0.f), (x - mv).exp_u20(), r);
+    s = s + p;
+    t = at::vec::fmadd(p, Vec::set(Vec(0.f), x, r), t);
+  }
+  s_out = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s);
+  t_out = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, t);
+}
+
+}  // namespace
+
+void logits_stats(const at::Tensor& z, const at::Tensor& targets, Transform t,
+                  int64_t ignore_index, at::Tensor& lse, at::Tensor& logp, at::Tensor& entropy) {
+  const int64_t c = z.size(0), v = z.size(1);
+  const float* zp = z.data_ptr<float>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  float* lp = lse.data_ptr<float>();
+  float* op = logp.data_ptr<float>();
+  float* ep = entropy.data_ptr<float>();
+  at::parallel_for(0, c, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(t.softcap > 0.f ? v : 0);
+    for (int64_t i = b; i < e; ++i) {
+      Row row = transformed(zp + i * v, v, t, buf.data());
+      const float mk = row.k * row_max(row.z, v);  // k > 0
+      float s, sz;
+      row_sums(row.z, v, row.k, mk, s, sz);
+      const float l = mk + std::log(s);
+      lp[i] = l;
+      const int64_t tgt = tp[i];
+      if (tgt == ignore_index) {
+        op[i] = 0.f;
+        ep[i] = 0.f;
+      } else {
+        op[i] = row.k * row.z[tgt] - l;
+        ep[i] = l - sz / s;
+      }
+    }
+  });
+}
+
+void logits_grad_(at::Tensor& z, const at::Tensor& targets, const at::Tensor& lse,
+                  const at::Tensor& entropy, const at::Tensor& a, const at::Tensor& e,
+                  Transform t, int64_t ignore_index) {
+  const int64_t c = z.size(0), v = z.size(1);
+  float* zp = z.data_ptr<float>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  const float* lp = lse.data_ptr<float>();
+  const float* hp = entropy.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* gp = e.data_ptr<float>();
+  const bool cap = t.softcap > 0.f;
+  const float k = t.scale * t.inv_temp;
+  const float tanh_in = cap ? t.scale / t.softcap : 0.f, zc = t.softcap * t.inv_temp;
+  at::parallel_for(0, c, 1, [&](int64_t b, int64_t end) {
+    for (int64_t i = b; i < end; ++i) {
+      float* row = zp + i * v;
+      const int64_t tgt = tp[i];
+      if (tgt == ignore_index) {
+        std::fill(row, row + v, 0.f);
+        continue;
+      }
+      const float l = lp[i], ai = ap[i], ei = gp[i];
+      const float mean_z = l - hp[i];  // sum_k p_k z_k
+      float grad_target;
+      if (!cap) {
+        // g_j = k * p_j * (-a - e (z_j - mean_z))
+        const Vec kv(k), lv(l), na(-ai), ev(ei), mz(mean_z);
+        auto f = [&](Vec x) {
+          Vec zz = x * kv;
+          Vec p = (zz - lv).exp_u20();
+          return kv * p * (na - ev * (zz - mz));
+        };
+        grad_target = k * ai;
+        int64_t j = 0;
+        for (; j + kW <= v; j += kW) f(Vec::loadu(row + j)).store(row + j);
+        if (j < v) f(Vec::loadu(row + j, v - j)).store(row + j, v - j);
+      } else {
+        // z = zc * tanh(tanh_in * raw), dz/draw = scale * inv_temp * (1 - tanh^2)
+        float dt = 0.f;
+        for (int64_t j = 0; j < v; ++j) {
+          const float th = std::tanh(tanh_in * row[j]);
+          const float zz = zc * th, d = k * (1.f - th * th);
+          const float p = std::exp(zz - l);
+          if (j == tgt) dt = d;
+          row[j] = d * p * (-ai - ei * (zz - mean_z));
+        }
+        grad_target = dt * ai;
+      }
+      row[tgt] += grad_target;
+    }
+  });
+}
+
+}  // namespace rlfuse::cpu

@@ -1,0 +1,23 @@
+// Row-wise epilogues over a chunk of raw logits Z [C, V] fp32 (CPU).
+#pragma once
+#include <ATen/ATen.h>
+
+namespace rlfuse::cpu {
+
+// z = softcap(scale * raw) * inv_temp, softcap(u) = cap * tanh(u / cap) (cap = 0: none).
+struct Transform {
+  float scale, softcap, inv_temp;
+};
+
+// Sweep over each row: max, sum exp, sum p*z, z[target]. Z is not modified.
+// Writes lse, logp, entropy [C] fp32; rows whose target == ignore_index get logp = entropy = 0.
+void logits_stats(const at::Tensor& z, const at::Tensor& targets, Transform t,
+                  int64_t ignore_index, at::Tensor& lse, at::Tensor& logp, at::Tensor& entropy);
+
+// Overwrites Z in place with dL/d(raw logits) given a = dL/dlogp and e = dL/dentropy per row:
+//   dL/dz_j = a (onehot_j - p_j) - e p_j (z_j - sum_k p_k z_k), times dz/draw_j.
+void logits_grad_(at::Tensor& z, const at::Tensor& targets, const at::Tensor& lse,
+                  const at::Tensor& entropy, const at::Tensor& a, const at::Tensor& e,
+                  Transform t, int64_t ignore_index);
+
+}  // namespace rlfuse::cpu

@@ -1,0 +1,173 @@
+"""The one chunked driver behind every fused op.
+
+For N token rows, hidden H, vocab V and C rows at a time:
+    Z = X_c @ W^T (+ b)                       GEMM, Z is a reused [C, V] buffer
+    stats(Z) -> lse, logp, entropy            row-wise kernel (cpp / triton), Z unchanged
+    per-row loss math in torch on [C] vectors -> a = dL/dlogp, e = dL/dentropy
+    grad_(Z) -> Z holds dL/d(raw logits)      row-wise kernel, in place
+    dX_c = Z @ W ; dW += Z^T @ X_c ; db += sum_rows Z
+`forward_stats` is one GEMM per chunk, `backward` three (recompute + two), `fused_rowloss`
+three (the gradient is written during the forward). Extra memory: one [C, V] buffer plus O(N)
+row statistics; on CPU the GEMMs run in fp32 on chunk-wise upcasts of bf16/fp16 inputs, and
+weight gradients accumulate in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import epilogues
+
+# Budget for the [C, V] logits buffer when chunk_size is not given.
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """z = softcap(logit_scale * (x @ W^T + b)) / temperature, softcap(u) = c * tanh(u / c)."""
+
+    logit_scale: float = 1.0
+    softcap: float = 0.0  # 0 disables the cap
+    temperature: float = 1.0
+
+    def apply(self, logits: Tensor) -> Tensor:
+        u = logits * self.logit_scale if self.logit_scale != 1.0 else logits
+        if self.softcap:
+            u = self.softcap * torch.tanh(u / self.softcap)
+        return u / self.temperature if self.temperature != 1.0 else u
+
+    def kernel_args(self) -> tuple[float, float, float]:
+        return float(self.logit_scale), float(self.softcap), 1.0 / float(self.temperature)
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    # CPU bf16/fp16 GEMMs are hundreds of times slower than fp32: upcast chunk-wise.
+    return torch.float32 if t.device.type == "cpu" else t.dtype
+
+
+def default_chunk_size(n: int, v: int, elem_bytes: int = 4) -> int:
+    return max(1, min(n, max(16, CHUNK_BYTES // max(1, v * elem_bytes))))
+
+
+class _Gemms:
+    """The three GEMMs of a chunk, on one reused logits buffer."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int):
+        self.dtype = compute_dtype(hidden)
+        self.hidden = hidden
+        self.w = weight.to(self.dtype)  # [V, H], a copy only when upcasting
+        self.b = None if bias is None else bias.to(self.dtype)
+        n, v = hidden.shape[0], weight.shape[0]
+        self.chunk = chunk
+        self.buf = torch.empty(min(chunk, n), v, dtype=self.dtype, device=hidden.device)
+
+    def ranges(self):
+        n = self.hidden.shape[0]
+        for s in range(0, n, self.chunk):
+            yield s, min(n, s + self.chunk)
+
+    def logits(self, s: int, e: int) -> tuple[Tensor, Tensor]:
+        x = self.hidden[s:e].to(self.dtype)  # [c, H]
+        z = self.buf[: e - s]  # [c, V]
+        if self.b is None:
+            torch.mm(x, self.w.t(), out=z)
+        else:
+            torch.addmm(self.b, x, self.w.t(), out=z)
+        return x, z
+
+
+def forward_stats(hidden, weight, bias, targets, tf: LogitTransform, ignore_index: int,
+                  chunk: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """lse, logp, entropy, each [N] fp32, from one GEMM pass."""
+    stats, _ = epilogues(impl)
+    n = hidden.shape[0]
+    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    if n == 0:
+        return tuple(out)
+    g = _Gemms(hidden, weight, bias, chunk)
+    for s, e in g.ranges():
+        _, z = g.logits(s, e)
+        for o, r in zip(out, stats(z, targets[s:e], *tf.kernel_args(), ignore_index)):
+            o[s:e] = r
+    return tuple(out)
+
+
+class _GradAccumulator:
+    def __init__(self, g: _Gemms, bias: Optional[Tensor], hidden_dtype: torch.dtype):
+        n, h = g.hidden.shape
+        v = g.w.shape[0]
+        dev = g.hidden.device
+        self.g = g
+        self.dx = torch.empty(n, h, dtype=hidden_dtype, device=dev)
+        self.dw = torch.zeros(v, h, dtype=torch.float32, device=dev)
+        self.db = torch.zeros(v, dtype=torch.float32, device=dev) if bias is not None else None
+
+    def add(self, s: int, e: int, x: Tensor, dz: Tensor):
+        self.dx[s:e] = dz @ self.g.w  # [c, H]
+        if dz.dtype == torch.float32:
+            self.dw.addmm_(dz.t(), x)
+        else:
+            self.dw += (dz.t() @ x).float()
+        if self.db is not None:
+            self.db += dz.sum(0, dtype=torch.float32)
+
+    def result(self, weight: Tensor, bias: Optional[Tensor]):
+        db = None if bias is None else self.db.to(bias.dtype)
+        return self.dx, self.dw.to(weight.dtype), db
+
+
+def backward(grad_logp: Tensor, grad_entropy: Tensor, hidden, weight, bias, targets,
+             lse: Tensor, entropy: Tensor, tf: LogitTransform, ignore_index: int,
+             chunk: int, impl: str):
+    """dX, dW, db from per-row gradients a = dL/dlogp and e = dL/dentropy (recomputes Z)."""
+    _, grad_ = epilogues(impl)
+    g = _Gemms(hidden, weight, bias, chunk)
+    acc = _GradAccumulator(g, bias, hidden.dtype)
+    a = grad_logp.float().contiguous()
+    e = grad_entropy.float().contiguous()
+    for s, t in g.ranges():
+        x, z = g.logits(s, t)
+        grad_(z, targets[s:t], lse[s:t], entropy[s:t], a[s:t], e[s:t], *tf.kernel_args(),
+              ignore_index)
+        acc.add(s, t, x, z)
+    return acc.result(weight, bias)
+
+
+RowLoss = Callable[[int, int, Tensor, Tensor], Tensor]
+
+
+def fused_rowloss(hidden, weight, bias, targets, tf: LogitTransform, ignore_index: int,
+                  chunk: int, impl: str, row_loss: RowLoss):
+    """Token-separable loss with its gradient written during the forward (3 GEMMs / chunk).
+
+    `row_loss(s, e, logp_c, entropy_c)` returns the (already normalized) contribution of rows
+    [s, e) to the scalar loss, differentiably in logp_c and entropy_c ([e - s] fp32).
+    Returns loss (fp32 scalar), logp, entropy ([N] fp32) and (dX, dW, db).
+    """
+    stats, grad_ = epilogues(impl)
+    g = _Gemms(hidden, weight, bias, chunk)
+    acc = _GradAccumulator(g, bias, hidden.dtype)
+    n = hidden.shape[0]
+    logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    ent = torch.zeros_like(logp)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    args = tf.kernel_args()
+    for s, e in g.ranges():
+        x, z = g.logits(s, e)
+        lse_c, lp_c, en_c = stats(z, targets[s:e], *args, ignore_index)
+        lp_c.requires_grad_(True)
+        en_c.requires_grad_(True)
+        with torch.enable_grad():
+            part = row_loss(s, e, lp_c, en_c)
+            a, b = torch.autograd.grad(part, (lp_c, en_c), allow_unused=True,
+                                       materialize_grads=True)
+        grad_(z, targets[s:e], lse_c, en_c.detach(), a.contiguous(), b.contiguous(), *args,
+              ignore_index)
+        acc.add(s, e, x, z)
+        loss += part.detach()
+        logp[s:e] = lp_c.detach()
+        ent[s:e] = en_c.detach()
+    return loss, logp, ent, acc.result(weight, bias)

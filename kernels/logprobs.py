@@ -1,0 +1,179 @@
+"""linear_logprobs: per-token log-prob of the target (and entropy) under
+softmax(transform(hidden @ weight^T + bias)), without holding the [N, V] logits.
+
+Algorithm: the chunked driver (`_chunked`) runs one GEMM per chunk of C rows and a row-wise
+epilogue kernel (max / sum-exp / target logit / sum p*z) in the forward; the backward
+recomputes each chunk's logits, overwrites them in place with dL/dlogits and runs two GEMMs.
+FLOPs: 2NHV (forward), 6NHV (backward). Extra memory: one [C, V] fp32 buffer + O(N) row stats
+(+ an fp32 copy of the weight and an fp32 dW accumulator for bf16/fp16 weights on CPU).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _chunked
+from ._backend import resolve
+from ._chunked import LogitTransform
+
+
+# ----------------------------------------------------------------------------- validation
+def check_linear_inputs(hidden: Tensor, weight: Tensor, targets: Tensor,
+                        bias: Optional[Tensor] = None, ignore_index: int = -100) -> None:
+    """Clear errors, naming the argument, for everything the fused ops rely on."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    v, h = weight.shape
+    if v == 0:
+        raise ValueError("weight has V = 0 rows: the vocabulary must not be empty")
+    if hidden.dim() < 1 or hidden.shape[-1] != h:
+        raise ValueError(f"hidden must have shape [..., H] with H = weight.shape[1] = {h}, "
+                         f"got {tuple(hidden.shape)}")
+    if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        got = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an int64 (or int32) tensor of token ids, got {got}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])},"
+                         f" got {tuple(targets.shape)}")
+    devices = {hidden.device, weight.device, targets.device}
+    if bias is not None:
+        if bias.shape != (v,):
+            raise ValueError(f"bias must have shape [V] = [{v}], got {tuple(bias.shape)}")
+        devices.add(bias.device)
+    if len(devices) > 1:
+        raise ValueError(f"hidden, weight, targets (and bias) must be on one device, got "
+                         f"{sorted(str(d) for d in devices)}")
+    if targets.numel():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
+        if bool(bad.any()):
+            ex = targets[bad][0].item()
+            raise ValueError(f"targets must be in [0, {v}) or ignore_index={ignore_index}; "
+                             f"found {ex}")
+
+
+def make_transform(temperature: float, logit_scale: float,
+                   final_logit_softcapping: Optional[float]) -> LogitTransform:
+    for name, val in (("temperature", temperature), ("logit_scale", logit_scale)):
+        if not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
+            raise ValueError(f"{name} must be a finite positive number, got {val!r}")
+    cap = final_logit_softcapping or 0.0
+    if not math.isfinite(cap) or cap < 0:
+        raise ValueError(f"final_logit_softcapping must be None or a finite positive number, "
+                         f"got {final_logit_softcapping!r}")
+    return LogitTransform(float(logit_scale), float(cap), float(temperature))
+
+
+# ----------------------------------------------------------------------------- reference
+def linear_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
+                              bias: Optional[Tensor] = None,
+                              transform: LogitTransform = LogitTransform(),
+                              ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """The spec: materialized logits, log_softmax, gather. Computes in fp32 (fp64 for fp64)."""
+    dt = torch.promote_types(hidden.dtype, torch.float32)
+    logits = hidden.to(dt) @ weight.to(dt).T  # [..., V]
+    if bias is not None:
+        logits = logits + bias.to(dt)
+    logz = torch.log_softmax(transform.apply(logits), dim=-1)  # [..., V]
+    valid = targets != ignore_index
+    logp = logz.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(logz.exp() * logz).sum(-1)
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("rlfuse::linear_logprobs", mutates_args=())
+def _linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                        logit_scale: float, softcap: float, temperature: float,
+                        ignore_index: int, chunk_size: int, impl: str
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    tf = LogitTransform(logit_scale, softcap, temperature)
+    lse, logp, ent = _chunked.forward_stats(hidden, weight, bias, targets, tf, ignore_index,
+                                            chunk_size, impl)
+    return logp, ent, lse
+
+
+@_linear_logprobs_op.register_fake
+def _(hidden, weight, bias, targets, logit_scale, softcap, temperature, ignore_index,
+      chunk_size, impl):
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("rlfuse::linear_logprobs_backward", mutates_args=())
+def _linear_logprobs_backward_op(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor,
+                                 weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                                 lse: Tensor, entropy: Tensor, logit_scale: float,
+                                 softcap: float, temperature: float, ignore_index: int,
+                                 chunk_size: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    tf = LogitTransform(logit_scale, softcap, temperature)
+    dx, dw, db = _chunked.backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse,
+                                   entropy, tf, ignore_index, chunk_size, impl)
+    return dx, dw, (db if db is not None else weight.new_empty(0))
+
+
+@_linear_logprobs_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, targets, lse, entropy, *args):
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), db
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, *scalars = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    ctx.scalars = scalars
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    if grad_entropy is None:
+        grad_entropy = torch.zeros_like(lse)
+    dx, dw, db = _linear_logprobs_backward_op(grad_logp, grad_entropy, hidden, weight, bias,
+                                              targets, lse, ent, *ctx.scalars)
+    return dx, dw, (db if bias is not None else None), None, None, None, None, None, None, None
+
+
+_linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
+                    bias: Optional[Tensor] = None, temperature: float = 1.0,
+                    ignore_index: int = -100, return_entropy: bool = False,
+                    chunk_size: Optional[int] = None, impl: str = "auto",
+                    logit_scale: float = 1.0,
+                    final_logit_softcapping: Optional[float] = None):
+    """Per-token log-prob of `targets` (and optionally entropy) under the LM head, fp32.
+
+    hidden [..., H], weight [V, H], targets [...] int -> logp [...] fp32 (and entropy [...]).
+    Positions whose target is `ignore_index` give 0 and receive no gradient. Differentiable in
+    hidden, weight and bias through both outputs; the [N, V] logits are never held.
+    """
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index)
+    tf = make_transform(temperature, logit_scale, final_logit_softcapping)
+    impl = resolve(impl, hidden.device)
+    if impl == "reference":
+        logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf, ignore_index)
+        logp, ent = logp.float(), ent.float()
+    else:
+        lead, (v, h) = targets.shape, weight.shape
+        x = hidden.reshape(-1, h)
+        t = targets.reshape(-1).long()
+        chunk = chunk_size or _chunked.default_chunk_size(x.shape[0], v)
+        if chunk < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        logp, ent, _ = _linear_logprobs_op(x, weight, bias, t, tf.logit_scale, tf.softcap,
+                                           tf.temperature, ignore_index, chunk, impl)
+        logp, ent = logp.view(lead), ent.view(lead)
+    return (logp, ent) if return_entropy else logp
