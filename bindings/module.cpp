@@ -5,7 +5,8 @@
 
 namespace {
 
-void check_chunk(const at::Tensor& z, const at::Tensor& targets, const char* op) {
+void check_chunk(const at::Tensor& z, const at::Tensor& targets, int64_t ignore_index,
+                 const char* op) {
   TORCH_CHECK(z.device().is_cpu(), op, ": logits must be a CPU tensor, got ", z.device());
   TORCH_CHECK(z.dim() == 2, op, ": logits must be 2-D [C, V], got ", z.dim(), "-D");
   TORCH_CHECK(z.scalar_type() == at::kFloat, op, ": logits must be float32, got ",
@@ -15,6 +16,10 @@ void check_chunk(const at::Tensor& z, const at::Tensor& targets, const char* op)
                   targets.dim() == 1 && targets.size(0) == z.size(0),
               op, ": targets must be a CPU int64 tensor of shape [", z.size(0), "], got ",
               targets.scalar_type(), " ", targets.sizes());
+  const int64_t v = z.size(1);
+  TORCH_CHECK(at::all(targets.lt(v).logical_and(targets.ge(0)).logical_or(
+                  targets.eq(ignore_index))).item<bool>(),
+              op, ": targets must be in [0, ", v, ") or ignore_index=", ignore_index);
 }
 
 void check_row(const at::Tensor& x, int64_t c, const char* name, const char* op) {
@@ -27,7 +32,7 @@ void check_row(const at::Tensor& x, int64_t c, const char* name, const char* op)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_stats(
     const at::Tensor& z, const at::Tensor& targets, double scale, double softcap,
     double inv_temp, int64_t ignore_index) {
-  check_chunk(z, targets, "logits_stats");
+  check_chunk(z, targets, ignore_index, "logits_stats");
   auto t = targets.contiguous();
   auto opts = z.options().dtype(at::kFloat);
   auto lse = at::empty({z.size(0)}, opts), logp = at::empty({z.size(0)}, opts),
@@ -40,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_stats(
 void logits_grad_(at::Tensor z, const at::Tensor& targets, const at::Tensor& lse,
                   const at::Tensor& entropy, const at::Tensor& a, const at::Tensor& e,
                   double scale, double softcap, double inv_temp, int64_t ignore_index) {
-  check_chunk(z, targets, "logits_grad_");
+  check_chunk(z, targets, ignore_index, "logits_grad_");
   const int64_t c = z.size(0);
   check_row(lse, c, "lse", "logits_grad_");
   check_row(entropy, c, "entropy", "logits_grad_");

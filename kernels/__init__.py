@@ -1,5 +1,4 @@
 """rlfuse: fused log-prob, entropy and RL-loss kernels for LLM post-training."""
-from ._backend import cpp_ext as _cpp_ext
 from ._chunked import LogitTransform
 from .logprobs import linear_logprobs, linear_logprobs_reference
 

@@ -6,8 +6,8 @@ explicit impl that is unavailable raises a clear error.
 """
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import warnings
 
 import torch
@@ -15,44 +15,43 @@ import torch
 IMPLS = ("auto", "reference", "cpp", "triton")
 
 
-@functools.cache
-def cpp_ext():
-    """The compiled extension, or None (warned once) when it was not built."""
+def _load_cpp():
     try:
         return importlib.import_module("rlfuse._C")
     except ImportError as err:
         warnings.warn(
             f"rlfuse: C++ extension not available ({err}); CPU ops run on the reference "
             "path. Reinstall with `pip install --no-build-isolation -e .` to build it.",
-            stacklevel=3,
+            stacklevel=2,
         )
         return None
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# Decided once at import (not per call: keeps the dispatch traceable by torch.compile).
+_CPP = _load_cpp()
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def cpp_ext():
+    """The compiled extension module, or None when it was not built."""
+    return _CPP
 
 
 def resolve(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and _HAS_TRITON:
             return "triton"
-        if device.type == "cpu" and cpp_ext() is not None:
+        if device.type == "cpu" and _CPP is not None:
             return "cpp"
         return "reference"
     if impl == "cpp":
         if device.type != "cpu":
             raise ValueError(f"impl='cpp' runs on CPU tensors, got tensors on {device}")
-        if cpp_ext() is None:
+        if _CPP is None:
             raise RuntimeError("impl='cpp' requested but the C++ extension rlfuse._C is not built")
-    if impl == "triton" and not triton_available():
+    if impl == "triton" and not _HAS_TRITON:
         raise RuntimeError("impl='triton' requested but triton is not installed")
     return impl
 
@@ -60,8 +59,7 @@ def resolve(impl: str, device: torch.device) -> str:
 def epilogues(impl: str):
     """The (stats, grad_) pair of row-wise kernels for a chunked impl."""
     if impl == "cpp":
-        ext = cpp_ext()
-        return ext.logits_stats, ext.logits_grad_
+        return _CPP.logits_stats, _CPP.logits_grad_
     if impl == "triton":
         from . import _triton
 

@@ -51,7 +51,8 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, targets: Tensor,
     if len(devices) > 1:
         raise ValueError(f"hidden, weight, targets (and bias) must be on one device, got "
                          f"{sorted(str(d) for d in devices)}")
-    if targets.numel():
+    # Data-dependent, so skipped while tracing; the kernels check the range again.
+    if targets.numel() and not torch.compiler.is_compiling():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
         if bool(bad.any()):
             ex = targets[bad][0].item()
@@ -154,7 +155,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                     chunk_size: Optional[int] = None, impl: str = "auto",
                     logit_scale: float = 1.0,
                     final_logit_softcapping: Optional[float] = None):
-    """Per-token log-prob of `targets` (and optionally entropy) under the LM head, fp32.
+    """Per-token log-prob of `targets` (and optionally entropy) under the LM head, in fp32
+    (fp64 for fp64 inputs on the reference path).
 
     hidden [..., H], weight [V, H], targets [...] int -> logp [...] fp32 (and entropy [...]).
     Positions whose target is `ignore_index` give 0 and receive no gradient. Differentiable in
@@ -165,7 +167,6 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     impl = resolve(impl, hidden.device)
     if impl == "reference":
         logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf, ignore_index)
-        logp, ent = logp.float(), ent.float()
     else:
         lead, (v, h) = targets.shape, weight.shape
         x = hidden.reshape(-1, h)

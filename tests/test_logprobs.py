@@ -1,0 +1,204 @@
+"""linear_logprobs: every impl against an fp64 reference, gradients, custom-op checks, errors."""
+import pytest
+import torch
+
+import rlfuse
+from rlfuse._chunked import LogitTransform
+from rlfuse.logprobs import linear_logprobs_reference
+
+from conftest import CHUNKED_IMPLS
+
+IMPLS = ["reference"] + CHUNKED_IMPLS
+TRANSFORMS = {
+    "plain": {},
+    "temp": {"temperature": 0.7},
+    "all": {"temperature": 1.3, "logit_scale": 0.8, "final_logit_softcapping": 4.0},
+}
+
+
+def _inputs(shape, h, v, dtype, bias=True, ignore_frac=0.2):
+    x = torch.randn(*shape, h).to(dtype)
+    w = (torch.randn(v, h) / h**0.5 * 3).to(dtype)
+    b = torch.randn(v).to(dtype) if bias else None
+    t = torch.randint(0, v, shape)
+    t[torch.rand(shape) < ignore_frac] = -100
+    return x, w, b, t
+
+
+def _naive(x, w, b, t, kw):
+    """PyTorch in the inputs' own dtype: the error budget the impls are held to."""
+    tf = LogitTransform(kw.get("logit_scale", 1.0), kw.get("final_logit_softcapping") or 0.0,
+                        kw.get("temperature", 1.0))
+    logits = x @ w.T + (b if b is not None else 0)
+    logz = tf.apply(logits).log_softmax(-1)
+    valid = t != -100
+    lp = logz.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+    ent = -(logz.exp() * logz).sum(-1) * valid
+    return lp, ent
+
+
+def _run(fn, x, w, b, t, gl, ge):
+    leaves = [a.detach().requires_grad_() for a in (x, w, b) if a is not None]
+    xx, ww, bb = leaves[0], leaves[1], (leaves[2] if b is not None else None)
+    lp, ent = fn(xx, ww, bb, t)
+    grads = torch.autograd.grad((lp * gl.to(lp.dtype)).sum() + (ent * ge.to(ent.dtype)).sum(),
+                                leaves)
+    return [lp, ent, *grads]
+
+
+def _assert_close(impl_out, naive_out, truth, atol):
+    for got, ref_naive, want in zip(impl_out, naive_out, truth):
+        err = (got.double() - want).abs().max().item()
+        budget = (ref_naive.double() - want).abs().max().item()
+        scale = want.abs().max().item()
+        assert err <= 2 * budget + atol * max(1.0, scale), (err, budget, scale)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,h,v,chunk", [(1, 24, 31, None), (37, 24, 123, 10),
+                                         (300, 24, 507, 64), (64, 24, 123, 16)])
+@pytest.mark.parametrize("tfname", list(TRANSFORMS))
+def test_matches_fp64_reference(impl, dtype, n, h, v, chunk, tfname):
+    kw = TRANSFORMS[tfname]
+    x, w, b, t = _inputs((n,), h, v, dtype)
+    gl, ge = torch.randn(n), torch.randn(n)
+    truth = _run(lambda a, c, d, e: linear_logprobs_reference(
+        a.double(), c.double(), e, d.double(),
+        LogitTransform(kw.get("logit_scale", 1.0), kw.get("final_logit_softcapping") or 0.0,
+                       kw.get("temperature", 1.0))), x, w, b, t, gl.double(), ge.double())
+    naive = _run(lambda a, c, d, e: _naive(a, c, d, e, kw), x, w, b, t, gl, ge)
+    got = _run(lambda a, c, d, e: rlfuse.linear_logprobs(
+        a, c, e, bias=d, return_entropy=True, chunk_size=chunk, impl=impl, **kw),
+        x, w, b, t, gl, ge)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    assert [g.dtype for g in got[2:]] == [dtype] * 3  # gradients in the input dtype
+    assert (got[0][t == -100] == 0).all() and (got[1][t == -100] == 0).all()
+    _assert_close(got, naive, truth, atol=2e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_3d_noncontiguous_no_bias(impl):
+    x, w, _, t = _inputs((3, 11), 24, 123, torch.float32, bias=False)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # [3, 11, 24], non-contiguous
+    wt = w.T.contiguous().T
+    assert not xt.is_contiguous() and not wt.is_contiguous()
+    lp, ent = rlfuse.linear_logprobs(xt, wt, t, return_entropy=True, impl=impl, chunk_size=5)
+    rlp, rent = linear_logprobs_reference(x.double(), w.double(), t)
+    assert lp.shape == (3, 11)
+    torch.testing.assert_close(lp.double(), rlp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), rent, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_fp64(impl):
+    if impl == "cpp":
+        pytest.skip("the C++ epilogue computes in fp32; checked against fp64 above")
+    x, w, b, t = _inputs((5,), 6, 7, torch.float64)
+    args = [a.requires_grad_() for a in (x, w, b)]
+
+    def f(x, w, b):
+        return rlfuse.linear_logprobs(x, w, t, bias=b, return_entropy=True, impl=impl,
+                                      temperature=0.9, final_logit_softcapping=3.0)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.skipif(not CHUNKED_IMPLS, reason="C++ extension not built")
+def test_gradcheck_cpp_fp32_against_finite_differences():
+    """The cpp path is fp32; check its analytic gradient against fp64 finite differences."""
+    x, w, b, t = _inputs((4,), 5, 9, torch.float64)
+    gl, ge = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+
+    def loss(x, w, b, impl):
+        lp, ent = rlfuse.linear_logprobs(x, w, t, bias=b, return_entropy=True, impl=impl,
+                                         temperature=0.9, final_logit_softcapping=3.0)
+        return (lp.double() * gl).sum() + (ent.double() * ge).sum()
+
+    leaves = [a.float().requires_grad_() for a in (x, w, b)]
+    grads = torch.autograd.grad(loss(*leaves, "cpp"), leaves)
+    eps = 1e-6
+    for k, (leaf, g) in enumerate(zip((x, w, b), grads)):
+        flat = leaf.reshape(-1)
+        for i in range(0, flat.numel(), 7):
+            plus, minus = [list((x, w, b)) for _ in range(2)]
+            d = torch.zeros_like(flat)
+            d[i] = eps
+            plus[k] = (flat + d).view_as(leaf)
+            minus[k] = (flat - d).view_as(leaf)
+            fd = (loss(*plus, "reference") - loss(*minus, "reference")) / (2 * eps)
+            assert abs(g.reshape(-1)[i].item() - fd.item()) < 1e-4 * max(1, abs(fd.item()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_forward_and_single_output_grads(impl):
+    x, w, b, t = _inputs((20,), 24, 31, torch.float32)
+    with torch.no_grad():
+        lp = rlfuse.linear_logprobs(x, w, t, bias=b, impl=impl)
+    assert not lp.requires_grad
+    xr = x.clone().requires_grad_()
+    lp2 = rlfuse.linear_logprobs(xr, w, t, bias=b, impl=impl)  # grad through logp only
+    (g,) = torch.autograd.grad(lp2.sum(), xr)
+    xr64 = x.double().requires_grad_()
+    (g64,) = torch.autograd.grad(linear_logprobs_reference(xr64, w.double(), t, b.double())[0]
+                                 .sum(), xr64)
+    torch.testing.assert_close(g.double(), g64, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lp, lp2.detach())
+
+
+@pytest.mark.skipif(not CHUNKED_IMPLS, reason="C++ extension not built")
+def test_opcheck():
+    x, w, b, t = _inputs((13,), 24, 31, torch.float32)
+    op = torch.ops.rlfuse.linear_logprobs.default
+    for bias in (b, None):
+        args = (x.requires_grad_(), w.requires_grad_(), bias, t, 1.0, 0.0, 1.0, -100, 5, "cpp")
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.skipif(not CHUNKED_IMPLS, reason="C++ extension not built")
+def test_torch_compile_fullgraph():
+    x, w, b, t = _inputs((9,), 24, 31, torch.float32)
+
+    def f(x, w, b):
+        lp, ent = rlfuse.linear_logprobs(x, w, t, bias=b, return_entropy=True, impl="cpp")
+        return (lp * 2).sum() + ent.mean()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xr = x.clone().requires_grad_()
+    out = compiled(xr, w, b)
+    out.backward()
+    xe = x.clone().requires_grad_()
+    ref = f(xe, w, b)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(xr.grad, xe.grad)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, w, t: (x[:, :5], w, t), "hidden must have shape"),
+    (lambda x, w, t: (x, w, t.float()), "targets must be an int64"),
+    (lambda x, w, t: (x, w, t[:3]), "targets must have shape"),
+    (lambda x, w, t: (x, w, torch.full_like(t, 31)), r"targets must be in \[0, 31\)"),
+    (lambda x, w, t: (x, w, torch.full_like(t, -2)), r"targets must be in \[0, 31\)"),
+    (lambda x, w, t: (x, w[:0], t), "V = 0"),
+    (lambda x, w, t: (x, w.to("meta"), t), "one device"),
+    (lambda x, w, t: (x.long(), w, t), "hidden must be a floating-point"),
+    (lambda x, w, t: (x, w[0], t), "weight must be 2-D"),
+])
+def test_bad_input(bad, match):
+    x, w, _, t = _inputs((6,), 24, 31, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        rlfuse.linear_logprobs(*bad(x, w, t))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": 0.0}, "temperature"), ({"logit_scale": -1.0}, "logit_scale"),
+    ({"final_logit_softcapping": float("inf")}, "final_logit_softcapping"),
+    ({"impl": "cuda"}, "impl must be one of"), ({"chunk_size": -3}, "chunk_size"),
+    ({"bias": torch.zeros(5)}, "bias must have shape"),
+])
+def test_bad_options(kw, match):
+    x, w, _, t = _inputs((6,), 24, 31, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=match):
+        rlfuse.linear_logprobs(x, w, t, **kw)
