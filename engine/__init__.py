@@ -1,0 +1,18 @@
+"""rlfuse.engine: a compact trainer (SFT, GRPO, DPO) for transformers causal LMs on the fused ops."""
+from .config import ConfigError, TrainConfig, load_config
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "trainer_for"]
+
+
+def trainer_for(algo: str):
+    """The trainer class for 'sft' | 'grpo' | 'dpo' (imported lazily)."""
+    if algo == "sft":
+        from .sft import SFTTrainer
+        return SFTTrainer
+    if algo == "grpo":
+        from .grpo import GRPOTrainer
+        return GRPOTrainer
+    if algo == "dpo":
+        from .dpo import DPOTrainer
+        return DPOTrainer
+    raise ValueError(f"algo must be one of ['sft', 'grpo', 'dpo'], got {algo!r}")

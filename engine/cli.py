@@ -1,0 +1,69 @@
+"""The `rlfuse` command.
+
+    rlfuse demo [--quick] [key=value ...]                 SFT -> GRPO -> DPO -> eval, tiny model
+    rlfuse train {sft,grpo,dpo} [--config f.yaml] [key=value | --key value ...] [--resume]
+    rlfuse bench ...                                      benchmarks (rlfuse.benches.cli)
+"""
+from __future__ import annotations
+
+import sys
+
+from .config import ConfigError
+
+
+def train(argv: list[str]) -> int:
+    from . import trainer_for
+    from .config import load_config, to_dict
+
+    if not argv or argv[0] not in ("sft", "grpo", "dpo"):
+        print("usage: rlfuse train {sft,grpo,dpo} [--config file.yaml] [key=value ...] "
+              "[--resume]", file=sys.stderr)
+        return 2
+    algo, rest, path = argv[0], [], None
+    it = iter(argv[1:])
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a == "--resume":
+            rest.append("resume=true")
+        else:
+            rest.append(a)
+    cfg = load_config(path, rest, defaults={"algo": algo, "out_dir": f"runs/{algo}"})
+    import os
+
+    import yaml
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    trainer = trainer_for(algo)(cfg)
+    trainer.fit()
+    print(f"rlfuse: {algo} finished at step {trainer.step}; logs and checkpoints in {cfg.out_dir}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd, rest = (argv[0], argv[1:]) if argv else ("", [])
+    try:
+        if cmd == "demo":
+            from .demo import main as demo_main
+
+            return demo_main(rest)
+        if cmd == "train":
+            return train(rest)
+        if cmd == "bench":
+            from rlfuse.benches.cli import main as bench_main
+
+            return bench_main(rest)
+    except ConfigError as err:
+        print(f"rlfuse: config error: {err}", file=sys.stderr)
+        return 2
+    print(__doc__, file=sys.stderr)
+    return 0 if cmd in ("-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Data: JSONL records, and packing prompt + completion token ids into a training batch.
+
+Every trainer trains on the same layout: each row is prompt tokens then completion tokens,
+right-padded, positions starting at 0. `targets` [B, T-1] are the next tokens with the
+prompt and the padding set to `IGNORE`, so hidden[:, :-1] scores targets = input_ids[:, 1:].
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor        # [B, T] int64, right-padded
+    attention_mask: Tensor   # [B, T] int64
+    targets: Tensor          # [B, T-1] int64, IGNORE on prompt and padding
+
+    @property
+    def mask(self) -> Tensor:  # [B, T-1] bool, completion tokens
+        return self.targets != IGNORE
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets)))
+
+    def __getitem__(self, idx) -> "Batch":
+        return Batch(self.input_ids[idx], self.attention_mask[idx], self.targets[idx])
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+         max_length: Optional[int] = None) -> Batch:
+    """Batch from token-id lists; sequences longer than max_length lose their tail."""
+    seqs, n_prompt = [], []
+    for p, c in zip(prompts, completions):
+        s = (list(p) + list(c))[:max_length]
+        seqs.append(s)
+        n_prompt.append(min(len(p), len(s)))
+    t = max(2, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        att[i, :len(s)] = 1
+    labels = ids.masked_fill(att == 0, IGNORE)  # [B, T]
+    pos = torch.arange(t)
+    labels[pos[None, :] < torch.tensor(n_prompt)[:, None]] = IGNORE
+    return Batch(ids, att, labels[:, 1:].contiguous())
+
+
+def encode(tokenizer, texts: list[str], add_eos: bool = False) -> list[list[int]]:
+    """Token ids without special tokens (a BOS is added to prompts if the tokenizer has one)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if add_eos:
+        return [x + [tokenizer.eos_token_id] for x in ids]
+    bos = tokenizer.bos_token_id
+    return [([bos] if bos is not None else []) + x for x in ids]
+
+
+def sft_batch(tokenizer, prompts: list[str], completions: list[str], max_length: int) -> Batch:
+    return pack(encode(tokenizer, prompts), encode(tokenizer, completions, add_eos=True),
+                tokenizer.pad_token_id, max_length)
+
+
+def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
+    """Records of a JSONL file; each must have the `required` string fields."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
+            missing = [k for k in required if not isinstance(row.get(k), str)]
+            if missing:
+                raise ValueError(f"{path}:{n}: missing string field(s) {missing}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no records")
+    return rows
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+class Sampler:
+    """Shuffled index batches from its own generator, whose state a checkpoint saves."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        out = []
+        while len(out) < self.batch_size:
+            if not self.order:
+                self.order = torch.randperm(self.n, generator=self.gen).tolist()
+            out.append(self.order.pop())
+        return out
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state(), "order": torch.tensor(self.order, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+        self.order = state["order"].tolist()

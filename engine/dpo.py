@@ -1,0 +1,89 @@
+"""DPO (and every `rlfuse.preference_loss` type) on offline preference pairs.
+
+Data: JSONL with "prompt", "chosen", "rejected". The reference policy is the policy as it
+starts: its sequence log-prob sums for all pairs are computed once, before the first step
+(no reference model stays in memory), and kept in the checkpoint. Reference-free types
+(simpo, orpo) skip that pass. Each step packs B pairs as [chosen rows; rejected rows] and
+calls `rlfuse.preference_loss` on the backbone's hidden states and the LM head.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+
+import rlfuse
+
+from .data import Sampler, encode, pack, read_jsonl
+from .model import head, hidden_states, sequence_logprobs
+from .trainer import Trainer
+
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+class DPOTrainer(Trainer):
+    name = "dpo"
+
+    def __init__(self, cfg, model=None, tokenizer=None):
+        if not cfg.dpo.data:
+            raise ValueError("DPO needs pairs: set dpo.data to a JSONL file with 'prompt', "
+                             "'chosen' and 'rejected' fields")
+        self.pairs = read_jsonl(cfg.dpo.data, ("prompt", "chosen", "rejected"))
+        super().__init__(cfg, model, tokenizer)
+        self.sampler = Sampler(len(self.pairs), cfg.dpo.batch_size, cfg.seed)
+        h = head(self.model)
+        self.loss_cfg = dataclasses.replace(cfg.dpo.loss, logit_scale=h["logit_scale"],
+                                            final_logit_softcapping=h["final_logit_softcapping"])
+        self.ref = None  # [n, 2] reference sums (chosen, rejected), computed at the first step
+
+    @property
+    def total_steps(self) -> int:
+        d = self.cfg.dpo
+        return self.cfg.steps or d.epochs * math.ceil(len(self.pairs) / d.batch_size)
+
+    def batch(self, idx):
+        """Chosen rows then rejected rows: [2B, T]."""
+        rows = [self.pairs[i] for i in idx]
+        prompts = encode(self.tok, [r["prompt"] for r in rows])
+        comps = encode(self.tok, [r["chosen"] for r in rows] + [r["rejected"] for r in rows],
+                       add_eos=True)
+        return pack(prompts + prompts, comps, self.tok.pad_token_id,
+                    self.cfg.max_length).to(self.device)
+
+    def reference_logprobs(self, chunk: int = 64) -> torch.Tensor:
+        out = []
+        for s in range(0, len(self.pairs), chunk):
+            idx = list(range(s, min(len(self.pairs), s + chunk)))
+            seq = sequence_logprobs(self.model, self.batch(idx)).sum(-1)  # [2b]
+            out.append(torch.stack(seq.chunk(2), dim=1))  # [b, 2]
+        return torch.cat(out)
+
+    def train_step(self) -> dict:
+        if self.ref is None and self.loss_cfg.loss_type not in REFERENCE_FREE:
+            self.ref = self.reference_logprobs()
+        t0 = time.perf_counter()
+        idx = self.sampler.next()
+        batch = self.batch(idx)
+        ref = None if self.ref is None else self.ref[idx].T.reshape(-1)  # [2B]: chosen; rejected
+        h = head(self.model)
+        hid = hidden_states(self.model, batch.input_ids, batch.attention_mask)[:, :-1]
+        loss, out = rlfuse.preference_loss(hid, h["weight"], batch.targets, batch.mask,
+                                           ref_logp=ref, bias=h["bias"], config=self.loss_cfg)
+        loss.backward()
+        grad_norm = self.optimizer_step()
+        dt = time.perf_counter() - t0
+        return {"loss": loss.item(), "grad_norm": grad_norm,
+                **{k: v.item() for k, v in out.metrics.items()},
+                "tokens_per_s": batch.attention_mask.sum().item() / dt}
+
+    def state_dict(self) -> dict:
+        state = {"sampler": self.sampler.state_dict()}
+        if self.ref is not None:
+            state["ref"] = self.ref
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.ref = state.get("ref")

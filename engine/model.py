@@ -1,0 +1,149 @@
+"""Models for the engine: load or build a causal LM, and feed the fused ops.
+
+The trainers never compute full logits: `hidden_states` runs the backbone (decoder stack and
+final norm) and `head` returns the LM-head weight plus the model's logit transform
+(`logit_scale`, `final_logit_softcapping`) for `rlfuse.linear_logprobs` / the fused losses.
+The reference policy is a frozen copy, or the base of a LoRA policy with the adapter off.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+import string
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHARS = string.digits + "+-*=() " + string.ascii_lowercase + ".,:?"
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+def char_tokenizer(chars: str = CHARS):
+    """A character-level PreTrainedTokenizerFast built in code (one token per character)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(list(SPECIALS) + list(dict.fromkeys(chars)))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>", padding_side="left")
+
+
+def tiny_model(cfg: ModelConfig, tokenizer, max_positions: int = 512):
+    """A small Qwen2-style causal LM (RoPE, GQA, RMSNorm, SwiGLU) from a config, no downloads."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    return Qwen2ForCausalLM(config)
+
+
+def attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
+    if cfg.attn_implementation:
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
+    """(model, tokenizer): a local checkpoint (`cfg.path`) or the tiny model; LoRA if asked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.path:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.path, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation(cfg, device))
+    else:
+        tokenizer = tokenizer or char_tokenizer()
+        model = tiny_model(cfg, tokenizer).to(DTYPES[cfg.dtype])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation needs the prompts flush right
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.lora_r > 0:
+        model = _add_lora(model, cfg)
+    return model, tokenizer
+
+
+def _add_lora(model, cfg: ModelConfig):
+    if importlib.util.find_spec("peft") is None:
+        raise RuntimeError("model.lora_r > 0 needs peft: pip install peft")
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+# ----------------------------------------------------------------------------- fused-op inputs
+def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Last hidden states after the final norm, [B, T, H]: the backbone only, no LM head."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def head(model) -> dict:
+    """LM-head weight (and bias) and logit transform, as keyword arguments of the fused ops."""
+    lm_head = model.get_output_embeddings()
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return dict(weight=lm_head.weight, bias=getattr(lm_head, "bias", None),
+                logit_scale=float(getattr(c, "logit_scale", None) or 1.0),
+                final_logit_softcapping=getattr(c, "final_logit_softcapping", None))
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch, temperature: float = 1.0, chunk_rows: int = 64) -> Tensor:
+    """Per-token log-probs [B, T-1] fp32 of batch.targets (0 on ignored positions), no grad."""
+    import rlfuse
+
+    h = head(model)
+    out = []
+    for s in range(0, batch.input_ids.shape[0], chunk_rows):
+        ids, att = batch.input_ids[s:s + chunk_rows], batch.attention_mask[s:s + chunk_rows]
+        hid = hidden_states(model, ids, att)[:, :-1]  # [b, T-1, H]
+        out.append(rlfuse.linear_logprobs(hid, h["weight"], batch.targets[s:s + chunk_rows],
+                                          bias=h["bias"], temperature=temperature,
+                                          logit_scale=h["logit_scale"],
+                                          final_logit_softcapping=h["final_logit_softcapping"]))
+    return torch.cat(out)
+
+
+class Reference:
+    """The frozen reference policy: the LoRA base (adapter disabled) or a frozen copy."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.copy = None
+        if not is_lora(policy):
+            self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    def context(self):
+        return self.policy.disable_adapter() if self.copy is None else contextlib.nullcontext()
+
+    def logprobs(self, batch, temperature: float = 1.0) -> Tensor:
+        with self.context():
+            return sequence_logprobs(self.copy or self.policy, batch, temperature)
+
+
+def quiet_transformers() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -1,0 +1,180 @@
+"""Per-step monitoring: JSONL log, alerts, progress bar, TensorBoard (if installed), PNG plots.
+
+`Monitor.log(step, metrics)` appends one JSON line to `<run>/metrics.jsonl`, checks the alert
+rules and prints (and appends to `<run>/alerts.jsonl`) any that fire:
+  kl > 10, clip_fraction > 0.3, entropy in steady decline, grad_norm > 10x its running
+  median, reward_std near 0.
+`close()` draws every metric against step into `<run>/plots/metrics.png`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections import deque
+
+import torch
+
+ALERT_DEFAULTS = {
+    "kl_max": 10.0,
+    "clip_fraction_max": 0.3,
+    "entropy_window": 10,            # steps; "steady decline": >= 80% of the changes negative
+    "entropy_drop": 0.3,             # ... and the entropy fell by > 30% over the window
+    "grad_norm_spike": 10.0,         # x running median of the previous grad norms
+    "reward_std_min": 1e-3,
+}
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (and peak CUDA allocation when on a GPU), MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if sys.platform == "darwin":
+        rss /= 1024
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return max(rss, torch.cuda.max_memory_allocated() / 2**20)
+    return rss
+
+
+class Alerts:
+    def __init__(self, **overrides):
+        unknown = set(overrides) - set(ALERT_DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown alert threshold(s) {sorted(unknown)}; "
+                             f"valid: {sorted(ALERT_DEFAULTS)}")
+        self.t = {**ALERT_DEFAULTS, **overrides}
+        self.entropy = deque(maxlen=int(self.t["entropy_window"]) + 1)
+        self.grad_norms: deque = deque(maxlen=100)
+
+    def check(self, m: dict) -> list[str]:
+        t, out = self.t, []
+        if m.get("kl", 0.0) > t["kl_max"]:
+            out.append(f"KL {m['kl']:.3g} > {t['kl_max']}: the policy is far from the reference")
+        if m.get("clip_fraction", 0.0) > t["clip_fraction_max"]:
+            out.append(f"clip fraction {m['clip_fraction']:.3g} > {t['clip_fraction_max']}: "
+                       "learning rate or passes per batch may be too high")
+        if "entropy" in m:
+            self.entropy.append(m["entropy"])
+            e = list(self.entropy)
+            if len(e) == self.entropy.maxlen:
+                falls = sum(b < a for a, b in zip(e, e[1:]))
+                if falls >= 0.8 * (len(e) - 1) and e[-1] < (1 - t["entropy_drop"]) * e[0]:
+                    out.append(f"entropy in steady decline ({e[0]:.3g} -> {e[-1]:.3g} over "
+                               f"{len(e) - 1} steps): possible collapse")
+        if "grad_norm" in m:
+            g = m["grad_norm"]
+            if len(self.grad_norms) >= 5:
+                med = statistics.median(self.grad_norms)
+                if g > t["grad_norm_spike"] * med:
+                    out.append(f"grad_norm {g:.3g} > {t['grad_norm_spike']}x running median "
+                               f"{med:.3g}: instability")
+            self.grad_norms.append(g)
+        if "reward_std" in m and m["reward_std"] < t["reward_std_min"]:
+            out.append(f"reward std {m['reward_std']:.3g} ~ 0: no learning signal in the batch")
+        return out
+
+
+class Monitor:
+    def __init__(self, out_dir: str, total_steps: int, start_step: int = 0, alerts: dict = None,
+                 progress: bool = True, desc: str = "train"):
+        self.dir = out_dir
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.alerts = Alerts(**(alerts or {}))
+        self.history = self._read_history(start_step)
+        self.file = open(self.path, "a")
+        self.t0 = time.time()
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
+                            file=sys.stderr)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        except Exception:  # tensorboard not installed
+            pass
+
+    def _read_history(self, start_step: int) -> list[dict]:
+        """Earlier steps of a resumed run (later ones were lost with the interrupted run)."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            rows = [json.loads(x) for x in f if x.strip()]
+        rows = [r for r in rows if r.get("step", 0) <= start_step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        return rows
+
+    def log(self, step: int, metrics: dict) -> list[str]:
+        m = {k: float(v) for k, v in metrics.items()}
+        m["peak_memory_mb"] = peak_memory_mb()
+        fired = self.alerts.check(m)
+        row = {"step": step, "time": round(time.time() - self.t0, 3), **m}
+        if fired:
+            row["alerts"] = fired
+            with open(os.path.join(self.dir, "alerts.jsonl"), "a") as f:
+                for a in fired:
+                    f.write(json.dumps({"step": step, "alert": a}) + "\n")
+            for a in fired:
+                self.write(f"[alert] step {step}: {a}")
+        self.history.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in m.items():
+                self.tb.add_scalar(k, v, step)
+        if self.bar is not None:
+            self.bar.n = step
+            keys = [k for k in ("loss", "reward_mean", "kl", "grad_norm") if k in m]
+            self.bar.set_postfix({k: f"{m[k]:.3g}" for k in keys}, refresh=False)
+            self.bar.refresh()
+        return fired
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self, plot: bool = True) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if plot and self.history:
+            plot_metrics(self.history, os.path.join(self.dir, "plots"))
+
+
+def plot_metrics(rows: list[dict], out_dir: str) -> str:
+    """One PNG, `<out_dir>/metrics.png`: a small panel per metric (value against step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    keys = sorted({k for r in rows for k, v in r.items()
+                   if k not in ("step", "time") and isinstance(v, (int, float))})
+    cols = min(4, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.2 * nrows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.set_title(k, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "metrics.png")
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path

@@ -1,0 +1,61 @@
+"""Supervised fine-tuning on (prompt, completion) pairs.
+
+Loss: mean NLL of the completion tokens (the prompt is `ignore_index`), from the fused
+log-probs `rlfuse.linear_logprobs(hidden[:, :-1], W, input_ids[:, 1:])`: the [tokens, vocab]
+logits are never held, only a chunk of them at a time.
+"""
+from __future__ import annotations
+
+import time
+
+import rlfuse
+
+from .data import Sampler, read_jsonl, sft_batch
+from .model import head, hidden_states
+from .trainer import Trainer
+
+
+def nll_loss(model, batch):
+    """Mean NLL over completion tokens, and the token count."""
+    h = head(model)
+    hid = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [B, T-1, H]
+    logp = rlfuse.linear_logprobs(hid, h["weight"], batch.targets, bias=h["bias"],
+                                  logit_scale=h["logit_scale"],
+                                  final_logit_softcapping=h["final_logit_softcapping"])
+    n = batch.mask.sum()
+    return -logp.sum() / n.clamp(min=1), int(n)
+
+
+class SFTTrainer(Trainer):
+    name = "sft"
+
+    def __init__(self, cfg, model=None, tokenizer=None, records=None):
+        super().__init__(cfg, model, tokenizer)
+        if records is None:
+            if not cfg.sft.data:
+                raise ValueError("SFT needs data: set sft.data to a JSONL file with "
+                                 "'prompt' and 'completion' fields")
+            records = read_jsonl(cfg.sft.data, ("prompt", "completion"))
+        self.records = records
+        self.sampler = Sampler(len(records), cfg.sft.batch_size, cfg.seed)
+
+    def batch(self, idx):
+        rows = [self.records[i] for i in idx]
+        return sft_batch(self.tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                         self.cfg.max_length).to(self.device)
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        batch = self.batch(self.sampler.next())
+        loss, n_tokens = nll_loss(self.model, batch)
+        loss.backward()
+        grad_norm = self.optimizer_step()
+        dt = time.perf_counter() - t0
+        return {"loss": loss.item(), "grad_norm": grad_norm,
+                "tokens_per_s": batch.attention_mask.sum().item() / dt}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])

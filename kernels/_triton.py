@@ -1,0 +1,196 @@
+"""Triton epilogues of the chunked driver: row statistics and the in-place logits gradient.
+
+Same contract and math as csrc/cpu/epilogue.cpp. One program per row of a chunk of raw logits
+Z [C, V] (fp32, bf16, fp16 or fp64; upcast to fp32 in registers), looping over V in BLOCK-wide
+tiles, with z = softcap * tanh(scale * raw / softcap) * inv_temp (softcap 0: z = k * raw,
+k = scale * inv_temp):
+  logits_stats: one sweep with an online max m, s = sum exp(z - m) and t = sum exp(z - m)(z - m),
+      both rescaled when m grows -> lse = m + log s, logp = z[target] - lse,
+      entropy = log s - t / s (shifted by m, so no cancellation against large logits).
+  logits_grad_: one sweep writing, in Z's dtype,
+      dL/draw_j = dz_j/draw_j * (a (onehot_j - p_j) - e p_j (z_j - sum_k p_k z_k)),
+      with sum_k p_k z_k = lse - entropy recovered from the forward's row stats.
+Each kernel reads Z once (the gradient also writes it once): memory-bound, ~4 flops/element
+(plus a tanh with softcap). Memory: O(BLOCK) registers per program; no buffers beyond the [C]
+row statistics. Rows whose target is ignore_index get logp = entropy = 0 and a zero gradient
+row; a target outside [0, V) gives NaN (no out-of-bounds read; the public ops reject such
+targets up front). Runs under TRITON_INTERPRET=1 on CPU tensors (read when this module is
+imported), which is how the CPU-only test suite checks it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_BLOCK = 4096  # tile width cap (elements); a module attribute so tests can force tiling
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _tanh(x):
+    # tl has no tanh. tanh|x| = (1 - q) / (1 + q) with q = exp(-2|x|) in (0, 1]: never
+    # overflows. Near 0, where 1 - q cancels, an odd series keeps the relative error ~1e-7.
+    ax = tl.abs(x)
+    q = tl.exp(-2.0 * ax)
+    x2 = ax * ax
+    series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0)))
+    t = tl.where(ax < 0.05, series, (1.0 - q) / (1.0 + q))
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _transformed(raw, k, cap_in, cap_out, HAS_CAP: tl.constexpr):
+    if HAS_CAP:
+        return cap_out * _tanh(cap_in * raw)
+    else:
+        return k * raw
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, k, cap_in, cap_out,
+                  ignore_index, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * V
+    cols = tl.arange(0, BLOCK)
+    # Start the running max at the row's first logit: every rescale factor is then finite.
+    m = _transformed(tl.load(z_row).to(tl.float32), k, cap_in, cap_out, HAS_CAP)
+    s = 0.0  # sum exp(z - m)
+    t = 0.0  # sum exp(z - m) * (z - m)
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        mask = idx < V
+        raw = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
+        z = tl.where(mask, _transformed(raw, k, cap_in, cap_out, HAS_CAP), -float("inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - m_new)
+        # re-shift the old sums to m_new: sum p (z - m_new) = sum p (z - m) + (m - m_new) sum p
+        t = alpha * (t + (m - m_new) * s)
+        p = tl.exp(z - m_new)  # [BLOCK], 0 on masked lanes
+        s = alpha * s + tl.sum(p, axis=0)
+        t = t + tl.sum(p * tl.where(mask, z - m_new, 0.0), axis=0)
+        m = m_new
+    log_s = tl.log(s)
+    lse = m + log_s
+    tl.store(lse_ptr + row, lse)
+
+    tgt = tl.load(tgt_ptr + row)
+    in_range = (tgt >= 0) & (tgt < V)
+    raw_t = tl.load(z_row + tl.where(in_range, tgt, 0)).to(tl.float32)
+    logp = _transformed(raw_t, k, cap_in, cap_out, HAS_CAP) - lse
+    ent = log_s - t / s
+    logp = tl.where(in_range, logp, float("nan"))
+    ent = tl.where(in_range, ent, float("nan"))
+    keep = tgt != ignore_index
+    tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
+    tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
+
+
+@triton.jit
+def _grad_kernel(z_ptr, tgt_ptr, lse_ptr, ent_ptr, a_ptr, e_ptr, V, k, cap_in, cap_out,
+                 ignore_index, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * V
+    cols = tl.arange(0, BLOCK)
+    tgt = tl.load(tgt_ptr + row)
+    keep = tgt != ignore_index
+    bad = keep & ((tgt < 0) | (tgt >= V))
+    lse = tl.load(lse_ptr + row)
+    mean_z = lse - tl.load(ent_ptr + row)  # sum_k p_k z_k
+    a = tl.load(a_ptr + row)
+    e = tl.load(e_ptr + row)
+    for start in range(0, V, BLOCK):
+        idx = start + cols
+        mask = idx < V
+        raw = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
+        if HAS_CAP:
+            th = _tanh(cap_in * raw)
+            z = cap_out * th
+            dz = k * (1.0 - th * th)  # dz/draw
+        else:
+            z = k * raw
+            dz = k
+        p = tl.exp(z - lse)
+        g = dz * (tl.where(idx == tgt, a, 0.0) - p * (a + e * (z - mean_z)))
+        g = tl.where(bad, float("nan"), tl.where(keep, g, 0.0))
+        tl.store(z_row + idx, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- host side
+def _check_chunk(z: Tensor, targets: Tensor, op: str) -> None:
+    if not isinstance(z, Tensor) or z.dim() != 2:
+        got = f"{z.dim()}-D" if isinstance(z, Tensor) else type(z).__name__
+        raise ValueError(f"{op}: logits must be a 2-D [C, V] tensor, got {got}")
+    if z.dtype not in DTYPES:
+        raise TypeError(f"{op}: logits must be float32, bfloat16, float16 or float64, "
+                        f"got {z.dtype}")
+    if not z.is_contiguous():
+        raise ValueError(f"{op}: logits must be contiguous")
+    if z.shape[1] == 0:
+        raise ValueError(f"{op}: logits must have V >= 1 columns")
+    if z.device.type == "cpu" and not INTERPRET:
+        raise ValueError(f"{op}: logits must be a GPU tensor for the Triton kernels, got a CPU "
+                         "tensor (set TRITON_INTERPRET=1 before importing rlfuse to run them on "
+                         "CPU, or use impl='cpp' / 'reference')")
+    c = z.shape[0]
+    if (not isinstance(targets, Tensor) or targets.dtype != torch.int64
+            or tuple(targets.shape) != (c,) or targets.device != z.device):
+        got = (f"{targets.dtype} {tuple(targets.shape)} on {targets.device}"
+               if isinstance(targets, Tensor) else type(targets).__name__)
+        raise ValueError(f"{op}: targets must be an int64 tensor of shape [{c}] on {z.device}, "
+                         f"got {got}")
+
+
+def _check_row(x: Tensor, c: int, device: torch.device, name: str, op: str) -> None:
+    if (not isinstance(x, Tensor) or x.dtype != torch.float32 or tuple(x.shape) != (c,)
+            or x.device != device or not x.is_contiguous()):
+        got = (f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, Tensor)
+               else type(x).__name__)
+        raise ValueError(f"{op}: {name} must be a contiguous float32 tensor of shape [{c}] on "
+                         f"{device}, got {got}")
+
+
+def _launch_args(v: int, scale: float, softcap: float, inv_temp: float) -> dict:
+    block = min(MAX_BLOCK, max(16, triton.next_power_of_2(v)))
+    cap = float(softcap) > 0.0
+    return dict(
+        k=float(scale) * float(inv_temp),
+        cap_in=float(scale) / float(softcap) if cap else 0.0,
+        cap_out=float(softcap) * float(inv_temp),
+        HAS_CAP=cap, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )
+
+
+def logits_stats(z: Tensor, targets: Tensor, scale: float, softcap: float, inv_temp: float,
+                 ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """lse, logp, entropy, each [C] fp32, of the transformed rows of raw logits z [C, V]."""
+    _check_chunk(z, targets, "logits_stats")
+    c, v = z.shape
+    lse, logp, ent = (torch.empty(c, dtype=torch.float32, device=z.device) for _ in range(3))
+    if c:
+        _stats_kernel[(c,)](z, targets.contiguous(), lse, logp, ent, v,
+                            ignore_index=int(ignore_index),
+                            **_launch_args(v, scale, softcap, inv_temp))
+    return lse, logp, ent
+
+
+def logits_grad_(z: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, a: Tensor,
+                 e: Tensor, scale: float, softcap: float, inv_temp: float,
+                 ignore_index: int) -> None:
+    """Overwrite raw logits z [C, V] with dL/d(raw logits), given a = dL/dlogp and
+    e = dL/dentropy per row ([C] fp32) and the forward's lse / entropy."""
+    op = "logits_grad_"
+    _check_chunk(z, targets, op)
+    c, v = z.shape
+    for name, x in (("lse", lse), ("entropy", entropy), ("grad_logp", a), ("grad_entropy", e)):
+        _check_row(x, c, z.device, name, op)
+    if c:
+        _grad_kernel[(c,)](z, targets.contiguous(), lse, entropy, a, e, v,
+                           ignore_index=int(ignore_index),
+                           **_launch_args(v, scale, softcap, inv_temp))

@@ -1,0 +1,348 @@
+"""preference_loss: DPO and its variants (IPO, hinge, robust, EXO, NCA, BCO, SPPO, APO,
+DiscoPOP, length-normalized DPO) plus SimPO and ORPO, from hidden states and the LM head,
+without holding the [tokens x vocab] logits.
+
+Rows [:B] of the batch are the chosen completions, rows [B:] the rejected ones (TRL's
+concatenated layout). The loss couples each chosen row with its rejected row through their
+sequence log-prob sums. For N = 2B*T token rows and chunks of C rows, the fused path picks:
+  * whole pairs (2T <= C): hidden is copied pair-major so every chunk holds complete pairs;
+    per chunk one GEMM gives the log-probs, the chunk's share of the loss (batch-level
+    normalizers are known up front) is differentiated with autograd on its [2k, T] values,
+    and two GEMMs write dX, dW (db): `fused_rowloss`, 6·N·H·V FLOPs, the minimum;
+  * two phases (long sequences): `forward_stats` for all rows (1 GEMM / chunk), the loss on
+    the [2B, T] log-probs with autograd -> a = dL/dlogp, then `backward` recomputes each
+    chunk's logits and writes the gradients (3 GEMMs / chunk): 8·N·H·V FLOPs.
+Either way the gradients are computed during the forward and the autograd backward only
+scales them by grad_output. Extra memory: one [C, V] fp32 chunk buffer + O(N) row statistics
+(+ [N, H] pair-major copies of hidden and dX on the whole-pair path), whatever T is. Under no_grad
+only the log-prob pass runs (2·N·H·V FLOPs).
+
+Definitions follow TRL's DPOTrainer (1.x), CPOTrainer (simpo) and ORPOTrainer (orpo); see
+`_pair_loss`. Where TRL versions differ:
+  * sigmoid applies conservative-DPO label smoothing (TRL 0.x); TRL 1.x's sigmoid ignores
+    label_smoothing, so the two agree at label_smoothing=0 (the default).
+  * bco_pair follows TRL 1.x: -logsig(beta*c) - logsig(-beta*r) with no reward shift. TRL 0.x
+    subtracted a running mean of the rewards (a stateful, cross-batch quantity); we keep the op
+    stateless, so no shift is applied.
+  * ORPO's NLL term is `sft_coef`: TRL's ORPOTrainer is loss_type="orpo" with sft_coef=1.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _chunked
+from ._backend import resolve
+from ._chunked import LogitTransform
+from .logprobs import check_linear_inputs, linear_logprobs_reference, make_transform
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
+              "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "orpo")
+# Reference-free by definition: score = length-averaged policy log-prob (CPO / ORPO trainers).
+_POLICY_ONLY = ("simpo", "orpo")
+_SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the ones that read label_smoothing
+METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "rewards_accuracy", "rewards_margin",
+               "logps_chosen", "logps_rejected", "nll")
+
+
+@dataclass(frozen=True)
+class PreferenceLossConfig:
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # sigmoid (cDPO), robust, exo_pair (needs > 0), simpo
+    sft_coef: float = 0.0  # NLL on chosen tokens (RPO; CPO's cpo_alpha; 1.0 for ORPO)
+    simpo_gamma: float = 0.5  # SimPO margin: loss = -logsig(beta*(avg_c - avg_r) - simpo_gamma)
+    discopop_tau: float = 0.05
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    final_logit_softcapping: Optional[float] = None
+    ignore_index: int = -100
+    chunk_size: Optional[int] = None
+    impl: str = "auto"
+
+
+@dataclass
+class PreferenceLossOutput:
+    chosen_logp: Tensor  # [B] fp32 sequence log-prob sums, detached
+    rejected_logp: Tensor  # [B]
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # METRIC_KEYS, 0-d fp32
+
+
+# ----------------------------------------------------------------------------- loss math
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2."""
+    cut = -math.log(2.0)
+    # Each branch sees only its own range, so the unused one has finite gradients.
+    near = torch.log(-torch.expm1(x.clamp(min=cut)))
+    far = torch.log1p(-torch.exp(x.clamp(max=cut)))
+    return torch.where(x > cut, near, far)
+
+
+def _pair_loss(logp: Tensor, valid: Tensor, ref_logp: Optional[Tensor],
+               cfg: PreferenceLossConfig, norm: Optional[tuple[int, Tensor]] = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """The spec, shared by every impl. logp [2b, T] per-token log-probs (b chosen rows, then
+    their b rejected rows), valid [2b, T] bool, ref_logp [2b] or None (= 0, reference-free)
+    -> loss (scalar), seq [2b] log-prob sums, metrics [len(METRIC_KEYS)] (detached).
+    norm = (pairs, chosen tokens) of the whole batch when this call sees only some of its
+    pairs; loss and metrics are then this slice's additive share of the batch values."""
+    lp = torch.where(valid, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    seq = lp.sum(-1)  # [2b]
+    n_tok = valid.sum(-1).to(logp.dtype)  # [2b], >= 1 (checked)
+    b = seq.shape[0] // 2
+    n_pairs, n_chosen = norm if norm is not None else (b, n_tok[:b].sum())
+    beta, ls, lt = cfg.beta, cfg.label_smoothing, cfg.loss_type
+    logsig = F.logsigmoid
+
+    if lt in _POLICY_ONLY:
+        avg = seq / n_tok  # [2B] length-averaged log-probs
+        c, r = avg[:b], avg[b:]
+        if lt == "simpo":
+            z = beta * (c - r) - cfg.simpo_gamma
+            per = -(1 - ls) * logsig(z) - ls * logsig(-z)
+        else:  # orpo: log odds ratio of the average-token likelihoods
+            log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
+            per = -beta * logsig(log_odds)
+        rew_c, rew_r, logps = beta * c, beta * r, avg
+    else:
+        ratio = seq if ref_logp is None else seq - ref_logp  # [2B] log pi/pi_ref
+        c, r = ratio[:b], ratio[b:]
+        z = beta * (c - r)  # [B]
+        if lt == "sigmoid":
+            per = -(1 - ls) * logsig(z) - ls * logsig(-z)
+        elif lt == "hinge":
+            per = torch.relu(1 - z)
+        elif lt == "ipo":  # TRL averages the log-ratios over completion tokens
+            n_c, n_r = n_tok[:b], n_tok[b:]
+            per = (c / n_c - r / n_r - 1 / (2 * beta)) ** 2
+        elif lt == "sigmoid_norm":
+            n_c, n_r = n_tok[:b], n_tok[b:]
+            per = -logsig(beta * (c / n_c - r / n_r))
+        elif lt == "robust":
+            per = (-(1 - ls) * logsig(z) + ls * logsig(-z)) / (1 - 2 * ls)
+        elif lt == "exo_pair":
+            per = (torch.sigmoid(z) * (logsig(z) - math.log1p(-ls))
+                   + torch.sigmoid(-z) * (logsig(-z) - math.log(ls)))
+        elif lt == "nca_pair":
+            per = -logsig(beta * c) - 0.5 * logsig(-beta * c) - 0.5 * logsig(-beta * r)
+        elif lt == "bco_pair":
+            per = -logsig(beta * c) - logsig(-beta * r)
+        elif lt == "sppo_hard":
+            per = (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+        elif lt == "apo_zero":
+            per = (1 - torch.sigmoid(beta * c)) + torch.sigmoid(beta * r)
+        elif lt == "apo_down":
+            per = torch.sigmoid(beta * c) + (1 - torch.sigmoid(z))
+        elif lt == "discopop":
+            mod = torch.sigmoid(z / cfg.discopop_tau)
+            per = -logsig(z) * (1 - mod) + torch.exp(-z) * mod
+        else:
+            raise ValueError(f"unknown loss_type {lt!r}")
+        rew_c, rew_r, logps = beta * c, beta * r, seq
+
+    # NLL: token mean over all chosen tokens (TRL's cross-entropy on the chosen half).
+    nll = -seq[:b].sum() / n_chosen
+    loss = per.sum() / n_pairs
+    if cfg.sft_coef:
+        loss = loss + cfg.sft_coef * nll
+    with torch.no_grad():
+        rew_c, rew_r = rew_c.detach(), rew_r.detach()
+        sums = torch.stack([rew_c.sum(), rew_r.sum(), (rew_c > rew_r).to(seq.dtype).sum(),
+                            (rew_c - rew_r).sum(), logps[:b].sum(), logps[b:].sum()])
+        metrics = torch.cat([sums / n_pairs, nll.detach().view(1)])
+    return loss, seq, metrics
+
+
+# ----------------------------------------------------------------------------- fused path
+@dataclass(frozen=True)
+class _Plan:
+    cfg: PreferenceLossConfig
+    tf: LogitTransform
+    chunk: int
+    impl: str
+    rows: int  # 2B
+    steps: int  # T
+
+
+def _two_phase(hidden, weight, bias, targets, valid, ref_logp, p: _Plan, want_grad: bool):
+    """Phase 1 (stats), loss math with autograd on [2B, T], phase 2 (recompute + grads)."""
+    ig = p.cfg.ignore_index
+    lse, logp, ent = _chunked.forward_stats(hidden, weight, bias, targets, p.tf, ig, p.chunk,
+                                            p.impl)  # [N] fp32 each
+    lp = logp.view(p.rows, p.steps)
+    if not want_grad:
+        loss, seq, metrics = _pair_loss(lp, valid, ref_logp, p.cfg)
+        return loss, seq, metrics, None
+    with torch.enable_grad():
+        lp = lp.detach().requires_grad_(True)
+        loss, seq, metrics = _pair_loss(lp, valid, ref_logp, p.cfg)
+        (a,) = torch.autograd.grad(loss, lp)  # [2B, T] dL/dlogp
+    grads = _chunked.backward(a.reshape(-1), torch.zeros_like(logp), hidden, weight, bias,
+                              targets, lse, ent, p.tf, ig, p.chunk, p.impl)
+    return loss.detach(), seq.detach(), metrics, grads
+
+
+def _pair_major(t: Tensor, b: int, steps: int) -> Tensor:
+    """[2B*T, ...] chosen-then-rejected rows -> [B*2*T, ...] with each pair's rows adjacent."""
+    return t.reshape(2, b, steps, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def _whole_pairs(hidden, weight, bias, targets, valid, ref_logp, p: _Plan):
+    """Chunks of whole pairs: each chunk's loss share and gradient are final after its own
+    forward, so `fused_rowloss` needs 3 GEMMs / chunk. Costs a pair-major copy of hidden."""
+    b, steps = p.rows // 2, p.steps
+    x = _pair_major(hidden, b, steps)  # [N, H]
+    tg = _pair_major(targets, b, steps)  # [N]
+    vd = valid.view(2, b, steps)  # [2, B, T]
+    norm = (b, vd[0].sum().to(torch.float32))
+    seq = torch.zeros(2, b, dtype=torch.float32, device=hidden.device)  # [2, B]
+    metrics = torch.zeros(len(METRIC_KEYS), dtype=torch.float32, device=hidden.device)
+
+    def row_loss(s, e, logp_c, _entropy_c):
+        p0, p1 = s // (2 * steps), e // (2 * steps)
+        lp = logp_c.view(p1 - p0, 2, steps).transpose(0, 1).reshape(-1, steps)  # [2k, T]
+        ref = None if ref_logp is None else ref_logp.view(2, b)[:, p0:p1].reshape(-1)
+        loss, seq_c, m = _pair_loss(lp, vd[:, p0:p1].reshape(-1, steps), ref, p.cfg, norm)
+        seq[:, p0:p1] = seq_c.detach().view(2, -1)
+        metrics.add_(m)
+        return loss
+
+    chunk = (p.chunk // (2 * steps)) * 2 * steps
+    loss, _, _, (dx, dw, db) = _chunked.fused_rowloss(x, weight, bias, tg, p.tf,
+                                                      p.cfg.ignore_index, chunk, p.impl, row_loss)
+    dx = dx.view(b, 2, steps, -1).transpose(0, 1).reshape(dx.shape)  # back to batch order
+    return loss, seq.view(-1), metrics, (dx, dw, db)
+
+
+class _FusedPreferenceLoss(torch.autograd.Function):
+    """Forward computes the loss and the gradients; backward scales them by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, valid, ref_logp, plan):
+        if 2 * plan.steps <= plan.chunk:
+            loss, seq, metrics, (dx, dw, db) = _whole_pairs(hidden, weight, bias, targets, valid,
+                                                            ref_logp, plan)
+        else:
+            loss, seq, metrics, (dx, dw, db) = _two_phase(hidden, weight, bias, targets, valid,
+                                                          ref_logp, plan, want_grad=True)
+        ctx.save_for_backward(dx, dw, db)
+        ctx.mark_non_differentiable(seq, metrics)
+        return loss, seq, metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_seq, _grad_metrics):
+        dx, dw, db = ctx.saved_tensors
+        g = grad_loss.float()  # 0-d: a bf16 gradient times g keeps bf16, computed in fp32
+        return tuple(None if t is None else t * g for t in (dx, dw, db)) + (None,) * 4
+
+
+# ----------------------------------------------------------------------------- public API
+def _check_config(cfg: PreferenceLossConfig) -> None:
+    if not isinstance(cfg, PreferenceLossConfig):
+        raise TypeError(f"config must be a PreferenceLossConfig, got {type(cfg).__name__}")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
+    if not math.isfinite(cfg.beta) or cfg.beta <= 0:
+        raise ValueError(f"beta must be a finite positive number, got {cfg.beta!r}")
+    ls = cfg.label_smoothing
+    if not 0.0 <= ls < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {ls!r}")
+    if ls > 0 and cfg.loss_type not in _SMOOTHED:
+        raise ValueError(f"label_smoothing={ls} has no effect on loss_type {cfg.loss_type!r}; "
+                         f"it is read by {_SMOOTHED}")
+    if cfg.loss_type == "exo_pair" and ls == 0:
+        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the target "
+                         "probability of the rejected answer; 1e-3 is the usual value)")
+    if not math.isfinite(cfg.sft_coef) or cfg.sft_coef < 0:
+        raise ValueError(f"sft_coef must be a finite number >= 0, got {cfg.sft_coef!r}")
+    if not math.isfinite(cfg.simpo_gamma):
+        raise ValueError(f"simpo_gamma must be finite, got {cfg.simpo_gamma!r}")
+    if not math.isfinite(cfg.discopop_tau) or cfg.discopop_tau <= 0:
+        raise ValueError(f"discopop_tau must be a finite positive number, got {cfg.discopop_tau!r}")
+    if cfg.chunk_size is not None and (not isinstance(cfg.chunk_size, int) or cfg.chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {cfg.chunk_size!r}")
+
+
+def _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg) -> Tensor:
+    """Validates everything; returns the valid-token mask [2B, T] bool."""
+    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got "
+                         f"shape {tuple(hidden.shape)}")
+    rows, steps = targets.shape
+    if rows == 0 or rows % 2:
+        raise ValueError(f"hidden.shape[0] must be even and > 0 (rows [:B] chosen, [B:] "
+                         f"rejected), got {rows}")
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != (rows, steps):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape [2B, T] = {(rows, steps)}, got {got}")
+    if mask.device != hidden.device:
+        raise ValueError(f"mask must be on {hidden.device}, got {mask.device}")
+    if ref_logp is not None:
+        if cfg.loss_type in _POLICY_ONLY:
+            raise ValueError(f"loss_type {cfg.loss_type!r} is reference-free: pass ref_logp=None")
+        if not isinstance(ref_logp, Tensor) or tuple(ref_logp.shape) != (rows,):
+            got = tuple(ref_logp.shape) if isinstance(ref_logp, Tensor) else type(ref_logp)
+            raise ValueError(f"ref_logp must be [2B] = [{rows}] sequence log-prob sums, got {got}")
+        if not ref_logp.is_floating_point() or ref_logp.device != hidden.device:
+            raise ValueError(f"ref_logp must be a floating tensor on {hidden.device}, got "
+                             f"{ref_logp.dtype} on {ref_logp.device}")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(ref_logp).all()):
+            raise ValueError("ref_logp must be finite")
+    valid = (mask != 0) & (targets != cfg.ignore_index)  # [2B, T]
+    if not torch.compiler.is_compiling():
+        empty = (~valid.any(-1)).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(f"mask: rows {empty.tolist()[:8]} have no valid token (mask and "
+                             f"targets != ignore_index); every sequence needs at least one")
+    return valid
+
+
+def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, *,
+                    ref_logp: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                    config: PreferenceLossConfig = PreferenceLossConfig()
+                    ) -> tuple[Tensor, PreferenceLossOutput]:
+    """Pairwise preference loss over sequence log-probs under the LM head.
+
+    hidden [2B, T, H] (chosen rows then rejected rows), weight [V, H], targets [2B, T] int,
+    mask [2B, T] (nonzero = completion token; positions whose target is ignore_index are
+    excluded too). ref_logp [2B]: reference sequence log-prob sums in the same order, or None
+    (reference-free: ref = 0). Returns the scalar loss (fp32; fp64 for fp64 inputs on the
+    reference path), differentiable in hidden, weight and bias, and a PreferenceLossOutput.
+    Metrics follow TRL: rewards are beta * log-ratio sums (beta * average log-prob for simpo /
+    orpo), logps_* are the sequence scores the loss reads (sums; averages for simpo / orpo),
+    nll is the token-mean NLL of the chosen completions.
+    """
+    cfg = config
+    _check_config(cfg)
+    valid = _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg)
+    tf = make_transform(cfg.temperature, cfg.logit_scale, cfg.final_logit_softcapping)
+    impl = resolve(cfg.impl, hidden.device)
+    rows, steps = targets.shape
+    if impl == "reference":
+        logp, _ = linear_logprobs_reference(hidden, weight, targets, bias, tf, cfg.ignore_index)
+        ref = None if ref_logp is None else ref_logp.to(logp.dtype)
+        loss, seq, metrics = _pair_loss(logp, valid, ref, cfg)
+    else:
+        v, h = weight.shape
+        x = hidden.reshape(-1, h)  # [N, H]
+        t = targets.reshape(-1).long()  # [N]
+        chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], v)
+        plan = _Plan(cfg, tf, chunk, impl, rows, steps)
+        ref = None if ref_logp is None else ref_logp.float()
+        needs_grad = torch.is_grad_enabled() and any(
+            a is not None and a.requires_grad for a in (hidden, weight, bias))
+        if needs_grad:
+            loss, seq, metrics = _FusedPreferenceLoss.apply(x, weight, bias, t, valid, ref, plan)
+        else:
+            loss, seq, metrics, _ = _two_phase(x, weight, bias, t, valid, ref, plan, False)
+    b = rows // 2
+    seq = seq.detach().float()
+    out = PreferenceLossOutput(seq[:b], seq[b:],
+                               dict(zip(METRIC_KEYS, metrics.detach().float().unbind())))
+    return loss, out

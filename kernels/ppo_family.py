@@ -1,0 +1,445 @@
+"""policy_loss: the clipped policy-gradient family (PPO, GRPO, BNPO, Dr. GRPO, DAPO, CISPO, SAPO,
+GSPO's sequence-level ratio) with KL-to-reference, entropy bonus and rollout-engine importance
+correction, computed from the LM head's inputs without holding the [N, V] logits.
+
+Algorithm. Every option reduces to a per-token loss l_n (the surrogate, times the top-entropy mask
+and the rollout IS weight, plus beta * KL_n, minus entropy_coef * H_n) and a per-token normalizer
+w_n known before the pass (the loss type's token / sequence normalization), so that
+    loss = sum_n w_n * l_n      over valid tokens (mask != 0 and target != ignore_index).
+Token-separable configurations (token-level ratio, no entropy quantile) run
+`_chunked.fused_rowloss`: the gradient is written during the forward, 6·N·H·V FLOPs, and backward
+only scales it. Coupled ones (GSPO's sequence ratio; the top-entropy threshold, a whole-batch
+statistic) run two phases through `linear_logprobs` (forward_stats, the loss math with autograd on
+[N] vectors, then the recomputing backward): 8·N·H·V FLOPs. Both hold one [C, V] chunk plus O(N)
+row vectors. Without a gradient to compute, one stats pass (2·N·H·V). `impl="reference"`
+materializes the logits (`linear_logprobs_reference`) and applies the same `_per_token`: the spec.
+
+Formulas (r ratio, A advantage, eps_h defaults to eps_l, T_i valid tokens of row i, sg = no grad)
+    ratio       token r_t = exp(logp_t - old_t);  sequence (GSPO) r_i = exp(mean_t(logp_t - old_t))
+                old_logp=None -> old = sg(logp): r = 1, gradient of -A * logp
+    clipped     l = -min(min(r, delta) * A, clip(r, 1 - eps_l, 1 + eps_h) * A)
+                (grpo bnpo dr_grpo dapo ppo; min(r, delta) only when delta is set)
+                dual_clip c: l = min(l, -c * A) where A < 0
+    cispo       l = -sg(min(r, 1 + eps_h)) * A * logp    (MiniMax-M1; TRL's epsilon_high = 1+eps_h)
+    sapo        l = -sigmoid(tau * (r - 1)) * 4 / tau * A,  tau = tau_pos if A > 0 else tau_neg
+    entropy q   l *= [H_t >= quantile(H over valid tokens, 1 - q)]       (q = top_entropy_quantile)
+    rollout IS  l *= sg(w), w = exp(old - rollout): tis min(w, cap); mis w if w <= cap else 0
+    KL          d = ref - logp: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1;  l += beta * KL
+    entropy     l -= entropy_coef * H_t
+    normalizer  grpo, sapo: 1 / (B * max(T_i, 1))       bnpo, ppo: 1 / max(sum_i T_i, 1)
+                dr_grpo: 1 / (B * max_completion_length) dapo, cispo: 1 / num_items_in_batch
+                (num_items_in_batch defaults to the local max(sum_i T_i, 1))
+These are TRL's GRPOTrainer `_compute_loss` normalizations, less its division by the gradient
+accumulation steps (the caller's job); dapo's normalizer is taken as given, where TRL divides by
+num_items_in_batch / num_processes because DDP averages gradients: pass the global count divided
+by the world size to reproduce TRL under DDP averaging.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _chunked
+from ._backend import IMPLS, resolve
+from .logprobs import (check_linear_inputs, linear_logprobs, linear_logprobs_reference,
+                       make_transform)
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "ppo")
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "ppo")
+IMPORTANCE_LEVELS = ("token", "sequence")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ROLLOUT_CORRECTIONS = (None, "tis", "mis")
+METRICS = ("kl", "entropy", "clip_fraction_low", "clip_fraction_high", "clip_fraction",
+           "ratio_mean", "ratio_min", "ratio_max", "approx_kl", "tokens")
+
+
+# ----------------------------------------------------------------------------- config / output
+def _positive(name: str, val, allow_zero: bool = False) -> None:
+    ok = (isinstance(val, (int, float)) and math.isfinite(val)
+          and (val >= 0 if allow_zero else val > 0))
+    if not ok:
+        raise ValueError(f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} "
+                         f"number, got {val!r}")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Options of `policy_loss`, validated on construction; formulas in the module docstring."""
+
+    loss_type: str = "grpo"             # grpo | bnpo | dr_grpo | dapo | cispo | sapo | ppo
+    importance_level: str = "token"     # token | sequence (GSPO)
+    eps_low: float = 0.2
+    eps_high: Optional[float] = None    # None -> eps_low (clip-higher when larger)
+    delta: Optional[float] = None       # upper clamp of the unclipped ratio (two-sided clipping)
+    dual_clip: Optional[float] = None   # c > 1: bound the loss of A < 0 tokens by -c * A
+    beta: float = 0.0                   # KL-to-reference coefficient in the loss
+    kl_estimator: str = "k3"            # k1 | k2 | k3
+    entropy_coef: float = 0.0           # entropy bonus (same normalization as the loss)
+    top_entropy_quantile: float = 1.0   # keep the pg loss only on the top-q entropy tokens
+    max_completion_length: Optional[int] = None   # dr_grpo normalizer
+    rollout_correction: Optional[str] = None      # None | "tis" (truncate) | "mis" (mask)
+    rollout_correction_cap: float = 2.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    final_logit_softcapping: Optional[float] = None
+    ignore_index: int = -100
+    chunk_size: Optional[int] = None
+    impl: str = "auto"
+
+    def __post_init__(self):
+        for name, allowed in (("loss_type", LOSS_TYPES), ("importance_level", IMPORTANCE_LEVELS),
+                              ("kl_estimator", KL_ESTIMATORS),
+                              ("rollout_correction", ROLLOUT_CORRECTIONS), ("impl", IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _positive("eps_low", self.eps_low, allow_zero=True)
+        if self.eps_high is not None:
+            _positive("eps_high", self.eps_high, allow_zero=True)
+        for name in ("delta", "dual_clip"):
+            val = getattr(self, name)
+            if val is None:
+                continue
+            _positive(name, val)
+            if val <= 1:
+                raise ValueError(f"{name} must be > 1, got {val!r}")
+            if self.loss_type not in CLIPPED:
+                raise ValueError(f"{name} applies to the clipped loss types {CLIPPED}, "
+                                 f"not loss_type={self.loss_type!r}")
+        _positive("beta", self.beta, allow_zero=True)
+        if not math.isfinite(self.entropy_coef):
+            raise ValueError(f"entropy_coef must be finite, got {self.entropy_coef!r}")
+        q = self.top_entropy_quantile
+        if not (isinstance(q, (int, float)) and 0 < q <= 1):
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {q!r}")
+        m = self.max_completion_length
+        if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m <= 0):
+            raise ValueError(f"max_completion_length must be a positive int, got {m!r}")
+        if self.loss_type == "dr_grpo" and m is None:
+            raise ValueError("max_completion_length is required for loss_type='dr_grpo' "
+                             "(its normalizer is B * max_completion_length)")
+        _positive("rollout_correction_cap", self.rollout_correction_cap)
+        _positive("sapo_temperature_pos", self.sapo_temperature_pos)
+        _positive("sapo_temperature_neg", self.sapo_temperature_neg)
+        c = self.chunk_size
+        if c is not None and (not isinstance(c, int) or c < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {c!r}")
+        make_transform(self.temperature, self.logit_scale, self.final_logit_softcapping)
+
+    @property
+    def eps_high_effective(self) -> float:
+        return self.eps_low if self.eps_high is None else self.eps_high
+
+    @property
+    def token_separable(self) -> bool:
+        """True when each token's gradient needs only its own row and up-front quantities."""
+        return self.importance_level == "token" and self.top_entropy_quantile == 1.0
+
+
+@dataclass
+class PolicyLossOutput:
+    logp: Tensor      # [B, T] fp32, detached (0 at ignore_index targets)
+    entropy: Tensor   # [B, T] fp32, detached
+    kl: Tensor        # [B, T] fp32 per-token KL estimate to the reference, detached (0 without it)
+    metrics: dict = field(default_factory=dict)   # name -> 0-d fp32 tensor, see METRICS
+
+
+# ----------------------------------------------------------------------------- per-row inputs
+@dataclass(frozen=True)
+class _Rows:
+    """Per-token inputs flattened to [N] = [B*T] so that a chunk of rows just slices them."""
+
+    valid: Tensor                 # [N] bool: mask != 0 and target != ignore_index
+    weight: Tensor                # [N] normalizer w_n, 0 where not valid
+    adv: Tensor                   # [N]
+    old: Optional[Tensor]         # [N], 0 where not valid (so padding never overflows exp)
+    ref: Optional[Tensor]
+    rollout: Optional[Tensor]
+    shape: Optional[tuple] = None  # (B, T) on the full rows, None on a slice
+
+    def slice(self, s: int, e: int) -> "_Rows":
+        cut = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[s:e])
+               for f in fields(self) if f.name != "shape"}
+        return _Rows(**cut)
+
+
+def _normalizer(cfg: PolicyLossConfig, valid: Tensor, num_items_in_batch) -> Tensor:
+    """w_n for valid [B, T] -> [B, T]: TRL's token / sequence normalization per loss type."""
+    b = valid.shape[0]
+    v = valid.to(torch.float64)
+    if cfg.loss_type in ("grpo", "sapo"):      # token mean per sequence, then mean over B
+        denom = b * v.sum(-1, keepdim=True).clamp(min=1)
+    elif cfg.loss_type in ("bnpo", "ppo"):     # token mean over the local batch
+        denom = v.sum().clamp(min=1)
+    elif cfg.loss_type == "dr_grpo":           # constant B * max_completion_length
+        denom = torch.tensor(float(b * cfg.max_completion_length), dtype=v.dtype)
+    elif num_items_in_batch is not None:       # dapo, cispo: global token count
+        denom = torch.as_tensor(num_items_in_batch, dtype=v.dtype, device=v.device)
+    else:
+        denom = v.sum().clamp(min=1)
+    return v / denom.to(v.device)
+
+
+def _rows(cfg, targets, mask, advantages, old_logp, ref_logp, rollout_logp, num_items_in_batch,
+          dtype) -> _Rows:
+    valid = (mask != 0) & (targets != cfg.ignore_index)  # [B, T]
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+
+    def flat(t):
+        return None if t is None else torch.where(valid, t, 0).to(dtype).reshape(-1)
+
+    return _Rows(valid=valid.reshape(-1),
+                 weight=_normalizer(cfg, valid, num_items_in_batch).to(dtype).reshape(-1),
+                 adv=adv.to(dtype).expand(valid.shape).reshape(-1),
+                 old=flat(old_logp), ref=flat(ref_logp), rollout=flat(rollout_logp),
+                 shape=tuple(valid.shape))
+
+
+# ----------------------------------------------------------------------------- the loss math
+def _quantile(x: Tensor, q: float) -> Tensor:
+    """torch.quantile(x, q) (linear interpolation) without its input-size limit."""
+    xs = x.sort().values
+    pos = q * (xs.numel() - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+
+
+def _top_entropy_mask(entropy: Tensor, valid: Tensor, q: float) -> Tensor:
+    """Tokens whose entropy is >= the (1 - q)-quantile of the valid tokens' entropies."""
+    vals = entropy[valid]
+    if vals.numel() == 0:
+        return torch.zeros_like(valid)
+    return (entropy >= _quantile(vals, 1.0 - q)) & valid
+
+
+def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:
+    d = ref - logp  # log(pi_ref / pi)
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    return torch.exp(d) - d - 1
+
+
+def _surrogate(cfg: PolicyLossConfig, ratio: Tensor, adv: Tensor, logp: Tensor) -> Tensor:
+    eps_h = cfg.eps_high_effective
+    if cfg.loss_type == "cispo":
+        return -ratio.clamp(max=1 + eps_h).detach() * adv * logp
+    if cfg.loss_type == "sapo":
+        tau = torch.full_like(adv, cfg.sapo_temperature_neg).masked_fill(
+            adv > 0, cfg.sapo_temperature_pos)
+        return -torch.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+    unclipped = ratio if cfg.delta is None else ratio.clamp(max=cfg.delta)
+    clipped = ratio.clamp(1 - cfg.eps_low, 1 + eps_h)
+    loss = -torch.min(unclipped * adv, clipped * adv)
+    if cfg.dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -cfg.dual_clip * adv), loss)
+    return loss
+
+
+def _per_token(cfg: PolicyLossConfig, logp: Tensor, entropy: Tensor, rows: _Rows):
+    """Per-token loss l_n, ratio and KL ([n] each) for rows `rows` (a slice when token-separable).
+
+    The scalar loss is (l * rows.weight).sum(). Differentiable in logp and entropy.
+    """
+    lp = torch.where(rows.valid, logp, 0)
+    old = lp.detach() if rows.old is None else rows.old
+    log_ratio = lp - old
+    if cfg.importance_level == "sequence":  # GSPO: length-normalized sequence log-ratio
+        b, t = rows.shape
+        v = rows.valid.view(b, t)
+        seq = log_ratio.view(b, t).sum(-1) / v.sum(-1).clamp(min=1)
+        log_ratio = seq[:, None].expand(b, t).reshape(-1)
+    ratio = torch.exp(log_ratio)
+    loss = _surrogate(cfg, ratio, rows.adv, lp)
+    if cfg.top_entropy_quantile < 1.0:
+        loss = loss * _top_entropy_mask(entropy.detach(), rows.valid, cfg.top_entropy_quantile)
+    if cfg.rollout_correction is not None:
+        w = torch.exp(old.detach() - rows.rollout)
+        cap = cfg.rollout_correction_cap
+        w = w.clamp(max=cap) if cfg.rollout_correction == "tis" else w.masked_fill(w > cap, 0)
+        loss = loss * w
+    kl = torch.zeros_like(lp) if rows.ref is None else _kl(cfg.kl_estimator, lp, rows.ref)
+    if cfg.beta:
+        loss = loss + cfg.beta * kl
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * entropy
+    return loss, ratio, kl
+
+
+@torch.no_grad()
+def _metrics(cfg: PolicyLossConfig, logp, entropy, ratio, kl, rows: _Rows) -> dict:
+    v = rows.valid
+    n = v.sum()
+    count = n.clamp(min=1).to(logp.dtype)
+
+    def mean(x):
+        return torch.where(v, x.to(logp.dtype), 0).sum() / count
+
+    adv = rows.adv
+    high = (ratio > 1 + cfg.eps_high_effective) & (adv > 0)
+    low = (ratio < 1 - cfg.eps_low) & (adv < 0) if cfg.loss_type != "cispo" else torch.zeros_like(v)
+    d = torch.where(v, logp, 0) - (rows.old if rows.old is not None else torch.where(v, logp, 0))
+    empty = n == 0
+    out = {
+        "kl": mean(kl), "entropy": mean(entropy),
+        "clip_fraction_low": mean(low), "clip_fraction_high": mean(high),
+        "clip_fraction": mean(low | high),
+        "ratio_mean": mean(ratio),
+        "ratio_min": torch.where(empty, 0, torch.where(v, ratio, math.inf).min()),
+        "ratio_max": torch.where(empty, 0, torch.where(v, ratio, -math.inf).max()),
+        "approx_kl": mean(torch.expm1(d) - d),   # k3 estimate of KL(old || new)
+        "tokens": n,
+    }
+    return {k: t.detach().to(torch.float32) for k, t in out.items()}
+
+
+# ----------------------------------------------------------------------------- fused path
+class _FusedPolicyLoss(torch.autograd.Function):
+    """Token-separable loss: gradients written during the forward; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, run):
+        loss, logp, ent, (dx, dw, db) = run()
+        ctx.save_for_backward(dx, dw, db)
+        ctx.mark_non_differentiable(logp, ent)
+        return loss, logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp, _grad_ent):
+        dx, dw, db = ctx.saved_tensors
+        return dx * grad_loss, dw * grad_loss, (None if db is None else db * grad_loss), None
+
+
+def _fused(cfg, hidden, weight, bias, targets, tf, rows: _Rows, impl: str):
+    x = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    t = targets.reshape(-1).long()             # [N]
+    chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], weight.shape[0])
+
+    def row_loss(s, e, logp_c, ent_c):
+        r = rows.slice(s, e)
+        loss, _, _ = _per_token(cfg, logp_c, ent_c, r)
+        return (loss * r.weight).sum()
+
+    def run():
+        return _chunked.fused_rowloss(x, weight, bias, t, tf, cfg.ignore_index, chunk, impl,
+                                      row_loss)
+
+    return _FusedPolicyLoss.apply(x, weight, bias, run)
+
+
+# ----------------------------------------------------------------------------- public API
+def _check(hidden, weight, targets, mask, advantages, logps: dict, bias, num_items_in_batch,
+           cfg) -> None:
+    if not isinstance(cfg, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3:
+        got = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a [B, T, H] tensor, got {got}")
+    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index)
+    b, t = targets.shape
+    if b * t == 0:
+        raise ValueError(f"hidden must hold at least one position, got shape {tuple(hidden.shape)}")
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != (b, t):
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape [B, T] = {(b, t)}, got {got}")
+    if mask.is_floating_point() and not torch.compiler.is_compiling():
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must hold 0/1 (or bool) values")
+    if (not isinstance(advantages, Tensor) or not advantages.is_floating_point()
+            or tuple(advantages.shape) not in ((b,), (b, t))):
+        got = (tuple(advantages.shape) if isinstance(advantages, Tensor)
+               else type(advantages).__name__)
+        raise ValueError(f"advantages must be a floating tensor of shape [B] = ({b},) or "
+                         f"[B, T] = {(b, t)}, got {got}")
+    for name, lp in logps.items():
+        if lp is None:
+            continue
+        if not isinstance(lp, Tensor) or not lp.is_floating_point() or tuple(lp.shape) != (b, t):
+            got = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
+            raise ValueError(f"{name} must be a floating tensor of shape [B, T] = {(b, t)}, "
+                             f"got {got}")
+    tensors = [("mask", mask), ("advantages", advantages)] + [(k, v) for k, v in logps.items()
+                                                              if v is not None]
+    for name, ten in tensors:
+        if ten.device != hidden.device:
+            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {ten.device}")
+    if cfg.beta > 0 and logps["ref_logp"] is None:
+        raise ValueError("ref_logp is required when config.beta > 0")
+    if cfg.rollout_correction is not None and logps["rollout_logp"] is None:
+        raise ValueError(f"rollout_logp is required when config.rollout_correction="
+                         f"{cfg.rollout_correction!r}")
+    if cfg.rollout_correction is None and logps["rollout_logp"] is not None:
+        raise ValueError("rollout_logp was given but config.rollout_correction is None; "
+                         "set it to 'tis' or 'mis'")
+    if num_items_in_batch is not None and cfg.loss_type in ("dapo", "cispo"):
+        n = num_items_in_batch
+        if isinstance(n, Tensor):
+            if n.numel() != 1:
+                raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(n.shape)}")
+            n = n.item() if not torch.compiler.is_compiling() else 1
+        if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+            raise ValueError(f"num_items_in_batch must be a positive token count, got {n!r}")
+
+
+def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
+                advantages: Tensor, *, old_logp: Optional[Tensor] = None,
+                ref_logp: Optional[Tensor] = None, rollout_logp: Optional[Tensor] = None,
+                bias: Optional[Tensor] = None,
+                num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
+                config: PolicyLossConfig = PolicyLossConfig()
+                ) -> tuple[Tensor, PolicyLossOutput]:
+    """Policy-gradient loss of the LM head `softmax(transform(hidden @ weight^T + bias))`.
+
+    hidden [B, T, H], weight [V, H], targets [B, T] int (the sampled tokens), mask [B, T] (1 = a
+    completion token that counts), advantages [B] or [B, T]; old_logp (the policy that sampled, or
+    the one before this epoch's updates), ref_logp (the KL reference) and rollout_logp (the
+    rollout engine's log-probs, for `rollout_correction`) are [B, T] and treated as constants.
+    num_items_in_batch is dapo / cispo's global token count (ignored by the other loss types).
+    Returns the fp32 scalar loss, differentiable in hidden, weight and bias, and a
+    PolicyLossOutput (per-token logp / entropy / KL and metrics, all detached).
+
+    An all-zero mask is not an error: the loss is 0 with zero gradients and metrics["tokens"] is 0,
+    as in TRL (normalizers are clamped to >= 1); micro-batches whose completions were all filtered
+    (e.g. overlong filtering) are legitimate and must not stop a run.
+    """
+    logps = {"old_logp": old_logp, "ref_logp": ref_logp, "rollout_logp": rollout_logp}
+    _check(hidden, weight, targets, mask, advantages, logps, bias, num_items_in_batch, config)
+    cfg = config
+    tf = make_transform(cfg.temperature, cfg.logit_scale, cfg.final_logit_softcapping)
+    impl = resolve(cfg.impl, hidden.device)
+    b, t = targets.shape
+    fp64 = impl == "reference" and hidden.dtype == torch.float64
+    dtype = torch.float64 if fp64 else torch.float32
+    rows = _rows(cfg, targets, mask, advantages, old_logp, ref_logp, rollout_logp,
+                 num_items_in_batch, dtype)
+    needs_grad = torch.is_grad_enabled() and any(
+        p is not None and p.requires_grad for p in (hidden, weight, bias))
+
+    if impl != "reference" and needs_grad and cfg.token_separable:
+        loss, logp, ent = _fused(cfg, hidden, weight, bias, targets, tf, rows, impl)
+        with torch.no_grad():
+            _, ratio, kl = _per_token(cfg, logp, ent, rows)
+    else:
+        if impl == "reference":
+            logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf,
+                                                  cfg.ignore_index)
+        else:  # two phases: forward_stats now, the recomputing backward from dL/dlogp, dL/dH
+            logp, ent = linear_logprobs(
+                hidden, weight, targets, bias=bias, temperature=cfg.temperature,
+                ignore_index=cfg.ignore_index, return_entropy=True, chunk_size=cfg.chunk_size,
+                impl=impl, logit_scale=cfg.logit_scale,
+                final_logit_softcapping=cfg.final_logit_softcapping)
+        logp, ent = logp.reshape(-1), ent.reshape(-1)
+        per_token, ratio, kl = _per_token(cfg, logp, ent, rows)
+        loss = (per_token * rows.weight).sum()
+
+    logp, ent, ratio, kl = (x.detach() for x in (logp, ent, ratio, kl))
+    out = PolicyLossOutput(logp=logp.view(b, t), entropy=ent.view(b, t), kl=kl.view(b, t),
+                           metrics=_metrics(cfg, logp, ent, ratio, kl, rows))
+    return loss, out

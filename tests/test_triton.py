@@ -1,0 +1,229 @@
+"""Triton epilogues (rlfuse._triton) under TRITON_INTERPRET=1 on CPU tensors.
+
+Triton reads TRITON_INTERPRET when a kernel is defined, so the interpreter must not leak into
+the rest of the suite: in a normal run this file only spawns itself in a fresh interpreter
+with TRITON_INTERPRET=1 and asserts that sub-run passed (its output is shown on failure).
+Run the cases directly with `TRITON_INTERPRET=1 pytest tests/test_triton.py`.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import rlfuse  # noqa: E402
+from rlfuse._chunked import LogitTransform  # noqa: E402
+from rlfuse.logprobs import linear_logprobs_reference  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TRANSFORMS = {  # (scale, softcap, temperature)
+    "plain": (1.0, 0.0, 1.0),
+    "temp": (1.0, 0.0, 0.7),
+    "all": (0.8, 4.0, 1.3),
+}
+
+
+def _torch_stats_and_grad(z, t, a, e, scale, cap, temp, ignore_index):
+    """fp64 autograd of L = sum a*logp + e*entropy through the same transform: the spec."""
+    raw = z.double().requires_grad_()
+    zz = LogitTransform(scale, cap, temp).apply(raw)  # [C, V] fp64
+    logz = zz.log_softmax(-1)
+    valid = t != ignore_index
+    logp = logz.gather(1, torch.where(valid, t, 0)[:, None])[:, 0] * valid
+    ent = -(logz.exp() * logz).sum(-1) * valid
+    (g,) = torch.autograd.grad((logp * a.double()).sum() + (ent * e.double()).sum(), raw)
+    return zz.detach().logsumexp(-1), logp.detach(), ent.detach(), g
+
+
+def _close(got, want, dtype=torch.float32, atol=1e-5):
+    """err <= (one ulp of `dtype` + atol) x scale. One ulp, not half: the interpreter casts
+    fp32 -> bf16 by truncation (compiled Triton rounds to nearest)."""
+    err = (got.double() - want).abs().max().item()
+    scale = max(1.0, want.abs().max().item())
+    assert err <= (torch.finfo(dtype).eps + atol) * scale, (err, scale)
+
+
+if not INTERPRETED:
+
+    def test_cases_pass_under_the_interpreter():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+        r = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, f"sub-run failed:\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
+        assert " passed" in r.stdout and " skipped" not in r.stdout.splitlines()[-1], r.stdout
+
+    def test_cpu_tensors_without_interpreter_is_a_clear_error():
+        x, w, t = torch.randn(4, 8), torch.randn(31, 8), torch.randint(0, 31, (4,))
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            rlfuse.linear_logprobs(x, w, t, impl="triton")
+
+else:
+    from rlfuse import _triton
+
+    CPP = rlfuse._backend.cpp_ext()
+
+    # Tile caps that split V = 123 and 507 into 4 tiles each, the last one partial (the
+    # default cap of 4096 would give one tile per row at these sizes).
+    TILE = {31: None, 123: 32, 507: 128}
+
+    def _tiles(monkeypatch, v):
+        if TILE[v]:
+            monkeypatch.setattr(_triton, "MAX_BLOCK", TILE[v])
+
+    def _chunk(c, v, dtype, ignore_index=-100, mag=4.0):
+        z = (torch.randn(c, v) * mag).to(dtype)  # [C, V]
+        t = torch.randint(0, v, (c,))
+        t[::4] = ignore_index
+        a, e = torch.randn(c), torch.randn(c)
+        return z, t, a, e
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize("v", [31, 123, 507])
+    @pytest.mark.parametrize("tfname", list(TRANSFORMS))
+    def test_kernels_match_torch(dtype, v, tfname, monkeypatch):
+        _tiles(monkeypatch, v)
+        scale, cap, temp = TRANSFORMS[tfname]
+        ignore_index = -1 if v == 123 else -100
+        z, t, a, e = _chunk(7, v, dtype, ignore_index)
+        lse, logp, ent = _triton.logits_stats(z, t, scale, cap, 1 / temp, ignore_index)
+        want = _torch_stats_and_grad(z, t, a, e, scale, cap, temp, ignore_index)
+        assert all(x.dtype == torch.float32 and x.shape == (7,) for x in (lse, logp, ent))
+        # The stats see z's exact values, upcast: fp32 accuracy whatever z's dtype.
+        for got, ref in zip((lse, logp, ent), want):
+            _close(got, ref)
+        zg = z.clone()
+        _triton.logits_grad_(zg, t, lse, ent, a, e, scale, cap, 1 / temp, ignore_index)
+        assert zg.dtype == dtype
+        assert (zg[t == ignore_index] == 0).all()
+        _close(zg, want[3], dtype)
+
+    @pytest.mark.skipif(CPP is None, reason="C++ extension not built")
+    @pytest.mark.parametrize("tfname", list(TRANSFORMS))
+    def test_kernels_match_cpp(tfname, monkeypatch):
+        _tiles(monkeypatch, 507)
+        args = (*TRANSFORMS[tfname][:2], 1 / TRANSFORMS[tfname][2], -100)
+        z, t, a, e = _chunk(11, 507, torch.float32)
+        got, ref = _triton.logits_stats(z, t, *args), CPP.logits_stats(z, t, *args)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-5)
+        zg, zc = z.clone(), z.clone()
+        _triton.logits_grad_(zg, t, *got[::2], a, e, *args)
+        CPP.logits_grad_(zc, t, *ref[::2], a, e, *args)
+        torch.testing.assert_close(zg, zc, atol=1e-5, rtol=1e-4)
+
+    def test_extreme_logits_and_tiny_rows():
+        # |z| ~ 1e4: the online max keeps exp finite; softcap saturates tanh cleanly.
+        z, t, a, e = _chunk(5, 123, torch.float32, mag=1e4)
+        for scale, cap, temp in TRANSFORMS.values():
+            stats = _triton.logits_stats(z, t, scale, cap, 1 / temp, -100)
+            want = _torch_stats_and_grad(z, t, a, e, scale, cap, temp, -100)
+            for got, ref in zip(stats, want):
+                _close(got, ref, atol=1e-6 if cap else 1e-5)  # scale-relative
+            zg = z.clone()
+            _triton.logits_grad_(zg, t, stats[0], stats[2], a, e, scale, cap, 1 / temp, -100)
+            assert torch.isfinite(zg).all()
+            _close(zg, want[3])
+        # V = 1: logp = 0, entropy = 0, gradient 0.
+        z1, t1 = torch.randn(3, 1), torch.zeros(3, dtype=torch.long)
+        lse, logp, ent = _triton.logits_stats(z1, t1, 1.0, 0.0, 1.0, -100)
+        torch.testing.assert_close(lse, z1[:, 0])
+        assert (logp == 0).all() and (ent.abs() < 1e-7).all()
+        # C = 0: empty outputs, no launch.
+        out = _triton.logits_stats(torch.empty(0, 7), torch.empty(0, dtype=torch.long),
+                                   1.0, 0.0, 1.0, -100)
+        assert [x.shape for x in out] == [(0,)] * 3
+
+    def test_out_of_range_target_is_nan_not_a_bad_read():
+        z, t, a, e = _chunk(3, 31, torch.float32)
+        t[:] = torch.tensor([31, -100, 2])
+        lse, logp, ent = _triton.logits_stats(z, t, 1.0, 0.0, 1.0, -100)
+        assert logp[0].isnan() and ent[0].isnan() and logp[1] == 0 and logp[2].isfinite()
+        _triton.logits_grad_(z, t, lse, ent, a, e, 1.0, 0.0, 1.0, -100)
+        assert z[0].isnan().all() and (z[1] == 0).all() and z[2].isfinite().all()
+
+    @pytest.mark.parametrize("dtype,tfname,bias", [
+        (torch.float64, "all", True), (torch.float64, "plain", False),
+        (torch.float32, "temp", True), (torch.float32, "all", False),
+        (torch.bfloat16, "all", True),
+    ])
+    def test_linear_logprobs_matches_reference(dtype, tfname, bias):
+        scale, cap, temp = TRANSFORMS[tfname]
+        kw = dict(temperature=temp, logit_scale=scale, final_logit_softcapping=cap or None)
+        n, h, v = 23, 16, 123
+        x = torch.randn(n, h).to(dtype)
+        w = (torch.randn(v, h) / h**0.5 * 3).to(dtype)
+        b = torch.randn(v).to(dtype) if bias else None
+        t = torch.randint(0, v, (n,))
+        t[torch.rand(n) < 0.2] = -100
+        gl, ge = torch.randn(n), torch.randn(n)
+
+        def run(fn, dt):
+            leaves = [u.detach().to(dt).requires_grad_() for u in (x, w, b) if u is not None]
+            lp, ent = fn(*leaves[:2], leaves[2] if bias else None)
+            grads = torch.autograd.grad((lp * gl.to(lp.dtype)).sum()
+                                        + (ent * ge.to(ent.dtype)).sum(), leaves)
+            return [lp, ent, *grads]
+
+        tf = LogitTransform(scale, cap, temp)
+        truth = run(lambda x_, w_, b_: linear_logprobs_reference(x_, w_, t, b_, tf), torch.float64)
+        ref = run(lambda x_, w_, b_: rlfuse.linear_logprobs(
+            x_, w_, t, bias=b_, return_entropy=True, impl="reference", **kw), dtype)
+        got = run(lambda x_, w_, b_: rlfuse.linear_logprobs(
+            x_, w_, t, bias=b_, return_entropy=True, impl="triton", chunk_size=10, **kw), dtype)
+        assert got[0].dtype == got[1].dtype == torch.float32
+        assert [g.dtype for g in got[2:]] == [dtype] * len(got[2:])
+        assert (got[0][t == -100] == 0).all() and (got[1][t == -100] == 0).all()
+        # The chunked path computes in fp32 (fp64 inputs included); bf16 grads round to bf16.
+        for g, r, want in zip(got, ref, truth):
+            budget = (r.double() - want).abs().max().item() if dtype != torch.float64 else 0.0
+            err = (g.double() - want).abs().max().item()
+            scale_ = max(1.0, want.abs().max().item())
+            atol = 2e-5 if dtype != torch.bfloat16 else 1e-2
+            assert err <= 2 * budget + atol * scale_, (err, budget, scale_)
+
+    @pytest.mark.skipif(CPP is None, reason="C++ extension not built")
+    def test_fused_rowloss_matches_cpp():
+        from rlfuse import _chunked
+
+        n, h, v = 23, 16, 123
+        x, w, b = torch.randn(n, h), torch.randn(v, h) / 2, torch.randn(v)
+        t = torch.randint(0, v, (n,))
+        t[::5] = -100
+        coef = torch.randn(n)
+
+        def row_loss(s, e, lp, ent):
+            return (coef[s:e] * lp).sum() / n - 0.1 * ent.sum() / n
+
+        tf = LogitTransform(0.8, 4.0, 1.3)
+        got, ref = (_chunked.fused_rowloss(x, w, b, t, tf, -100, 10, impl, row_loss)
+                    for impl in ("triton", "cpp"))
+        for g, r in zip([*got[:3], *got[3]], [*ref[:3], *ref[3]]):
+            torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4)
+
+    @pytest.mark.parametrize("bad,match", [
+        (lambda z, t, r: (z[0], t, r), "logits must be a 2-D"),
+        (lambda z, t, r: (z.long(), t, r), "logits must be float32"),
+        (lambda z, t, r: (z.T, t[:1].repeat(31), r), "logits must be contiguous"),
+        (lambda z, t, r: (z[:, :0], t, r), "V >= 1"),
+        (lambda z, t, r: (z, t.int(), r), "targets must be an int64 tensor of shape"),
+        (lambda z, t, r: (z, t[:2], r), "targets must be an int64 tensor of shape"),
+        (lambda z, t, r: (z, t, r.double()), "lse must be a contiguous float32"),
+        (lambda z, t, r: (z, t, r[:2]), "lse must be a contiguous float32"),
+    ])
+    def test_bad_input(bad, match):
+        z, t, a, e = _chunk(4, 31, torch.float32)
+        zz, tt, lse = bad(z, t, torch.zeros(4))
+        with pytest.raises((ValueError, TypeError), match=match):
+            _triton.logits_grad_(zz, tt, lse, torch.zeros_like(lse), a[:lse.shape[0]],
+                                 e[:lse.shape[0]], 1.0, 0.0, 1.0, -100)
+        if "lse" not in match:
+            with pytest.raises((ValueError, TypeError), match=match):
+                _triton.logits_stats(zz, tt, 1.0, 0.0, 1.0, -100)
+        with pytest.raises(ValueError, match="grad_entropy must be"):
+            _triton.logits_grad_(z, t, a, a, a, e.double(), 1.0, 0.0, 1.0, -100)
