@@ -5,5 +5,6 @@
     measure.py    correctness guard, timing, peak memory in a fresh subprocess per provider
     report.py     the machine, the table, JSON / CSV / PNG
     cli.py        `rlfuse bench [op] ...` and `rlfuse bench sweep ...`
-    test_bench_ops.py  the same cases as pytest-benchmark suites (`pytest benches/ --benchmark-only`)
+    test_bench_ops.py  the same cases as pytest-benchmark suites
+                       (`pytest benches/ --benchmark-only`)
 """

@@ -223,8 +223,8 @@ class OpSpec:
     outputs: tuple[str, ...] = ("loss",)  # names of what a provider's run returns
     modes: tuple[str, ...] = MODES
     floor_gemms: Optional[dict] = None    # mode -> GEMMs the op must do at the least
-    no_grad_forward: bool = False         # "forward" runs under no_grad (else with grad, as training)
-    objective: Optional[Callable[[Case, object], Tensor]] = None  # the scalar backward differentiates
+    no_grad_forward: bool = False         # "forward" under no_grad (else with grad, as in training)
+    objective: Optional[Callable[[Case, object], Tensor]] = None  # the scalar backward reads
     reference: str = "rlfuse-reference"   # the provider the guard compares against
 
     def flops(self, shape: Shape, mode: str) -> Optional[float]:

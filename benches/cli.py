@@ -1,7 +1,7 @@
 """`rlfuse bench`: time, memory and correctness of an op's providers at a shape preset.
 
     rlfuse bench [op] --shape small --dtype fp32 --mode full --providers rlfuse-cpp,naive,trl,floor
-    rlfuse bench sweep [op] --shape qwen-0.5b --ns 512,1024,2048,4096,8192,16384 --providers rlfuse,naive
+    rlfuse bench sweep [op] --shape qwen-0.5b --ns 512,1024,4096,16384 --providers rlfuse,naive
     rlfuse bench --list                       ops, modes and which providers run here
 (also `python -m rlfuse.benches.cli ...`). Per provider: the correctness guard on a small slice
 (a provider that disagrees is reported, not timed), the median time, GFLOP/s (the GEMM FLOPs the op
@@ -104,6 +104,19 @@ def _floor_ratios(rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- bench
+def _mode_note(spec, mode: str) -> str:
+    gemms = (spec.floor_gemms or {}).get(mode)
+    floor = f"floor = {gemms} GEMM{'s' if gemms > 1 else ''}" if gemms else "no floor"
+    if mode == "forward":
+        how = ("no-grad forward" if spec.no_grad_forward or not spec.objective else
+               "forward with grad enabled (fused losses write their gradients here)")
+    elif mode == "backward":
+        how = "backward alone (the forward runs untimed before each call)"
+    else:
+        how = "forward + backward"
+    return f"{how}; {floor}"
+
+
 def run_bench(args) -> dict:
     spec = get_op(args.op)
     if args.mode not in spec.modes:
@@ -116,7 +129,8 @@ def run_bench(args) -> dict:
            "settings": {"reps": args.reps, "warmup": args.warmup, "seed": args.seed,
                         "max_seconds": args.max_seconds},
            "flops": spec.flops(shape, args.mode),
-           "floor_gemms": (spec.floor_gemms or {}).get(args.mode), "input_mb": 0.0, "results": []}
+           "floor_gemms": (spec.floor_gemms or {}).get(args.mode),
+           "mode_note": _mode_note(spec, args.mode), "input_mb": 0.0, "results": []}
     why = op_unavailable(spec)
     if why:
         rep["results"] = [_row(n, "n/a", why) for n in names]
@@ -167,11 +181,11 @@ def run_sweep(args) -> dict:
 
 def sweep_table(rep: dict) -> str:
     names = list(dict.fromkeys(p["provider"] for p in rep["points"]))
-    cells = [["N"] + [f"{n} MB" for n in names] + [f"{n} ms" for n in names]]
+    cols = (("extra_mb", "MB"), ("extra_over_grads_mb", "-grads MB"), ("median_ms", "ms"))
+    cells = [["N"] + [f"{n} {unit}" for _, unit in cols for n in names]]
     for n in rep["ns"]:
         pts = {p["provider"]: p for p in rep["points"] if p["n"] == n}
-        cells.append([str(n)] + [report._fmt("extra_mb", pts[k]["extra_mb"]) for k in names]
-                     + [report._fmt("median_ms", pts[k]["median_ms"]) for k in names])
+        cells.append([str(n)] + [report._fmt(key, pts[k][key]) for key, _ in cols for k in names])
     widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(cell, widths)) for cell in cells]
     notes = {f"  N {p['n']} {p['provider']}: {p['reason']}" for p in rep["points"] if p["reason"]}

@@ -2,7 +2,7 @@
 
 Guard: the provider and the op's reference run on `cases.check_case` (a few rows at the same H, V
 and dtype); every output and gradient must satisfy ||got - ref|| <= rtol * max(||ref||, atol)
-(rtol 1e-4 in fp32, 5e-2 in bf16 / fp16). A provider that fails is reported, not timed.
+(rtol 1e-4 in fp32, 2e-2 in bf16, 1e-2 in fp16). A provider that fails is reported, not timed.
 Time: the median of `reps` calls after `warmup` calls, perf_counter on CPU; on CUDA each call sits
 between two CUDA events (wired, documented, not measured on this CPU-only machine). In mode
 "backward" the forward runs untimed before each timed backward.
@@ -30,7 +30,8 @@ import torch
 from .cases import OPS, Case, Shape, build_case, check_case, get_dtype
 from .providers import Provider, floor_step, get_provider
 
-TOLERANCE = {torch.float32: (1e-4, 1e-2), torch.bfloat16: (5e-2, 1e-2), torch.float16: (5e-2, 1e-2)}
+# (rtol, atol): peers that run bf16 GEMMs (TRL, Liger) land near 5e-3 in bf16, 1e-3 in fp16.
+TOLERANCE = {torch.float32: (1e-4, 1e-2), torch.bfloat16: (2e-2, 1e-2), torch.float16: (1e-2, 1e-2)}
 MEM_TAG = "RLFUSE_MEM "
 
 
@@ -84,7 +85,7 @@ def _outputs(case: Case, provider: Provider) -> dict[str, torch.Tensor]:
 
 def check(case: Case, provider: Provider, reference: Provider,
           expected: Optional[dict] = None) -> CheckResult:
-    """Compare `provider` with `reference` on `case` (pass `expected` to reuse the reference run)."""
+    """Compare `provider` with `reference` on `case` (`expected`: the reference run, reused)."""
     try:
         ref = expected if expected is not None else _outputs(case, reference)
         got = _outputs(case, provider)

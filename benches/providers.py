@@ -1,6 +1,6 @@
 """The implementations a benchmark compares, by name, for each op.
 
-    rlfuse-cpp / rlfuse-reference / rlfuse-triton   rlfuse with that `impl` (where the device has it)
+    rlfuse-cpp / rlfuse-reference / rlfuse-triton   rlfuse with that `impl` (where it runs)
     naive    plain PyTorch on materialized fp32 [N, V] logits, the way most trainers write it
     trl      TRL's fused LM head `trl.kernels.ChunkedLogProbFunction` (>= 1.16) for log-probs and
              entropy, the loss math in torch (4 GEMMs for a loss: forward + recomputing backward)
@@ -56,7 +56,8 @@ def _rlfuse_why_not(impl: str):
                 return "the C++ extension rlfuse._C is not built"
         if impl == "triton":
             if device.type != "cuda":
-                return "Triton kernels run on CUDA (on CPU only under TRITON_INTERPRET=1, for tests)"
+                return ("Triton kernels run on CUDA (on CPU only under TRITON_INTERPRET=1, "
+                        "for tests)")
             try:
                 importlib.import_module("rlfuse._triton")
             except Exception as err:  # noqa: BLE001 - report why, do not crash the run

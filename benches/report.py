@@ -58,7 +58,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "mem_gb": _mem_total_gb(), "gpu": None, "torch": torch.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
-        "git_commit": _git_commit(), "trl": _version("trl"), "liger_kernel": _version("liger-kernel"),
+        "git_commit": _git_commit(), "trl": _version("trl"),
+        "liger_kernel": _version("liger-kernel"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     if torch.device(device).type == "cuda":
@@ -104,7 +105,8 @@ def header(report: dict) -> str:
     s = report["shape"]
     return (f"{report['op']}  shape {s['name']} (N {s['n']}, H {s['h']}, V {s['v']}, T {s['seq']})"
             f"  {report['dtype']}  mode {report['mode']}  device {report['device']}  "
-            f"inputs {report['input_mb']:.1f} MB\n{machine_line(report['machine'])}")
+            f"inputs {report['input_mb']:.1f} MB\n{report['mode_note']}\n"
+            f"{machine_line(report['machine'])}")
 
 
 # ----------------------------------------------------------------------------- files
@@ -166,23 +168,30 @@ def bar_plot(report: dict, path: Path) -> None:
 
 
 def sweep_plot(report: dict, path: Path) -> None:
-    """Peak extra memory and median time against N, one line per provider."""
+    """Working memory (peak over inputs, less the gradients) and median time against N."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     by = {}
     for r in report["points"]:
         by.setdefault(r["provider"], []).append(r)
-    for ax, key, label in ((axes[0], "extra_mb", "peak memory over inputs (MB)"),
+    # The gradient outputs (same for every provider) are left out: what remains is the op's
+    # working memory, flat in N for a chunked op, linear for materialized logits.
+    for ax, key, label in ((axes[0], "extra_over_grads_mb", "peak over inputs and grads (MB)"),
                            (axes[1], "median_ms", "median time (ms)")):
         for name, pts in by.items():
             pts = [p for p in pts if p.get(key) is not None]
             if pts:
                 ax.plot([p["n"] for p in pts], [p[key] for p in pts], marker="o", label=name)
         ax.set_xscale("log", base=2)
+        if key == "median_ms":
+            ax.set_yscale("log")
         ax.set_xlabel("tokens N")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
     s = report["shape"]
     fig.suptitle(f"{report['op']} {report['mode']} vs tokens, H {s['h']}, V {s['v']}, "
                  f"{report['dtype']}\n{machine_line(report['machine'])}", fontsize=9)

@@ -5,7 +5,7 @@ __all__ = ["ConfigError", "TrainConfig", "load_config", "trainer_for"]
 
 
 def trainer_for(algo: str):
-    """The trainer class for 'sft' | 'grpo' | 'dpo' (imported lazily)."""
+    """The trainer class for 'sft' | 'grpo' | 'dpo' | 'ppo' (imported lazily)."""
     if algo == "sft":
         from .sft import SFTTrainer
         return SFTTrainer
@@ -15,4 +15,7 @@ def trainer_for(algo: str):
     if algo == "dpo":
         from .dpo import DPOTrainer
         return DPOTrainer
-    raise ValueError(f"algo must be one of ['sft', 'grpo', 'dpo'], got {algo!r}")
+    if algo == "ppo":
+        from .ppo import PPOTrainer
+        return PPOTrainer
+    raise ValueError(f"algo must be one of ['sft', 'grpo', 'dpo', 'ppo'], got {algo!r}")

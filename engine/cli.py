@@ -1,7 +1,7 @@
 """The `rlfuse` command.
 
     rlfuse demo [--quick] [key=value ...]                 SFT -> GRPO -> DPO -> eval, tiny model
-    rlfuse train {sft,grpo,dpo} [--config f.yaml] [key=value | --key value ...] [--resume]
+    rlfuse train {sft,grpo,dpo,ppo} [--config f.yaml] [key=value | --key value ...] [--resume]
     rlfuse bench ...                                      benchmarks (rlfuse.benches.cli)
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ def train(argv: list[str]) -> int:
     from . import trainer_for
     from .config import load_config, to_dict
 
-    if not argv or argv[0] not in ("sft", "grpo", "dpo"):
-        print("usage: rlfuse train {sft,grpo,dpo} [--config file.yaml] [key=value ...] "
+    if not argv or argv[0] not in ("sft", "grpo", "dpo", "ppo"):
+        print("usage: rlfuse train {sft,grpo,dpo,ppo} [--config file.yaml] [key=value ...] "
               "[--resume]", file=sys.stderr)
         return 2
     algo, rest, path = argv[0], [], None

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from rlfuse import PolicyLossConfig, PreferenceLossConfig
+from rlfuse.dpo_family import LOSS_TYPES as PREFERENCE_LOSS_TYPES
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,9 @@ class SFTConfig:
     data: Optional[str] = None           # JSONL with "prompt" and "completion" fields
     batch_size: int = 32
 
+    def __post_init__(self):
+        _check("sft.batch_size", self.batch_size >= 1, "must be >= 1")
+
 
 @dataclass(frozen=True)
 class RewardSpec:
@@ -122,10 +126,84 @@ class DPOConfig:
     epochs: int = 1
     loss: PreferenceLossConfig = PreferenceLossConfig()
 
+    def __post_init__(self):
+        _check("dpo.batch_size", self.batch_size >= 1, "must be >= 1")
+        _check("dpo.epochs", self.epochs >= 1, "must be >= 1")
+        _choice("dpo.loss.loss_type", self.loss.loss_type, PREFERENCE_LOSS_TYPES)
+        _check("dpo.loss.beta", self.loss.beta > 0, "must be > 0")
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """A transformers sequence-classification reward model (see rlfuse.engine.reward_model)."""
+    path: Optional[str] = None           # trained local checkpoint; None -> build one and train it
+    pairs: Optional[str] = None          # JSONL "prompt", "chosen", "rejected" for Bradley-Terry
+    steps: int = 100                     # Bradley-Terry optimizer steps on `pairs`
+    batch_size: int = 32
+    lr: float = 1e-3
+    init_from_policy: bool = True        # a built RM starts from the policy's backbone weights
+
+    def __post_init__(self):
+        for k in ("steps", "batch_size"):
+            _check(f"ppo.reward_model.{k}", getattr(self, k) >= 1, "must be >= 1")
+        _check("ppo.reward_model.lr", self.lr > 0, "must be > 0")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Classic RLHF PPO (rlfuse.engine.ppo); the policy loss is PolicyLossConfig(loss_type="ppo")."""
+    data: Optional[str] = None           # JSONL with "prompt" (+ "answer" for the verifier)
+    prompts_per_step: int = 32
+    samples_per_prompt: int = 1
+    epochs: int = 4                      # PPO epochs over each rollout batch
+    mini_batches: int = 2                # optimizer steps per epoch
+    temperature: float = 1.0             # sampling; the loss uses the same temperature
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    vf_coef: float = 0.1
+    value_clip: Optional[float] = 0.2    # None: unclipped value loss
+    eps_low: float = 0.2
+    eps_high: Optional[float] = None
+    dual_clip: Optional[float] = None    # dual-clip constant c > 1
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05                # initial coefficient of the KL to the reference
+    kl_in: str = "reward"                # reward: -kl_coef * KL per token | loss: beta = kl_coef
+    kl_estimator: str = "k1"             # k1 | k2 | k3
+    kl_target: Optional[float] = None    # adaptive controller target (sequence KL); None: fixed
+    kl_horizon: int = 10000
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score without an EOS
+    reward: str = "verifier"             # verifier (`rewards`) | model (`reward_model`) | both
+    rewards: tuple = (RewardSpec(),)
+    reward_model: RewardModelConfig = RewardModelConfig()
+
+    def __post_init__(self):
+        for k in ("prompts_per_step", "samples_per_prompt", "epochs", "mini_batches",
+                  "max_new_tokens", "kl_horizon"):
+            _check(f"ppo.{k}", getattr(self, k) >= 1, "must be >= 1")
+        _check("ppo.temperature", self.temperature > 0, "must be > 0")
+        _check("ppo.top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        _check("ppo.gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")
+        _check("ppo.lam", 0 <= self.lam <= 1, "must be in [0, 1]")
+        _check("ppo.vf_coef", self.vf_coef >= 0, "must be >= 0")
+        _check("ppo.value_clip", self.value_clip is None or self.value_clip > 0, "must be > 0")
+        _check("ppo.kl_coef", self.kl_coef >= 0, "must be >= 0")
+        _check("ppo.kl_target", self.kl_target is None or self.kl_target > 0, "must be > 0")
+        _choice("ppo.kl_in", self.kl_in, ("reward", "loss"))
+        _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _choice("ppo.reward", self.reward, ("verifier", "model", "both"))
+        _check("ppo.mini_batches",
+               self.prompts_per_step * self.samples_per_prompt % self.mini_batches == 0,
+               "must divide prompts_per_step * samples_per_prompt")
+        PolicyLossConfig(loss_type="ppo", eps_low=self.eps_low, eps_high=self.eps_high,
+                         dual_clip=self.dual_clip, entropy_coef=self.entropy_coef)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algo: str = "sft"                    # sft | grpo | dpo
+    algo: str = "sft"                    # sft | grpo | dpo | ppo
     steps: int = 100                     # optimizer steps (GRPO: rollout steps); DPO: 0 -> epochs
     seed: int = 0
     out_dir: str = "runs/train"
@@ -142,9 +220,10 @@ class TrainConfig:
     sft: SFTConfig = SFTConfig()
     grpo: GRPOConfig = GRPOConfig()
     dpo: DPOConfig = DPOConfig()
+    ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self):
-        _choice("algo", self.algo, ("sft", "grpo", "dpo"))
+        _choice("algo", self.algo, ("sft", "grpo", "dpo", "ppo"))
         _check("steps", self.steps >= 0, "must be >= 0")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _check("max_length", self.max_length >= 2, "must be >= 2")
@@ -195,6 +274,11 @@ def _coerce(tp, value, key: str):
         if isinstance(value, bool):
             return value
         raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):  # YAML reads '3e-4' as a string
+        try:
+            value = tp(value)
+        except ValueError:
+            pass
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):

@@ -77,16 +77,31 @@ class GRPOTrainer(Trainer):
                      self.cfg.max_length).to(self.device)
         adv = adv.to(self.device)
 
-        # 3. old (sampling policy) and reference log-probs, no grad
+        # 3-4. old / reference log-probs, then the optimization passes
         t1 = time.perf_counter()
-        many_updates = g.passes * g.mini_batches > 1
-        old = sequence_logprobs(self.model, batch, g.temperature) if many_updates else None
-        ref = self.reference.logprobs(batch, g.temperature) if self.reference else None
+        stats = self.optimize(batch, adv)
+        t_train = time.perf_counter() - t1
 
-        # 4. optimization passes over the rollout batch
+        n_tokens = batch.attention_mask.sum().item()
+        return {**stats,
+                "reward_mean": rewards.mean().item(),
+                "reward_std": rewards.std().item(),
+                "frac_zero_std_groups": float(adv_stats.get("frac_zero_std", 0.0)),
+                **getattr(self.reward_fn, "last", {}),
+                "completion_length": sum(roll.lengths) / len(roll.lengths),
+                "rollout_tokens_per_s": sum(roll.lengths) / t_gen,
+                "train_tokens_per_s": n_tokens * g.passes / t_train}
+
+    def optimize(self, batch, adv) -> dict:
+        """`passes` x `mini_batches` optimizer steps of the policy loss on one rollout batch."""
+        g = self.cfg.grpo
+        # old log-probs of the sampling policy (on-policy ratio when there is one update)
+        old = sequence_logprobs(self.model, batch, g.temperature) \
+            if g.passes * g.mini_batches > 1 else None
+        ref = self.reference.logprobs(batch, g.temperature) if self.reference else None
         h, stats = head(self.model), []
         for _ in range(g.passes):
-            for mb in torch.randperm(len(prompts)).chunk(g.mini_batches):
+            for mb in torch.randperm(batch.input_ids.shape[0]).chunk(g.mini_batches):
                 b = batch[mb]
                 hid = hidden_states(self.model, b.input_ids, b.attention_mask)[:, :-1]
                 loss, out = rlfuse.policy_loss(
@@ -101,18 +116,7 @@ class GRPOTrainer(Trainer):
                 loss.backward()
                 step["grad_norm"] = self.optimizer_step()
                 stats.append(step)
-        t_train = time.perf_counter() - t1
-
-        n_tokens = batch.attention_mask.sum().item()
-        return {**_mean(stats),
-                "grad_norm_max": max(s["grad_norm"] for s in stats),
-                "reward_mean": rewards.mean().item(),
-                "reward_std": rewards.std().item(),
-                "frac_zero_std_groups": float(adv_stats.get("frac_zero_std", 0.0)),
-                **getattr(self.reward_fn, "last", {}),
-                "completion_length": sum(roll.lengths) / len(roll.lengths),
-                "rollout_tokens_per_s": sum(roll.lengths) / t_gen,
-                "train_tokens_per_s": n_tokens * g.passes / t_train}
+        return {**_mean(stats), "grad_norm_max": max(s["grad_norm"] for s in stats)}
 
     def sft_batch(self):
         rows = [self.sft[i] for i in self.sft_sampler.next()]

@@ -24,6 +24,15 @@ B, T, H, V = 5, 7, 24, 123
 EXTRA = {"grpo": {"delta": 1.4}, "ppo": {"dual_clip": 3.0}, "dapo": {"dual_clip": 2.0}}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: intra-op threads only add spin-up cost (20x under a shared, loaded CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _inputs(dtype, adv_2d=False, bias=True, v=V, noise=0.4):
     x = torch.randn(B, T, H).to(dtype)
     w = (torch.randn(v, H) / H**0.5 * 3).to(dtype)
@@ -450,7 +459,7 @@ for a, b in zip(*res):
     torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 print("ok")
 """
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

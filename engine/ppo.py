@@ -1,0 +1,248 @@
+"""Classic RLHF PPO: value head, KL-shaped per-token rewards, GAE, clipped policy and value losses.
+
+One step:
+  1. rollout   `prompts_per_step` prompts x `samples_per_prompt` completions with `generate`
+  2. score     verifier rewards and/or a sequence-classification reward model -> score [B]
+               (minus `missing_eos_penalty` for completions that never stopped)
+  3. no grad   one backbone pass per chunk gives old log-probs [B, T-1] (fused linear_logprobs)
+               and old values [B, T-1] (value head on the same hidden states); reference log-probs
+  4. rewards   kl_in="reward": r_t = -kl_coef * KL_t on every completion token, plus the score
+               at the last one (Ziegler et al. 2019, InstructGPT; TRL's PPOTrainer);
+               kl_in="loss": r_t = score at the last token, beta = kl_coef in the policy loss
+  5. GAE       A, R = rlfuse.gae(r, V_old, mask, gamma, lam); A whitened over the batch
+  6. optimize  `epochs` x `mini_batches` steps; per minibatch the hidden states are computed once
+               and feed both rlfuse.policy_loss(loss_type="ppo", per-token A, dual clip...) and
+               the value head: loss = pg + vf_coef * rlfuse.value_loss(V, V_old, R, value_clip)
+  7. KL        the adaptive controller moves kl_coef toward `kl_target` (Ziegler et al. 2019)
+KL_t uses `kl_estimator` on log pi_old - log pi_ref: k1 (TRL/OpenRLHF's default), k2 or k3.
+Simplified: one process, rollouts and training alternate on the same model; the critic is a linear
+value head on the policy's own hidden states (its gradient reaches the backbone, scaled by
+vf_coef); the loss uses the sampling temperature, so old log-probs match the sampler.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+
+import rlfuse
+
+from .data import Sampler, pack, read_jsonl
+from .model import Reference, head, hidden_states
+from .rewards import Weighted, build_rewards
+from .rollout import generate
+from .trainer import Trainer, lr_lambda
+
+
+class ValueHead(nn.Module):
+    """V(s_t) = w . h_t + b on the policy's hidden states, fp32; zero-initialized (V = 0 at the
+    start, so the first updates do not push value gradients into the backbone)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:  # [B, T, H] -> [B, T] fp32
+        return self.proj(hidden.float()).squeeze(-1)
+
+
+class KLController:
+    """kl_coef: fixed, or adaptive toward a target KL (Ziegler et al. 2019; TRL's
+    AdaptiveKLController): e = clip(KL / target - 1, -0.2, 0.2), coef *= 1 + e * n / horizon,
+    with KL the mean sequence KL of the last rollout and n its number of samples."""
+
+    def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is not None and math.isfinite(kl):
+            err = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + err * n / self.horizon
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi: k1 = logp - ref,
+    k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's estimators)."""
+    d = ref_logp - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d * d
+    return torch.expm1(d) - d
+
+
+def token_rewards(scores: Tensor, mask: Tensor, kl: Tensor, kl_coef: float) -> Tensor:
+    """[B, T]: -kl_coef * kl on completion tokens, plus scores [B] at each row's last one."""
+    r = -kl_coef * kl * mask  # [B, T]
+    last = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # [B]
+    return r.index_put((torch.arange(len(scores), device=r.device), last),
+                       scores.to(r), accumulate=True)
+
+
+def ppo_loss(model, value_head, batch, adv, old_logp, old_values, returns, *, ref_logp=None,
+             loss_cfg, vf_coef: float, value_clip: float | None) -> tuple[Tensor, dict]:
+    """pg + vf_coef * value loss of one minibatch; the backbone runs once for both heads."""
+    h = head(model)
+    hid = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [b, T-1, H]
+    pg, out = rlfuse.policy_loss(hid, h["weight"], batch.targets, batch.mask, adv,
+                                 old_logp=old_logp, ref_logp=ref_logp, bias=h["bias"],
+                                 config=loss_cfg)
+    values = value_head(hid)  # [b, T-1] fp32
+    vf, vm = rlfuse.value_loss(values, old_values, returns, batch.mask, clip=value_clip)
+    loss = pg + vf_coef * vf
+    metrics = {"loss": loss.item(), "policy_loss": pg.item(), "value_loss": vf.item(),
+               **{k: v.item() for k, v in vm.items()},
+               **{k: v.item() for k, v in out.metrics.items()}}
+    return loss, metrics
+
+
+@torch.no_grad()
+def rollout_stats(model, value_head, batch, temperature: float, chunk_rows: int = 64):
+    """Old log-probs and values [B, T-1] fp32 from one backbone pass per chunk of rows."""
+    h = head(model)
+    logps, values = [], []
+    for s in range(0, batch.input_ids.shape[0], chunk_rows):
+        b = batch[s:s + chunk_rows]
+        hid = hidden_states(model, b.input_ids, b.attention_mask)[:, :-1]  # [b, T-1, H]
+        logps.append(rlfuse.linear_logprobs(
+            hid, h["weight"], b.targets, bias=h["bias"], temperature=temperature,
+            logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"]))
+        values.append(value_head(hid) * b.mask)
+    return torch.cat(logps), torch.cat(values)
+
+
+def _mean(rows: list[dict]) -> dict:
+    """Per-key mean over minibatches, ignoring NaN (explained variance of constant returns)."""
+    out = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows if not math.isnan(r[k])]
+        out[k] = sum(vals) / len(vals) if vals else math.nan
+    return out
+
+
+class PPOTrainer(Trainer):
+    name = "ppo"
+
+    def __init__(self, cfg, model=None, tokenizer=None, reward_fn=None):
+        super().__init__(cfg, model, tokenizer)
+        p = cfg.ppo
+        if not p.data:
+            raise ValueError("PPO needs prompts: set ppo.data to a JSONL file with a 'prompt' "
+                             "field (and 'answer' for the exact_answer verifier)")
+        self.prompts = read_jsonl(p.data, ("prompt",))
+        self.sampler = Sampler(len(self.prompts), p.prompts_per_step, cfg.seed)
+        self.reward_fn = reward_fn or self.build_reward()
+        self.reference = Reference(self.model)
+        h = head(self.model)
+        self.value_head = ValueHead(h["weight"].shape[1]).to(self.device)
+        self._add_to_optimizer(list(self.value_head.parameters()))
+        self.kl_ctl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
+        self.loss_cfg = rlfuse.PolicyLossConfig(
+            loss_type="ppo", eps_low=p.eps_low, eps_high=p.eps_high, dual_clip=p.dual_clip,
+            entropy_coef=p.entropy_coef, kl_estimator=p.kl_estimator, temperature=p.temperature,
+            logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"])
+
+    def build_reward(self) -> Weighted:
+        p = self.cfg.ppo
+        terms = build_rewards(p.rewards).terms if p.reward in ("verifier", "both") else []
+        if p.reward in ("model", "both"):
+            from .reward_model import load_or_train
+
+            scorer = load_or_train(p.reward_model, self.model, self.tok, self.cfg.out_dir,
+                                   self.cfg.seed, self.cfg.max_length, self.cfg.progress)
+            terms.append(("reward_model", 1.0, scorer))
+        return Weighted(terms)
+
+    def _add_to_optimizer(self, params: list) -> None:
+        """The value head joins the policy's AdamW and its learning-rate schedule."""
+        o = self.cfg.optim
+        self.params += params
+        self.opt.add_param_group({"params": params})
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(o.schedule, o.warmup_steps, max(1, self.total_steps)))
+
+    def train_step(self) -> dict:
+        p, n = self.cfg.ppo, self.cfg.ppo.samples_per_prompt
+        rows = [self.prompts[i] for i in self.sampler.next()]
+
+        # 1. rollout
+        t0 = time.perf_counter()
+        prompts = [r["prompt"] for r in rows for _ in range(n)]
+        roll = generate(self.model, self.tok, [r["prompt"] for r in rows], n=n,
+                        temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
+        t_gen = time.perf_counter() - t0
+
+        # 2. score
+        columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
+        scores = torch.tensor(self.reward_fn(prompts, roll.texts, **columns), dtype=torch.float32)
+        if p.missing_eos_penalty is not None:
+            eos = self.tok.eos_token_id
+            stopped = torch.tensor([bool(c) and c[-1] == eos for c in roll.completion_ids])
+            scores = scores - p.missing_eos_penalty * (~stopped).float()
+        batch = pack(roll.prompt_ids, roll.completion_ids, self.tok.pad_token_id,
+                     self.cfg.max_length).to(self.device)
+        keep = batch.mask.any(-1)  # rows whose completion max_length cut away entirely
+        if not bool(keep.all()):
+            batch, scores = batch[keep], scores[keep.cpu()]
+        scores, mask = scores.to(self.device), batch.mask
+
+        # 3. old log-probs and values, reference log-probs
+        t1 = time.perf_counter()
+        old_logp, old_values = rollout_stats(self.model, self.value_head, batch, p.temperature)
+        ref_logp = self.reference.logprobs(batch, p.temperature)
+
+        # 4. per-token rewards (KL in the reward, or only the score) and 5. GAE
+        kl_coef = self.kl_ctl.value
+        kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask  # [B, T-1]
+        shaped = token_rewards(scores, mask, kl, kl_coef if p.kl_in == "reward" else 0.0)
+        adv, returns = rlfuse.gae(shaped, old_values, mask, gamma=p.gamma, lam=p.lam,
+                                  whiten=p.whiten_advantages)
+
+        # 6. PPO epochs over minibatches
+        loss_cfg = self.loss_cfg
+        if p.kl_in == "loss":
+            loss_cfg = dataclasses.replace(loss_cfg, beta=kl_coef)
+        stats = []
+        for _ in range(p.epochs):
+            for mb in torch.randperm(len(scores), device=self.device).chunk(p.mini_batches):
+                loss, step = ppo_loss(self.model, self.value_head, batch[mb], adv[mb], old_logp[mb],
+                                      old_values[mb], returns[mb], ref_logp=ref_logp[mb],
+                                      loss_cfg=loss_cfg, vf_coef=p.vf_coef,
+                                      value_clip=p.value_clip)
+                loss.backward()
+                step["grad_norm"] = self.optimizer_step()
+                stats.append(step)
+        t_train = time.perf_counter() - t1
+
+        # 7. KL controller, on the rollout's mean sequence KL
+        kl_seq = kl.sum(-1).mean().item()
+        self.kl_ctl.update(kl_seq, len(scores))
+        non_score = -(kl_coef * kl.sum(-1)).mean().item() if p.kl_in == "reward" else 0.0
+        m = mask.float()
+        return {**_mean(stats),
+                "grad_norm_max": max(s["grad_norm"] for s in stats),
+                "reward_mean": scores.mean().item(),
+                "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+                "non_score_reward": non_score,
+                "rlhf_reward": scores.mean().item() + non_score,
+                "kl_seq": kl_seq, "kl_coef": kl_coef,
+                "value_mean": ((old_values * m).sum() / m.sum()).item(),
+                "returns_mean": ((returns * m).sum() / m.sum()).item(),
+                **getattr(self.reward_fn, "last", {}),
+                "completion_length": sum(roll.lengths) / len(roll.lengths),
+                "rollout_tokens_per_s": sum(roll.lengths) / t_gen,
+                "train_tokens_per_s": batch.attention_mask.sum().item() * p.epochs / t_train}
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "value_head": self.value_head.state_dict(),
+                "kl_coef": torch.tensor(self.kl_ctl.value, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.value_head.load_state_dict(state["value_head"])
+        self.kl_ctl.value = float(state["kl_coef"])

@@ -1,0 +1,120 @@
+"""The benchmark CLI at the tiny preset: reports written, the guard, the memory subprocess."""
+import csv
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from rlfuse.benches import cases, cli, measure, providers
+from rlfuse.benches.providers import Provider, naive_logprobs
+
+FAST = ["--shape", "tiny", "--reps", "2", "--warmup", "1", "--no-memory", "--quiet"]
+
+
+def _report(tmp_path, stem):
+    return json.loads((tmp_path / f"{stem}.json").read_text())
+
+
+def test_bench_writes_table_json_csv_png(tmp_path, capsys):
+    rc = cli.main(["linear_logprobs", "--mode", "full", "--providers",
+                   "rlfuse,rlfuse-reference,naive,liger,floor", "--out", str(tmp_path)] + FAST)
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "median ms" in out and "x floor" in out and "naive" in out
+    stem = "linear_logprobs_tiny_fp32_full_cpu"
+    rep = _report(tmp_path, stem)
+    assert rep["machine"]["torch"] == torch.__version__
+    assert rep["machine"]["cores"] >= 1 and rep["machine"]["cpu"] and "git_commit" in rep["machine"]
+    s = cases.get_shape("tiny")
+    assert rep["flops"] == pytest.approx(4 * 2 * s.n * s.h * s.v)  # 4 GEMMs: with recompute
+    rows = {r["provider"]: r for r in rep["results"]}
+    for name in ("rlfuse-reference", "naive", "floor"):
+        assert rows[name]["status"] == "ok" and rows[name]["median_ms"] > 0
+        assert rows[name]["gflops"] > 0
+    assert rows["floor"]["x_floor"] == pytest.approx(1.0)
+    assert rows["naive"]["check_err"] < 1e-4
+    assert rows["liger"]["status"] == "n/a" and rows["liger"]["reason"]
+    with open(tmp_path / f"{stem}.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["provider"] for r in table] == [r["provider"] for r in rep["results"]]
+    assert table[0]["torch"] == torch.__version__ and table[0]["cpu"]
+    assert (tmp_path / f"{stem}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("op,mode", [("policy_loss", "full"), ("preference_loss", "backward"),
+                                     ("group_advantages", "forward")])
+def test_bench_other_ops(tmp_path, op, mode):
+    why = cases.op_unavailable(cases.get_op(op))
+    if why:
+        pytest.skip(why)
+    rc = cli.main([op, "--mode", mode, "--providers", "rlfuse,naive", "--no-plot",
+                   "--out", str(tmp_path)] + FAST)
+    assert rc == 0
+    rows = _report(tmp_path, f"{op}_tiny_fp32_{mode}_cpu")["results"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["check_err"] <= 1e-4 for r in rows)
+
+
+def _wrong_gradient(c):
+    logp, ent = naive_logprobs(c.hidden, c.weight, c.targets)
+    return logp + 0.5 * (logp - logp.detach()), ent  # right values, gradient x 1.5
+
+
+def _wrong_value(c):
+    logp, ent = naive_logprobs(c.hidden, c.weight, c.targets)
+    return logp, ent * 1.01
+
+
+def test_guard_reports_and_does_not_time_a_wrong_provider(tmp_path, monkeypatch):
+    table = providers.PROVIDERS["linear_logprobs"]
+    monkeypatch.setitem(table, "wrong-grad", Provider("wrong-grad", _wrong_gradient))
+    monkeypatch.setitem(table, "wrong-value", Provider("wrong-value", _wrong_value))
+    rc = cli.main(["linear_logprobs", "--providers", "naive,wrong-grad,wrong-value", "--no-plot",
+                   "--out", str(tmp_path)] + FAST)
+    assert rc == 1
+    rows = {r["provider"]: r for r in
+            _report(tmp_path, "linear_logprobs_tiny_fp32_full_cpu")["results"]}
+    assert rows["naive"]["status"] == "ok"
+    for name, what in (("wrong-grad", ("dhidden", "dweight")), ("wrong-value", ("entropy",))):
+        assert rows[name]["status"] == "MISMATCH"
+        assert rows[name]["median_ms"] is None and rows[name]["extra_mb"] is None
+        assert any(w in rows[name]["reason"] for w in what)
+
+
+def test_guard_catches_a_wrong_loss_in_bf16():
+    case = cases.check_case(cases.build_case("linear_logprobs", cases.get_shape("tiny"),
+                                             torch.bfloat16))
+    ref = providers.get_provider("linear_logprobs", "rlfuse-reference")
+    ok = measure.check(case, providers.get_provider("linear_logprobs", "naive"), ref)
+    bad = measure.check(case, Provider("wrong-grad", _wrong_gradient), ref)
+    assert ok.ok and not bad.ok
+
+
+def test_memory_subprocess_returns_a_number():
+    s = cases.get_shape("tiny")
+    spec = measure.MemSpec("linear_logprobs", "naive", asdict(s), "fp32", "full")
+    mem = measure.measure_memory(spec, timeout=120)
+    assert mem["grad_bytes"] == 4 * (s.n * s.h + s.v * s.h)
+    # naive holds the fp32 [N, V] logits (and more) on top of the gradients
+    assert isinstance(mem["extra_bytes"], int)
+    assert mem["extra_bytes"] >= mem["grad_bytes"] + 4 * s.n * s.v
+
+
+def test_sweep_writes_points_and_plot(tmp_path):
+    rc = cli.main(["sweep", "linear_logprobs", "--ns", "128,256", "--providers", "rlfuse,naive",
+                   "--out", str(tmp_path)] + FAST)
+    assert rc == 0
+    rep = _report(tmp_path, "sweep_linear_logprobs_tiny_fp32_full_cpu")
+    assert [(p["n"], p["status"]) for p in rep["points"]][:2] == [(128, "ok"), (128, "ok")]
+    assert len(rep["points"]) == 4 and all(p["median_ms"] > 0 for p in rep["points"])
+    assert (tmp_path / "sweep_linear_logprobs_tiny_fp32_full_cpu.png").stat().st_size > 0
+
+
+def test_cli_errors_name_the_argument(capsys):
+    with pytest.raises(SystemExit, match="unknown provider 'nope'"):
+        cli.main(["linear_logprobs", "--providers", "naive,nope"] + FAST)
+    with pytest.raises(SystemExit, match="modes forward"):
+        cli.main(["group_advantages", "--mode", "full"] + FAST)
+    assert cli.main(["--list"]) == 0
+    assert "rlfuse-cpp" in capsys.readouterr().out

@@ -1,0 +1,260 @@
+"""Engine trainers on a tiny model: fused path == materialized logits, loss decreases on a fixed
+batch, resume after SIGTERM == uninterrupted run, the CLI and the demo at smoke size."""
+import dataclasses
+import json
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+import rlfuse
+from rlfuse.engine import checkpoint
+from rlfuse.engine.cli import main as cli_main
+from rlfuse.engine.config import (DPOConfig, GRPOConfig, ModelConfig, OptimConfig, RewardSpec,
+                                  SFTConfig, TrainConfig)
+from rlfuse.engine.data import IGNORE, pack, sft_batch, write_jsonl
+from rlfuse.engine.dpo import DPOTrainer
+from rlfuse.engine.grpo import GRPOTrainer
+from rlfuse.engine.model import char_tokenizer, head, hidden_states, tiny_model
+from rlfuse.engine.rollout import generate
+from rlfuse.engine.sft import SFTTrainer, nll_loss
+
+TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                   intermediate_size=48)
+ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in
+        [(12, 7), (3, 45), (60, 9), (21, 30), (8, 8), (77, 1), (5, 14), (40, 40)]]
+
+
+@pytest.fixture
+def tok():
+    return char_tokenizer()
+
+
+def model_for(tok, seed=0):
+    torch.manual_seed(seed)
+    return tiny_model(TINY, tok, max_positions=64)
+
+
+def make_cfg(tmp_path, algo, **kw):
+    os.makedirs(tmp_path, exist_ok=True)
+    sft = tmp_path / "sft.jsonl"
+    prompts = tmp_path / "prompts.jsonl"
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(str(sft), [{"prompt": r["prompt"], "completion": r["answer"]} for r in ROWS])
+    write_jsonl(str(prompts), ROWS)
+    write_jsonl(str(pairs), [{"prompt": r["prompt"], "chosen": r["answer"],
+                              "rejected": r["answer"][::-1] + "1"} for r in ROWS[:4]])
+    base = dict(algo=algo, steps=4, out_dir=str(tmp_path / "run"), device="cpu", max_length=32,
+                progress=False, model=TINY, optim=OptimConfig(lr=3e-3),
+                sft=SFTConfig(data=str(sft), batch_size=8),
+                grpo=GRPOConfig(data=str(prompts), prompts_per_step=2, group_size=4,
+                                max_new_tokens=4,
+                                rewards=(RewardSpec("exact_answer"),  # + a signal for a random model
+                                         RewardSpec("length_penalty", 1.0, {"max_chars": 1})),
+                                loss=rlfuse.PolicyLossConfig(beta=0.05)),
+                dpo=DPOConfig(data=str(pairs), batch_size=4))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+# ----------------------------------------------------------------------------- fused == logits
+def test_hidden_states_are_what_the_head_reads(tok):
+    m = model_for(tok)
+    b = sft_batch(tok, ["12+3=", "4+56="], ["15", "60"], 32)
+    logits = m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # [B, T, V]
+    hid = hidden_states(m, b.input_ids, b.attention_mask)
+    torch.testing.assert_close(hid @ head(m)["weight"].T, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_layout(tok):
+    b = pack([[1, 5, 6], [1, 7]], [[8, 2], [9, 9, 2]], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 5, 6, 8, 2], [1, 7, 9, 9, 2]]
+    assert b.targets.tolist() == [[IGNORE, IGNORE, 8, 2], [IGNORE, 9, 9, 2]]
+    b = pack([[1, 5]], [[8, 2]], pad_id=0, max_length=3)
+    assert b.input_ids.tolist() == [[1, 5, 8]] and b.targets.tolist() == [[IGNORE, 8]]
+
+
+def test_sft_fused_equals_materialized_logits(tok):
+    m = model_for(tok)
+    b = sft_batch(tok, ["12+3=", "4+56=", "7+7="], ["15", "60", "14"], 32)
+    loss, n = nll_loss(m, b)
+    loss.backward()
+    fused = grads(m)
+    m.zero_grad()
+    logits = m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                            b.targets.reshape(-1), ignore_index=IGNORE)
+    ref.backward()
+    assert n == int((b.targets != IGNORE).sum())
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(fused, grads(m)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def _policy_grads(tok, impl, batch, adv, old, ref):
+    m = model_for(tok)
+    h = head(m)
+    hid = hidden_states(m, batch.input_ids, batch.attention_mask)[:, :-1]
+    cfg = rlfuse.PolicyLossConfig(beta=0.1, eps_high=0.28, entropy_coef=0.01, impl=impl)
+    loss, _ = rlfuse.policy_loss(hid, h["weight"], batch.targets, batch.mask, adv,
+                                 old_logp=old, ref_logp=ref, config=cfg)
+    loss.backward()
+    return loss.detach(), grads(m)
+
+
+def test_grpo_fused_equals_materialized_logits(tok):
+    m = model_for(tok)
+    roll = generate(m, tok, ["12+3=", "4+56="], n=3, max_new_tokens=4)
+    batch = pack(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
+    adv = torch.randn(6)
+    old = torch.where(batch.mask, -torch.rand(batch.targets.shape) * 3, 0.0)
+    ref = torch.where(batch.mask, -torch.rand(batch.targets.shape) * 3, 0.0)
+    lf, gf = _policy_grads(tok, "auto", batch, adv, old, ref)
+    lr, gr = _policy_grads(tok, "reference", batch, adv, old, ref)
+    torch.testing.assert_close(lf, lr, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
+def test_dpo_fused_equals_reference_impl(tmp_path, tok, loss_type):
+    out = []
+    for impl in ("auto", "reference"):
+        loss_cfg = rlfuse.PreferenceLossConfig(loss_type=loss_type, impl=impl)
+        cfg = make_cfg(tmp_path, "dpo", dpo=dataclasses.replace(make_cfg(tmp_path, "dpo").dpo,
+                                                                loss=loss_cfg))
+        t = DPOTrainer(cfg, model_for(tok), tok)
+        t.optimizer_step = lambda: 0.0  # keep the gradients for the comparison
+        m = t.train_step()
+        out.append((m["loss"], grads(t.model)))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5, abs=1e-6)
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- loss decreases
+def test_sft_loss_decreases_on_fixed_batch(tmp_path, tok):
+    t = SFTTrainer(make_cfg(tmp_path, "sft"), model_for(tok), tok)  # 8 rows, batch 8: fixed
+    losses = [t.train_step()["loss"] for _ in range(6)]
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.3, losses
+
+
+def test_grpo_loss_decreases_on_fixed_batch(tmp_path, tok):
+    cfg = make_cfg(tmp_path, "grpo")
+    cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, passes=1))
+    t = GRPOTrainer(cfg, model_for(tok), tok)
+    roll = generate(t.model, tok, ["12+3=", "4+56="], n=4, max_new_tokens=4)
+    batch = pack(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5])
+    old = t.reference.logprobs(batch)  # fixed sampling-policy log-probs
+    h = head(t.model)
+    losses = []
+    for _ in range(5):
+        hid = hidden_states(t.model, batch.input_ids, batch.attention_mask)[:, :-1]
+        loss, out = rlfuse.policy_loss(hid, h["weight"], batch.targets, batch.mask, adv,
+                                       old_logp=old, ref_logp=old, config=t.loss_cfg)
+        loss.backward()
+        t.optimizer_step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+def test_grpo_step_metrics(tmp_path, tok):
+    t = GRPOTrainer(make_cfg(tmp_path, "grpo"), model_for(tok), tok)
+    m = t.train_step()
+    for k in ("loss", "reward_mean", "reward_std", "kl", "clip_fraction", "entropy",
+              "grad_norm", "completion_length", "rollout_tokens_per_s", "train_tokens_per_s"):
+        assert k in m and m[k] == m[k], k
+
+
+def test_dpo_loss_decreases_on_fixed_batch(tmp_path, tok):
+    t = DPOTrainer(make_cfg(tmp_path, "dpo"), model_for(tok), tok)  # 4 pairs, batch 4
+    rows = [t.train_step() for _ in range(6)]
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at start
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    assert rows[-1]["rewards_margin"] > 0
+
+
+# ----------------------------------------------------------------------------- resume
+class _StopAt:
+    """Send SIGTERM to ourselves during step `at` (the trainer saves and stops)."""
+
+    def __init__(self, trainer, at):
+        self.step_fn, self.at, self.trainer = trainer.train_step, at, trainer
+        trainer.train_step = self
+
+    def __call__(self):
+        out = self.step_fn()
+        if self.trainer.step + 1 == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+
+@pytest.mark.parametrize("algo, cls", [("sft", SFTTrainer), ("grpo", GRPOTrainer),
+                                       ("dpo", DPOTrainer)])
+def test_resume_after_sigterm_matches_uninterrupted(tmp_path, tok, algo, cls):
+    kw = dict(steps=4, optim=OptimConfig(lr=3e-3, schedule="cosine", warmup_steps=1))
+    full = cls(make_cfg(tmp_path / "a", algo, **kw), model_for(tok), tok).fit(plot=False)
+
+    cfg = make_cfg(tmp_path / "b", algo, **kw)
+    first = cls(cfg, model_for(tok), tok)
+    _StopAt(first, at=2)
+    part = first.fit(plot=False)
+    assert [r["step"] for r in part] == [1, 2]
+    assert checkpoint.latest(first.ckpt_dir).endswith("step-000002")
+
+    # GRPO's reference is the starting policy (as with model.path): same init; the others start
+    # from a different init to show the checkpoint restores the weights.
+    start = model_for(tok, seed=0 if algo == "grpo" else 1)
+    resumed = cls(dataclasses.replace(cfg, resume=True), start, tok)
+    rows = resumed.fit(plot=False)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for a, b in zip(full, rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), (a, b)
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+        assert [json.loads(x)["step"] for x in f] == [1, 2, 3, 4]
+
+
+def test_checkpoint_loads_without_pickled_code(tmp_path, tok):
+    t = SFTTrainer(make_cfg(tmp_path, "sft", steps=1), model_for(tok), tok)
+    t.fit(plot=False)
+    path = checkpoint.latest(t.ckpt_dir)
+    assert sorted(os.listdir(path)) == ["meta.json", "model.safetensors", "trainer.pt"]
+    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=True)
+    assert {"optimizer", "scheduler", "rng", "extra"} <= set(state)
+
+
+# ----------------------------------------------------------------------------- CLI and demo
+def test_cli_train_from_yaml(tmp_path, tok, capsys):
+    cfg = make_cfg(tmp_path, "sft", steps=2)
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump({"sft": {"data": cfg.sft.data, "batch_size": 4},
+                                    "model": dataclasses.asdict(TINY)}))
+    rc = cli_main(["train", "sft", "--config", str(path), f"out_dir={tmp_path / 'cli'}",
+                   "--progress", "false", "--device", "cpu"])
+    assert rc == 0
+    assert checkpoint.latest(str(tmp_path / "cli" / "checkpoints")) is not None
+    assert os.path.exists(tmp_path / "cli" / "plots" / "metrics.png")
+    assert cli_main(["train", "sft", "--config", str(path), "optim.lr=-1"]) == 2
+    assert "'optim.lr' must be > 0" in capsys.readouterr().err
+
+
+def test_demo_smoke(tmp_path):
+    from rlfuse.engine.demo import main as demo_main
+
+    out = tmp_path / "demo"
+    assert demo_main(["--quick", f"out_dir={out}", "progress=false"]) == 0
+    with open(out / "results.json") as f:
+        res = json.load(f)
+    assert list(res["accuracy"]) == ["base", "sft", "grpo", "dpo"]
+    assert res["n_pairs"] > 0
+    for stage in ("sft", "grpo", "dpo"):
+        assert os.path.getsize(out / stage / "metrics.jsonl") > 0
+        assert os.path.exists(out / stage / "plots" / "metrics.png")
+    assert os.path.exists(out / "accuracy.png")
