@@ -64,6 +64,9 @@ def measure_provider(case, name: str, mode: str, args, checked: dict, dtype_name
     res = checked.get(name)
     if res is not None:
         row["check_err"] = res.max_err
+        if res.raised:
+            row.update(status="failed", reason=f"raised on the guard slice: {res.detail}")
+            return row
         if not res.ok:
             row.update(status="MISMATCH", reason=f"disagrees with {OPS[case.op].reference}: "
                                                  f"{res.detail}")
@@ -167,7 +170,12 @@ def run_sweep(args) -> dict:
         checked = guard(build_case(args.op, base.check_slice(), dtype, args.seed, device), names)
     bar = tqdm(total=len(ns) * len(names), desc=f"sweep {args.op}", disable=args.quiet)
     for n in ns:
-        case = build_case(args.op, base.with_n(n), dtype, args.seed, device)
+        try:
+            case = build_case(args.op, base.with_n(n), dtype, args.seed, device)
+        except Exception as err:  # noqa: BLE001 - e.g. an N the op's batch layout cannot take
+            rep["points"] += [{"n": n, **_row(p, "failed", f"setup: {err}")} for p in names]
+            bar.update(len(names))
+            continue
         for name in names:
             bar.set_postfix_str(f"N {n} {name}")
             row = measure_provider(case, name, args.mode, args, checked, args.dtype)
@@ -195,8 +203,9 @@ def sweep_table(rep: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 def _common(ap: argparse.ArgumentParser, default_providers: str) -> None:
     ap.add_argument("op", nargs="?", default="linear_logprobs", choices=list(OPS))
+    sizes = "; ".join(f"{k}: N {v.n} H {v.h} V {v.v} T {v.seq}" for k, v in PRESETS.items())
     ap.add_argument("--shape", default="small", choices=list(PRESETS),
-                    help="N, H, V preset (default small)")
+                    help=f"preset (default small; llama-8b is for GPUs). {sizes}")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--mode", default="full", choices=MODES)
     ap.add_argument("--providers", default=default_providers,

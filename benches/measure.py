@@ -65,8 +65,9 @@ def make_step(case: Case, provider: Provider, mode: str):
 @dataclass
 class CheckResult:
     ok: bool
-    max_err: float   # worst relative error over outputs and gradients
-    detail: str      # the worst entry, or the error raised
+    max_err: float        # worst relative error over outputs and gradients
+    detail: str           # the worst entry, or the error raised
+    raised: bool = False  # the provider raised instead of returning
 
 
 def _outputs(case: Case, provider: Provider) -> dict[str, torch.Tensor]:
@@ -90,7 +91,7 @@ def check(case: Case, provider: Provider, reference: Provider,
         ref = expected if expected is not None else _outputs(case, reference)
         got = _outputs(case, provider)
     except Exception as err:  # noqa: BLE001 - a provider that raises is reported, not fatal
-        return CheckResult(False, float("inf"), f"{type(err).__name__}: {err}")
+        return CheckResult(False, float("inf"), f"{type(err).__name__}: {err}", raised=True)
     rtol, atol = TOLERANCE[case.dtype]
     worst, detail = 0.0, "ok"
     for name, r in ref.items():

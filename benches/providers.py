@@ -26,7 +26,6 @@ from torch import Tensor
 from .cases import OPS, Case
 
 RLFUSE_IMPLS = ("cpp", "reference", "triton")
-NAMES = tuple(f"rlfuse-{i}" for i in RLFUSE_IMPLS) + ("naive", "trl", "liger", "floor")
 TRL_VOCAB_CHUNK = 32768  # TRL's default vocabulary tile for its fused LM head
 LIGER_NO_LOGPROBS = ("liger-kernel has no public linear log-prob + entropy op (its fused linear "
                      "cross-entropy is Triton-only and returns no entropy)")

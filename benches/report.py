@@ -113,7 +113,7 @@ def header(report: dict) -> str:
 def write(report: dict, stem: Path, rows_key: str = "results", plot=None) -> list[Path]:
     """stem.json (everything), stem.csv (one row per result, with the machine), stem.png."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".csv")]
+    paths = [stem.parent / f"{stem.name}.{ext}" for ext in ("json", "csv")]  # "qwen-0.5b" has a dot
     paths[0].write_text(json.dumps(report, indent=2, default=str) + "\n")
     m = report["machine"]
     fixed = {k: report[k] for k in ("op", "dtype", "mode", "device") if k in report}
@@ -127,7 +127,7 @@ def write(report: dict, stem: Path, rows_key: str = "results", plot=None) -> lis
         w.writeheader()
         w.writerows(rows)
     if plot is not None:
-        paths.append(stem.with_suffix(".png"))
+        paths.append(stem.parent / f"{stem.name}.png")
         plot(report, paths[-1])
     return paths
 

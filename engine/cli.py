@@ -2,7 +2,8 @@
 
     rlfuse demo [--quick] [key=value ...]                 SFT -> GRPO -> DPO -> eval, tiny model
     rlfuse train {sft,grpo,dpo,ppo} [--config f.yaml] [key=value | --key value ...] [--resume]
-    rlfuse bench ...                                      benchmarks (rlfuse.benches.cli)
+    rlfuse bench engine [key=value ...]                   full GRPO / DPO step timings
+    rlfuse bench ...                                      op benchmarks (rlfuse.benches.cli)
 """
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ def main(argv=None) -> int:
             return demo_main(rest)
         if cmd == "train":
             return train(rest)
+        if cmd == "bench" and rest[:1] == ["engine"]:
+            from .bench import main as engine_bench_main
+
+            return engine_bench_main(rest[1:])
         if cmd == "bench":
             from rlfuse.benches.cli import main as bench_main
 

@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
@@ -163,7 +163,10 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    critic: str = "shared"               # shared: value head on the policy's hidden states |
+                                         # separate: own copy of the initial backbone
     vf_coef: float = 0.1
+    value_lr_scale: float = 10.0         # critic lr = value_lr_scale * optim.lr
     value_clip: Optional[float] = 0.2    # None: unclipped value loss
     eps_low: float = 0.2
     eps_high: Optional[float] = None
@@ -188,12 +191,14 @@ class PPOConfig:
         _check("ppo.gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")
         _check("ppo.lam", 0 <= self.lam <= 1, "must be in [0, 1]")
         _check("ppo.vf_coef", self.vf_coef >= 0, "must be >= 0")
+        _check("ppo.value_lr_scale", self.value_lr_scale > 0, "must be > 0")
         _check("ppo.value_clip", self.value_clip is None or self.value_clip > 0, "must be > 0")
         _check("ppo.kl_coef", self.kl_coef >= 0, "must be >= 0")
         _check("ppo.kl_target", self.kl_target is None or self.kl_target > 0, "must be > 0")
         _choice("ppo.kl_in", self.kl_in, ("reward", "loss"))
         _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _choice("ppo.reward", self.reward, ("verifier", "model", "both"))
+        _choice("ppo.critic", self.critic, ("shared", "separate"))
         _check("ppo.mini_batches",
                self.prompts_per_step * self.samples_per_prompt % self.mini_batches == 0,
                "must divide prompts_per_step * samples_per_prompt")

@@ -8,6 +8,9 @@ No downloads: a character tokenizer and a tiny Qwen2-style model are built in co
              the same training prompt, reference = the GRPO model
   4. eval    after every stage: fixed sampling (temperature, top_p, budget) over the held-out
              prompts and several seeds -> accuracy mean and spread
+  PPO        only when selected (`stages=ppo`, `stages=ppo,grpo,dpo`): classic RLHF PPO right
+             after SFT, value head + GAE + KL in the reward; `ppo_reward=model` scores with a
+             reward model trained on pairs mined from the SFT model (Bradley-Terry)
 Writes <out>/<stage>/metrics.jsonl + plots/*.png, <out>/results.json, <out>/accuracy.png.
 Run: `rlfuse demo` (or `python -m rlfuse.engine.demo`), `--quick` for a smoke-sized run.
 """
@@ -41,32 +44,42 @@ class DemoConfig:
     out_dir: str = "runs/demo"
     seed: int = 0
     digits: int = 2                  # operand digits
-    n_heldout: int = 512
+    n_heldout: int = 1024
     hidden_size: int = 96
     num_layers: int = 3
-    sft_steps: int = 300
+    sft_steps: int = 500
     sft_batch: int = 256
     sft_lr: float = 3e-3
-    grpo_steps: int = 40
-    grpo_prompts: int = 32
+    grpo_steps: int = 60
+    grpo_prompts: int = 64
     grpo_group: int = 8
-    grpo_lr: float = 1e-3
-    dpo_pairs: int = 256
+    grpo_lr: float = 1e-4
+    dpo_pairs: int = 1024
     dpo_samples: int = 8             # samples per prompt when mining pairs
-    dpo_steps: int = 30
-    dpo_batch: int = 32
-    dpo_lr: float = 5e-4
+    dpo_steps: int = 120
+    dpo_batch: int = 64
+    dpo_lr: float = 1e-4
     dpo_beta: float = 0.1
+    dpo_sft_coef: float = 1.0        # NLL on chosen (RPO): keeps DPO from lowering both sides
+    grpo_beta: float = 0.02          # KL to the SFT model
     eval_seeds: int = 5
     eval_temperature: float = 1.0
     dpo_gold_chosen: bool = False    # no correct sample: the reference answer is chosen
+    stages: str = "grpo,dpo"         # RL stages after SFT, run in this order: ppo, grpo, dpo
+    ppo_steps: int = 40
+    ppo_prompts: int = 128
+    ppo_samples: int = 2             # completions per prompt
+    ppo_lr: float = 1e-4
+    ppo_reward: str = "verifier"     # verifier | model (an RM trained on pairs mined from SFT)
+    rm_steps: int = 150
     threads: int = 1                 # torch CPU threads (1 is fastest for this size under load)
     progress: bool = True
 
 
 QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_steps=6, sft_batch=16,
              grpo_steps=2, grpo_prompts=4, grpo_group=4, dpo_pairs=16, dpo_samples=4,
-             dpo_steps=2, dpo_batch=8, eval_seeds=2, dpo_gold_chosen=True)
+             dpo_steps=2, dpo_batch=8, eval_seeds=2, dpo_gold_chosen=True,
+             ppo_steps=2, ppo_prompts=4, rm_steps=2)
 
 
 # ----------------------------------------------------------------------------- task
@@ -110,6 +123,26 @@ def mine_pairs(model, tok, prompts: list[dict], n_pairs: int, samples: int,
         if len(pairs) >= n_pairs:
             break
     return pairs[:n_pairs]
+
+
+def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: int) -> None:
+    """Classic RLHF PPO from the SFT model (value head, KL in the reward, GAE); the score is the
+    exact-answer verifier, or a reward model trained here on pairs mined from the SFT model."""
+    from .config import PPOConfig, RewardModelConfig
+    from .ppo import PPOTrainer
+
+    rm = RewardModelConfig()
+    if d.ppo_reward == "model":
+        pairs = mine_pairs(model, tok, train[: 4 * d.dpo_pairs], d.dpo_pairs, d.dpo_samples,
+                           temperature=1.0, max_new_tokens=budget, gold_chosen=True)
+        write_jsonl(os.path.join(out, "rm_pairs.jsonl"), pairs)
+        print(f"[ppo] {len(pairs)} preference pairs for the reward model", flush=True)
+        rm = RewardModelConfig(pairs=os.path.join(out, "rm_pairs.jsonl"), steps=d.rm_steps)
+    ppo = PPOConfig(data=os.path.join(out, "prompts.jsonl"), prompts_per_step=d.ppo_prompts,
+                    samples_per_prompt=d.ppo_samples, epochs=2, mini_batches=2,
+                    max_new_tokens=budget, kl_coef=0.05, reward=d.ppo_reward,
+                    rewards=(RewardSpec("exact_answer", 1.0),), reward_model=rm)
+    PPOTrainer(stage_config(d, out, "ppo", d.ppo_steps, d.ppo_lr, ppo=ppo), model, tok).fit()
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -169,6 +202,16 @@ def _run(d: DemoConfig) -> dict:
     SFTTrainer(sft_cfg, model, tok).fit()
     timings["sft"] = time.time() - t
     evaluate("sft", model)
+    stages, pairs = d.stages.split(","), []
+    unknown = set(stages) - {"sft", "ppo", "grpo", "dpo", ""}
+    if unknown:
+        raise ValueError(f"stages: unknown {sorted(unknown)}; choose from ppo, grpo, dpo")
+
+    if "ppo" in stages:
+        t = time.time()
+        ppo_stage(d, out, model, tok, train, budget)
+        timings["ppo"] = time.time() - t
+        evaluate("ppo", model)
 
     t = time.time()
     grpo = GRPOConfig(data=os.path.join(out, "prompts.jsonl"), prompts_per_step=d.grpo_prompts,
@@ -176,23 +219,28 @@ def _run(d: DemoConfig) -> dict:
                       max_new_tokens=budget, reference=True,
                       rewards=(RewardSpec("exact_answer", 1.0),
                                RewardSpec("regex_format", 0.1, {"pattern": r"\d+"})),
-                      loss=rlfuse.PolicyLossConfig(loss_type="grpo", beta=0.01, eps_high=0.28))
-    GRPOTrainer(stage_config(d, out, "grpo", d.grpo_steps, d.grpo_lr, grpo=grpo), model,
-                tok).fit()
-    timings["grpo"] = time.time() - t
-    evaluate("grpo", model)
+                      loss=rlfuse.PolicyLossConfig(loss_type="grpo", beta=d.grpo_beta, eps_high=0.28))
+    if "grpo" in stages:
+        GRPOTrainer(stage_config(d, out, "grpo", d.grpo_steps, d.grpo_lr, grpo=grpo), model,
+                    tok).fit()
+        timings["grpo"] = time.time() - t
+        evaluate("grpo", model)
 
-    t = time.time()
-    pairs = mine_pairs(model, tok, train[: 4 * d.dpo_pairs], d.dpo_pairs, d.dpo_samples,
-                       temperature=1.0, max_new_tokens=budget, gold_chosen=d.dpo_gold_chosen)
-    write_jsonl(os.path.join(out, "pairs.jsonl"), pairs)
-    print(f"[dpo] {len(pairs)} preference pairs from the model's own samples", flush=True)
-    dpo = DPOConfig(data=os.path.join(out, "pairs.jsonl"), batch_size=d.dpo_batch,
-                    loss=rlfuse.PreferenceLossConfig(loss_type="sigmoid", beta=d.dpo_beta))
-    if pairs:
-        DPOTrainer(stage_config(d, out, "dpo", d.dpo_steps, d.dpo_lr, dpo=dpo), model, tok).fit()
-    timings["dpo"] = time.time() - t
-    evaluate("dpo", model)
+    if "dpo" in stages:
+        t = time.time()
+        pairs = mine_pairs(model, tok, train[: 4 * d.dpo_pairs], d.dpo_pairs, d.dpo_samples,
+                           temperature=1.0, max_new_tokens=budget,
+                           gold_chosen=d.dpo_gold_chosen)
+        write_jsonl(os.path.join(out, "pairs.jsonl"), pairs)
+        print(f"[dpo] {len(pairs)} preference pairs from the model's own samples", flush=True)
+        dpo = DPOConfig(data=os.path.join(out, "pairs.jsonl"), batch_size=d.dpo_batch,
+                        loss=rlfuse.PreferenceLossConfig(loss_type="sigmoid", beta=d.dpo_beta,
+                                                     sft_coef=d.dpo_sft_coef))
+        if pairs:
+            DPOTrainer(stage_config(d, out, "dpo", d.dpo_steps, d.dpo_lr, dpo=dpo), model,
+                       tok).fit()
+        timings["dpo"] = time.time() - t
+        evaluate("dpo", model)
 
     summary = {"config": dataclasses.asdict(d), "eval": dataclasses.asdict(ev),
                "accuracy": results, "stage_seconds": timings,
@@ -205,14 +253,20 @@ def _run(d: DemoConfig) -> dict:
 
 
 def print_table(summary: dict) -> None:
+    """Per stage: accuracy mean +- std over seeds, min..max, and the gain over the stage
+    before, marked 'yes' when it exceeds the larger of the two stages' seed std."""
     acc, secs = summary["accuracy"], summary["stage_seconds"]
-    print("\nstage   accuracy (mean +- std over seeds)   min..max       gain vs previous   time")
+    print(f"\n{'stage':<7} {'accuracy':>15} {'min..max':>13} {'gain':>7} {'> spread':>9} "
+          f"{'time':>6}")
     prev = None
     for stage, r in acc.items():
-        gain = "" if prev is None else f"{r['mean'] - prev['mean']:+.3f}"
+        gain = beats = ""
+        if prev is not None:
+            gain = f"{r['mean'] - prev['mean']:+.3f}"
+            beats = "yes" if r["mean"] - prev["mean"] > max(r["std"], prev["std"]) else "no"
         sec = f"{secs[stage]:.0f}s" if stage in secs else ""
-        print(f"{stage:<7} {r['mean']:.3f} +- {r['std']:.3f}{'':<19} {r['min']:.3f}..{r['max']:.3f}"
-              f"   {gain:<18} {sec}")
+        print(f"{stage:<7} {r['mean']:.3f} +- {r['std']:.3f} {r['min']:.3f}..{r['max']:.3f} "
+              f"{gain:>7} {beats:>9} {sec:>6}")
         prev = r
     print(f"total {summary['total_seconds']:.0f}s; results in {summary['config']['out_dir']}")
 

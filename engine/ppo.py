@@ -15,12 +15,18 @@ One step:
                the value head: loss = pg + vf_coef * rlfuse.value_loss(V, V_old, R, value_clip)
   7. KL        the adaptive controller moves kl_coef toward `kl_target` (Ziegler et al. 2019)
 KL_t uses `kl_estimator` on log pi_old - log pi_ref: k1 (TRL/OpenRLHF's default), k2 or k3.
-Simplified: one process, rollouts and training alternate on the same model; the critic is a linear
-value head on the policy's own hidden states (its gradient reaches the backbone, scaled by
-vf_coef); the loss uses the sampling temperature, so old log-probs match the sampler.
+Cost per step: two no-grad backbone passes (policy, reference) with 2·N·H·V LM-head FLOPs each,
+then epochs x (backbone forward + backward, and the fused loss's 6·N·H·V); the LM head only ever
+holds one [C, V] chunk of logits, the value head a [N] vector.
+Critic: critic="shared" (default) puts a linear value head on the policy's own hidden states (its
+gradient reaches the backbone, scaled by vf_coef); critic="separate" gives the value head its own
+trainable copy of the initial policy's backbone (one more forward/backward per minibatch).
+Simplified: one process, rollouts and training alternate on the same model; the loss uses the
+sampling temperature, so old log-probs match the sampler.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -84,15 +90,23 @@ def token_rewards(scores: Tensor, mask: Tensor, kl: Tensor, kl_coef: float) -> T
                        scores.to(r), accumulate=True)
 
 
+def critic_hidden(critic, batch) -> Tensor:
+    """Hidden states [B, T-1, H] of a separate critic backbone (a decoder stack)."""
+    out = critic(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out.last_hidden_state[:, :-1]
+
+
 def ppo_loss(model, value_head, batch, adv, old_logp, old_values, returns, *, ref_logp=None,
-             loss_cfg, vf_coef: float, value_clip: float | None) -> tuple[Tensor, dict]:
-    """pg + vf_coef * value loss of one minibatch; the backbone runs once for both heads."""
+             loss_cfg, vf_coef: float, value_clip: float | None, critic=None
+             ) -> tuple[Tensor, dict]:
+    """pg + vf_coef * value loss of one minibatch; without a separate `critic` backbone, the
+    policy's backbone runs once and its hidden states feed both heads."""
     h = head(model)
     hid = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [b, T-1, H]
     pg, out = rlfuse.policy_loss(hid, h["weight"], batch.targets, batch.mask, adv,
                                  old_logp=old_logp, ref_logp=ref_logp, bias=h["bias"],
                                  config=loss_cfg)
-    values = value_head(hid)  # [b, T-1] fp32
+    values = value_head(hid if critic is None else critic_hidden(critic, batch))  # [b, T-1] fp32
     vf, vm = rlfuse.value_loss(values, old_values, returns, batch.mask, clip=value_clip)
     loss = pg + vf_coef * vf
     metrics = {"loss": loss.item(), "policy_loss": pg.item(), "value_loss": vf.item(),
@@ -102,8 +116,9 @@ def ppo_loss(model, value_head, batch, adv, old_logp, old_values, returns, *, re
 
 
 @torch.no_grad()
-def rollout_stats(model, value_head, batch, temperature: float, chunk_rows: int = 64):
-    """Old log-probs and values [B, T-1] fp32 from one backbone pass per chunk of rows."""
+def rollout_stats(model, value_head, batch, temperature: float, critic=None,
+                  chunk_rows: int = 64):
+    """Old log-probs and values [B, T-1] fp32, one policy backbone pass per chunk of rows."""
     h = head(model)
     logps, values = [], []
     for s in range(0, batch.input_ids.shape[0], chunk_rows):
@@ -112,7 +127,7 @@ def rollout_stats(model, value_head, batch, temperature: float, chunk_rows: int 
         logps.append(rlfuse.linear_logprobs(
             hid, h["weight"], b.targets, bias=h["bias"], temperature=temperature,
             logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"]))
-        values.append(value_head(hid) * b.mask)
+        values.append(value_head(hid if critic is None else critic_hidden(critic, b)) * b.mask)
     return torch.cat(logps), torch.cat(values)
 
 
@@ -140,7 +155,11 @@ class PPOTrainer(Trainer):
         self.reference = Reference(self.model)
         h = head(self.model)
         self.value_head = ValueHead(h["weight"].shape[1]).to(self.device)
-        self._add_to_optimizer(list(self.value_head.parameters()))
+        self.critic = None  # separate: a trainable copy of the initial policy's backbone
+        if p.critic == "separate":
+            self.critic = copy.deepcopy(self.model.get_decoder()).train()
+        self._add_to_optimizer([q for m in (self.value_head, self.critic) if m is not None
+                                for q in m.parameters() if q.requires_grad])
         self.kl_ctl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
         self.loss_cfg = rlfuse.PolicyLossConfig(
             loss_type="ppo", eps_low=p.eps_low, eps_high=p.eps_high, dual_clip=p.dual_clip,
@@ -159,10 +178,10 @@ class PPOTrainer(Trainer):
         return Weighted(terms)
 
     def _add_to_optimizer(self, params: list) -> None:
-        """The value head joins the policy's AdamW and its learning-rate schedule."""
+        """The value head joins the policy's AdamW (lr x value_lr_scale) and its schedule."""
         o = self.cfg.optim
         self.params += params
-        self.opt.add_param_group({"params": params})
+        self.opt.add_param_group({"params": params, "lr": o.lr * self.cfg.ppo.value_lr_scale})
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(o.schedule, o.warmup_steps, max(1, self.total_steps)))
 
@@ -193,7 +212,8 @@ class PPOTrainer(Trainer):
 
         # 3. old log-probs and values, reference log-probs
         t1 = time.perf_counter()
-        old_logp, old_values = rollout_stats(self.model, self.value_head, batch, p.temperature)
+        old_logp, old_values = rollout_stats(self.model, self.value_head, batch, p.temperature,
+                                             self.critic)
         ref_logp = self.reference.logprobs(batch, p.temperature)
 
         # 4. per-token rewards (KL in the reward, or only the score) and 5. GAE
@@ -213,7 +233,7 @@ class PPOTrainer(Trainer):
                 loss, step = ppo_loss(self.model, self.value_head, batch[mb], adv[mb], old_logp[mb],
                                       old_values[mb], returns[mb], ref_logp=ref_logp[mb],
                                       loss_cfg=loss_cfg, vf_coef=p.vf_coef,
-                                      value_clip=p.value_clip)
+                                      value_clip=p.value_clip, critic=self.critic)
                 loss.backward()
                 step["grad_norm"] = self.optimizer_step()
                 stats.append(step)
@@ -239,10 +259,15 @@ class PPOTrainer(Trainer):
                 "train_tokens_per_s": batch.attention_mask.sum().item() * p.epochs / t_train}
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "value_head": self.value_head.state_dict(),
-                "kl_coef": torch.tensor(self.kl_ctl.value, dtype=torch.float64)}
+        state = {"sampler": self.sampler.state_dict(), "value_head": self.value_head.state_dict(),
+                 "kl_coef": torch.tensor(self.kl_ctl.value, dtype=torch.float64)}
+        if self.critic is not None:
+            state["critic"] = self.critic.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self.value_head.load_state_dict(state["value_head"])
         self.kl_ctl.value = float(state["kl_coef"])
+        if self.critic is not None:
+            self.critic.load_state_dict(state["critic"])

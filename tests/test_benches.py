@@ -6,10 +6,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from rlfuse.benches import cases, cli, measure, providers
+from rlfuse.benches import cases, cli, measure, providers, report
 from rlfuse.benches.providers import Provider, naive_logprobs
 
-FAST = ["--shape", "tiny", "--reps", "2", "--warmup", "1", "--no-memory", "--quiet"]
+FAST = ["--shape", "tiny", "--reps", "1", "--warmup", "1", "--no-memory", "--quiet"]
 
 
 def _report(tmp_path, stem):
@@ -18,7 +18,7 @@ def _report(tmp_path, stem):
 
 def test_bench_writes_table_json_csv_png(tmp_path, capsys):
     rc = cli.main(["linear_logprobs", "--mode", "full", "--providers",
-                   "rlfuse,rlfuse-reference,naive,liger,floor", "--out", str(tmp_path)] + FAST)
+                   "rlfuse,naive,liger,floor", "--out", str(tmp_path)] + FAST)
     assert rc == 0
     out = capsys.readouterr().out
     assert "median ms" in out and "x floor" in out and "naive" in out
@@ -29,7 +29,7 @@ def test_bench_writes_table_json_csv_png(tmp_path, capsys):
     s = cases.get_shape("tiny")
     assert rep["flops"] == pytest.approx(4 * 2 * s.n * s.h * s.v)  # 4 GEMMs: with recompute
     rows = {r["provider"]: r for r in rep["results"]}
-    for name in ("rlfuse-reference", "naive", "floor"):
+    for name in ("naive", "floor"):
         assert rows[name]["status"] == "ok" and rows[name]["median_ms"] > 0
         assert rows[name]["gflops"] > 0
     assert rows["floor"]["x_floor"] == pytest.approx(1.0)
@@ -40,6 +40,10 @@ def test_bench_writes_table_json_csv_png(tmp_path, capsys):
     assert [r["provider"] for r in table] == [r["provider"] for r in rep["results"]]
     assert table[0]["torch"] == torch.__version__ and table[0]["cpu"]
     assert (tmp_path / f"{stem}.png").stat().st_size > 0
+    # a preset name with a dot keeps its whole name in the file names
+    paths = report.write(rep, tmp_path / "q" / "linear_logprobs_qwen-0.5b_fp32_full_cpu")
+    assert [p.name for p in paths] == ["linear_logprobs_qwen-0.5b_fp32_full_cpu.json",
+                                       "linear_logprobs_qwen-0.5b_fp32_full_cpu.csv"]
 
 
 @pytest.mark.parametrize("op,mode", [("policy_loss", "full"), ("preference_loss", "backward"),
@@ -66,12 +70,17 @@ def _wrong_value(c):
     return logp, ent * 1.01
 
 
+def _raises(c):
+    raise RuntimeError("boom")
+
+
 def test_guard_reports_and_does_not_time_a_wrong_provider(tmp_path, monkeypatch):
     table = providers.PROVIDERS["linear_logprobs"]
     monkeypatch.setitem(table, "wrong-grad", Provider("wrong-grad", _wrong_gradient))
     monkeypatch.setitem(table, "wrong-value", Provider("wrong-value", _wrong_value))
-    rc = cli.main(["linear_logprobs", "--providers", "naive,wrong-grad,wrong-value", "--no-plot",
-                   "--out", str(tmp_path)] + FAST)
+    monkeypatch.setitem(table, "raises", Provider("raises", _raises))
+    rc = cli.main(["linear_logprobs", "--providers", "naive,wrong-grad,wrong-value,raises",
+                   "--no-plot", "--out", str(tmp_path)] + FAST)
     assert rc == 1
     rows = {r["provider"]: r for r in
             _report(tmp_path, "linear_logprobs_tiny_fp32_full_cpu")["results"]}
@@ -80,6 +89,7 @@ def test_guard_reports_and_does_not_time_a_wrong_provider(tmp_path, monkeypatch)
         assert rows[name]["status"] == "MISMATCH"
         assert rows[name]["median_ms"] is None and rows[name]["extra_mb"] is None
         assert any(w in rows[name]["reason"] for w in what)
+    assert rows["raises"]["status"] == "failed" and "boom" in rows["raises"]["reason"]
 
 
 def test_guard_catches_a_wrong_loss_in_bf16():

@@ -173,6 +173,30 @@ def test_grpo_step_metrics(tmp_path, tok):
         assert k in m and m[k] == m[k], k
 
 
+@pytest.mark.parametrize("loss", [
+    dict(loss_type="dapo", eps_high=0.28, kl_estimator="k1"),
+    dict(loss_type="dr_grpo", max_completion_length=4, entropy_coef=0.01),
+    dict(loss_type="cispo", eps_high=4.0), dict(loss_type="sapo"),
+    dict(loss_type="grpo", importance_level="sequence", delta=1.5),
+    dict(loss_type="ppo", dual_clip=3.0, top_entropy_quantile=0.5, kl_estimator="k2"),
+])
+def test_grpo_step_with_loss_options(tmp_path, tok, loss):
+    cfg = make_cfg(tmp_path, "grpo")
+    g = dataclasses.replace(cfg.grpo, mini_batches=2, sft_coef=0.1, advantage_estimator="rloo",
+                            loss=rlfuse.PolicyLossConfig(beta=0.02, **loss))
+    m = GRPOTrainer(dataclasses.replace(cfg, grpo=g), model_for(tok), tok).train_step()
+    assert all(v == v for v in m.values()) and "sft_nll" in m
+
+
+@pytest.mark.parametrize("loss_type", rlfuse.dpo_family.LOSS_TYPES)
+def test_dpo_step_every_loss_type(tmp_path, tok, loss_type):
+    cfg = make_cfg(tmp_path, "dpo")
+    extra = {"label_smoothing": 0.1} if loss_type == "exo_pair" else {}
+    d = dataclasses.replace(cfg.dpo, loss=rlfuse.PreferenceLossConfig(loss_type=loss_type, **extra))
+    m = DPOTrainer(dataclasses.replace(cfg, dpo=d), model_for(tok), tok).train_step()
+    assert m["loss"] == m["loss"] and m["grad_norm"] > 0
+
+
 def test_dpo_loss_decreases_on_fixed_batch(tmp_path, tok):
     t = DPOTrainer(make_cfg(tmp_path, "dpo"), model_for(tok), tok)  # 4 pairs, batch 4
     rows = [t.train_step() for _ in range(6)]
@@ -234,7 +258,7 @@ def test_checkpoint_loads_without_pickled_code(tmp_path, tok):
 def test_cli_train_from_yaml(tmp_path, tok, capsys):
     cfg = make_cfg(tmp_path, "sft", steps=2)
     path = tmp_path / "sft.yaml"
-    path.write_text(yaml.safe_dump({"sft": {"data": cfg.sft.data, "batch_size": 4},
+    path.write_text(yaml.safe_dump({"steps": 2, "sft": {"data": cfg.sft.data, "batch_size": 4},
                                     "model": dataclasses.asdict(TINY)}))
     rc = cli_main(["train", "sft", "--config", str(path), f"out_dir={tmp_path / 'cli'}",
                    "--progress", "false", "--device", "cpu"])
@@ -258,3 +282,15 @@ def test_demo_smoke(tmp_path):
         assert os.path.getsize(out / stage / "metrics.jsonl") > 0
         assert os.path.exists(out / stage / "plots" / "metrics.png")
     assert os.path.exists(out / "accuracy.png")
+
+
+def test_engine_bench_smoke(tmp_path, capsys):
+    rc = cli_main(["bench", "engine", f"out={tmp_path}", "hidden_size=32", "num_layers=1",
+                   "steps=1", "warmup=0", "prompts_per_step=2", "group_size=2",
+                   "max_new_tokens=3", "dpo_batch=2", "device=cpu"])
+    assert rc == 0
+    with open(tmp_path / "engine_cpu.json") as f:
+        rows = json.load(f)["rows"]
+    assert {(r["trainer"], r["impl"]) for r in rows} == {
+        (t, i) for t in ("grpo", "dpo") for i in ("auto", "reference")}
+    assert all(r["step_s"] > 0 for r in rows)
