@@ -42,6 +42,7 @@ class EngineBench:
     max_new_tokens: int = 16
     dpo_batch: int = 16
     impls: str = "auto,reference"
+    threads: int = 0                 # torch CPU threads; 0 keeps torch's default
 
 
 def _data(tmp: str) -> tuple[str, str]:
@@ -70,6 +71,8 @@ def run(b: EngineBench) -> dict:
     from .dpo import DPOTrainer
     from .grpo import GRPOTrainer
 
+    if b.threads:
+        torch.set_num_threads(b.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prompts, pairs = _data(tmp)

@@ -61,12 +61,13 @@ class DPOTrainer(Trainer):
         return torch.cat(out)
 
     def train_step(self) -> dict:
-        if self.ref is None and self.loss_cfg.loss_type not in REFERENCE_FREE:
+        uses_ref = self.loss_cfg.loss_type not in REFERENCE_FREE
+        if self.ref is None and uses_ref:
             self.ref = self.reference_logprobs()
         t0 = time.perf_counter()
         idx = self.sampler.next()
         batch = self.batch(idx)
-        ref = None if self.ref is None else self.ref[idx].T.reshape(-1)  # [2B]: chosen; rejected
+        ref = self.ref[idx].T.reshape(-1) if uses_ref else None  # [2B]: chosen; rejected
         h = head(self.model)
         hid = hidden_states(self.model, batch.input_ids, batch.attention_mask)[:, :-1]
         loss, out = rlfuse.preference_loss(hid, h["weight"], batch.targets, batch.mask,

@@ -173,28 +173,37 @@ def test_grpo_step_metrics(tmp_path, tok):
         assert k in m and m[k] == m[k], k
 
 
-@pytest.mark.parametrize("loss", [
+GRPO_OPTIONS = [
     dict(loss_type="dapo", eps_high=0.28, kl_estimator="k1"),
     dict(loss_type="dr_grpo", max_completion_length=4, entropy_coef=0.01),
-    dict(loss_type="cispo", eps_high=4.0), dict(loss_type="sapo"),
+    dict(loss_type="cispo", eps_high=4.0), dict(loss_type="sapo"), dict(loss_type="bnpo"),
     dict(loss_type="grpo", importance_level="sequence", delta=1.5),
     dict(loss_type="ppo", dual_clip=3.0, top_entropy_quantile=0.5, kl_estimator="k2"),
-])
-def test_grpo_step_with_loss_options(tmp_path, tok, loss):
+]
+
+
+def test_grpo_steps_with_loss_options(tmp_path, tok):
     cfg = make_cfg(tmp_path, "grpo")
-    g = dataclasses.replace(cfg.grpo, mini_batches=2, sft_coef=0.1, advantage_estimator="rloo",
-                            loss=rlfuse.PolicyLossConfig(beta=0.02, **loss))
-    m = GRPOTrainer(dataclasses.replace(cfg, grpo=g), model_for(tok), tok).train_step()
-    assert all(v == v for v in m.values()) and "sft_nll" in m
+    g = dataclasses.replace(cfg.grpo, passes=1, mini_batches=2, sft_coef=0.1,
+                            advantage_estimator="rloo")
+    t = GRPOTrainer(dataclasses.replace(cfg, grpo=g), model_for(tok), tok)
+    m = t.train_step()
+    assert "sft_nll" in m
+    roll = generate(t.model, tok, ["12+3=", "4+56="], n=4, max_new_tokens=4)
+    batch = pack(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
+    for opts in GRPO_OPTIONS:
+        t.loss_cfg = rlfuse.PolicyLossConfig(beta=0.02, **opts)
+        m = t.optimize(batch, torch.randn(8))
+        assert all(v == v for v in m.values()), opts
 
 
-@pytest.mark.parametrize("loss_type", rlfuse.dpo_family.LOSS_TYPES)
-def test_dpo_step_every_loss_type(tmp_path, tok, loss_type):
-    cfg = make_cfg(tmp_path, "dpo")
-    extra = {"label_smoothing": 0.1} if loss_type == "exo_pair" else {}
-    d = dataclasses.replace(cfg.dpo, loss=rlfuse.PreferenceLossConfig(loss_type=loss_type, **extra))
-    m = DPOTrainer(dataclasses.replace(cfg, dpo=d), model_for(tok), tok).train_step()
-    assert m["loss"] == m["loss"] and m["grad_norm"] > 0
+def test_dpo_steps_every_loss_type(tmp_path, tok):
+    t = DPOTrainer(make_cfg(tmp_path, "dpo"), model_for(tok), tok)
+    for loss_type in rlfuse.dpo_family.LOSS_TYPES:
+        extra = {"label_smoothing": 0.1} if loss_type == "exo_pair" else {}
+        t.loss_cfg = rlfuse.PreferenceLossConfig(loss_type=loss_type, **extra)
+        m = t.train_step()
+        assert m["loss"] == m["loss"] and m["grad_norm"] > 0, loss_type
 
 
 def test_dpo_loss_decreases_on_fixed_batch(tmp_path, tok):
