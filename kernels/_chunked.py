@@ -177,3 +177,20 @@ def fused_rowloss(hidden, weight, bias, targets, tf: LogitTransform, ignore_inde
         logp[s:e] = lp_c.detach()
         ent[s:e] = en_c.detach()
     return loss, logp, ent, acc.result(weight, bias)
+
+
+def scale_saved_grads(ctx, grad_output: Tensor):
+    """Backward of a loss whose gradients were written during the forward: the saved gradients
+    times the scalar grad_output. They are handed over as they are (no second weight-sized
+    buffer), so autograd may accumulate into them: a second backward through the same graph
+    is refused rather than answered with a modified tensor."""
+    if getattr(ctx, "grads_handed_over", False):
+        raise RuntimeError("rlfuse fused losses compute their gradients in the forward and "
+                           "support one backward per forward (retain_graph reuse is not "
+                           "supported); call the loss again")
+    ctx.grads_handed_over = True
+    grads = ctx.saved_tensors
+    if bool(grad_output == 1):
+        return tuple(grads)
+    g = grad_output.float()  # 0-d: a bf16 gradient times g stays bf16, computed in fp32
+    return tuple(None if t is None else t * g for t in grads)

@@ -236,9 +236,7 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_seq, _grad_metrics):
-        dx, dw, db = ctx.saved_tensors
-        g = grad_loss.float()  # 0-d: a bf16 gradient times g keeps bf16, computed in fp32
-        return tuple(None if t is None else t * g for t in (dx, dw, db)) + (None,) * 4
+        return _chunked.scale_saved_grads(ctx, grad_loss) + (None,) * 4
 
 
 # ----------------------------------------------------------------------------- public API

@@ -312,8 +312,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp, _grad_ent):
-        dx, dw, db = ctx.saved_tensors
-        return dx * grad_loss, dw * grad_loss, (None if db is None else db * grad_loss), None
+        return _chunked.scale_saved_grads(ctx, grad_loss) + (None,)
 
 
 def _fused(cfg, hidden, weight, bias, targets, tf, rows: _Rows, impl: str):
