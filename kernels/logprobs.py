@@ -164,6 +164,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     """
     check_linear_inputs(hidden, weight, targets, bias, ignore_index)
     tf = make_transform(temperature, logit_scale, final_logit_softcapping)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     impl = resolve(impl, hidden.device)
     if impl == "reference":
         logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf, ignore_index)
@@ -172,8 +174,6 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         x = hidden.reshape(-1, h)
         t = targets.reshape(-1).long()
         chunk = chunk_size or _chunked.default_chunk_size(x.shape[0], v)
-        if chunk < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         logp, ent, _ = _linear_logprobs_op(x, weight, bias, t, tf.logit_scale, tf.softcap,
                                            tf.temperature, ignore_index, chunk, impl)
         logp, ent = logp.view(lead), ent.view(lead)
