@@ -39,7 +39,7 @@ from torch import Tensor
 from . import _chunked
 from ._backend import resolve
 from ._chunked import LogitTransform
-from .logprobs import check_linear_inputs, linear_logprobs_reference, make_transform
+from .logprobs import HeadOptions, check_linear_inputs, linear_logprobs_reference
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
               "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "orpo")
@@ -51,19 +51,15 @@ METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "rewards_accuracy", "reward
 
 
 @dataclass(frozen=True)
-class PreferenceLossConfig:
+class PreferenceLossConfig(HeadOptions):
+    """Options of `preference_loss` (plus the shared LM-head options)."""
+
     loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0  # sigmoid (cDPO), robust, exo_pair (needs > 0), simpo
     sft_coef: float = 0.0  # NLL on chosen tokens (RPO; CPO's cpo_alpha; 1.0 for ORPO)
     simpo_gamma: float = 0.5  # SimPO margin: loss = -logsig(beta*(avg_c - avg_r) - simpo_gamma)
     discopop_tau: float = 0.05
-    temperature: float = 1.0
-    logit_scale: float = 1.0
-    final_logit_softcapping: Optional[float] = None
-    ignore_index: int = -100
-    chunk_size: Optional[int] = None
-    impl: str = "auto"
 
 
 @dataclass
@@ -262,8 +258,6 @@ def _check_config(cfg: PreferenceLossConfig) -> None:
         raise ValueError(f"simpo_gamma must be finite, got {cfg.simpo_gamma!r}")
     if not math.isfinite(cfg.discopop_tau) or cfg.discopop_tau <= 0:
         raise ValueError(f"discopop_tau must be a finite positive number, got {cfg.discopop_tau!r}")
-    if cfg.chunk_size is not None and (not isinstance(cfg.chunk_size, int) or cfg.chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {cfg.chunk_size!r}")
 
 
 def _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg) -> Tensor:
@@ -319,7 +313,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tenso
     cfg = config
     _check_config(cfg)
     valid = _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg)
-    tf = make_transform(cfg.temperature, cfg.logit_scale, cfg.final_logit_softcapping)
+    tf = cfg.transform()
     impl = resolve(cfg.impl, hidden.device)
     rows, steps = targets.shape
     if impl == "reference":

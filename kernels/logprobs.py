@@ -10,13 +10,14 @@ FLOPs: 2NHV (forward), 6NHV (backward). Extra memory: one [C, V] fp32 buffer + O
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import _chunked
-from ._backend import resolve
+from ._backend import IMPLS, resolve
 from ._chunked import LogitTransform
 
 
@@ -70,6 +71,33 @@ def make_transform(temperature: float, logit_scale: float,
         raise ValueError(f"final_logit_softcapping must be None or a finite positive number, "
                          f"got {final_logit_softcapping!r}")
     return LogitTransform(float(logit_scale), float(cap), float(temperature))
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """The LM-head options every fused loss config shares, validated on construction."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    final_logit_softcapping: Optional[float] = None
+    ignore_index: int = -100
+    chunk_size: Optional[int] = None
+    impl: str = "auto"
+
+    def __post_init__(self):
+        self.transform()
+        check_chunk_size(self.chunk_size)
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+
+    def transform(self) -> LogitTransform:
+        return make_transform(self.temperature, self.logit_scale, self.final_logit_softcapping)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -164,8 +192,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     """
     check_linear_inputs(hidden, weight, targets, bias, ignore_index)
     tf = make_transform(temperature, logit_scale, final_logit_softcapping)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     impl = resolve(impl, hidden.device)
     if impl == "reference":
         logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf, ignore_index)

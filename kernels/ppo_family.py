@@ -44,9 +44,9 @@ import torch
 from torch import Tensor
 
 from . import _chunked
-from ._backend import IMPLS, resolve
-from .logprobs import (check_linear_inputs, linear_logprobs, linear_logprobs_reference,
-                       make_transform)
+from ._backend import resolve
+from .logprobs import (HeadOptions, check_linear_inputs, linear_logprobs,
+                       linear_logprobs_reference)
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "ppo")
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "ppo")
@@ -67,8 +67,9 @@ def _positive(name: str, val, allow_zero: bool = False) -> None:
 
 
 @dataclass(frozen=True)
-class PolicyLossConfig:
-    """Options of `policy_loss`, validated on construction; formulas in the module docstring."""
+class PolicyLossConfig(HeadOptions):
+    """Options of `policy_loss` (plus the shared LM-head options), validated on construction;
+    formulas in the module docstring."""
 
     loss_type: str = "grpo"             # grpo | bnpo | dr_grpo | dapo | cispo | sapo | ppo
     importance_level: str = "token"     # token | sequence (GSPO)
@@ -85,17 +86,12 @@ class PolicyLossConfig:
     rollout_correction_cap: float = 2.0
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
-    temperature: float = 1.0
-    logit_scale: float = 1.0
-    final_logit_softcapping: Optional[float] = None
-    ignore_index: int = -100
-    chunk_size: Optional[int] = None
-    impl: str = "auto"
 
     def __post_init__(self):
+        super().__post_init__()
         for name, allowed in (("loss_type", LOSS_TYPES), ("importance_level", IMPORTANCE_LEVELS),
                               ("kl_estimator", KL_ESTIMATORS),
-                              ("rollout_correction", ROLLOUT_CORRECTIONS), ("impl", IMPLS)):
+                              ("rollout_correction", ROLLOUT_CORRECTIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         _positive("eps_low", self.eps_low, allow_zero=True)
@@ -126,10 +122,6 @@ class PolicyLossConfig:
         _positive("rollout_correction_cap", self.rollout_correction_cap)
         _positive("sapo_temperature_pos", self.sapo_temperature_pos)
         _positive("sapo_temperature_neg", self.sapo_temperature_neg)
-        c = self.chunk_size
-        if c is not None and (not isinstance(c, int) or c < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {c!r}")
-        make_transform(self.temperature, self.logit_scale, self.final_logit_softcapping)
 
     @property
     def eps_high_effective(self) -> float:
@@ -410,7 +402,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
     logps = {"old_logp": old_logp, "ref_logp": ref_logp, "rollout_logp": rollout_logp}
     _check(hidden, weight, targets, mask, advantages, logps, bias, num_items_in_batch, config)
     cfg = config
-    tf = make_transform(cfg.temperature, cfg.logit_scale, cfg.final_logit_softcapping)
+    tf = cfg.transform()
     impl = resolve(cfg.impl, hidden.device)
     b, t = targets.shape
     fp64 = impl == "reference" and hidden.dtype == torch.float64
