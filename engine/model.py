@@ -23,12 +23,17 @@ CHARS = string.digits + "+-*=() " + string.ascii_lowercase + ".,:?"
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
-def char_tokenizer(chars: str = CHARS):
-    """A character-level PreTrainedTokenizerFast built in code (one token per character)."""
+def char_tokenizer(chars: str = CHARS, vocab_size: int = 0):
+    """A character-level PreTrainedTokenizerFast built in code (one token per character).
+
+    `vocab_size` > the character count pads the vocabulary with never-encoded `<xN>` tokens,
+    for benchmarks at a real model's vocabulary size."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(list(SPECIALS) + list(dict.fromkeys(chars)))}
+    tokens = list(SPECIALS) + list(dict.fromkeys(chars))
+    tokens += [f"<x{i}>" for i in range(vocab_size - len(tokens))]
+    vocab = {t: i for i, t in enumerate(tokens)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()

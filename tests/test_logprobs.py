@@ -1,4 +1,7 @@
 """linear_logprobs: every impl against an fp64 reference, gradients, custom-op checks, errors."""
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -14,6 +17,17 @@ TRANSFORMS = {
     "temp": {"temperature": 0.7},
     "all": {"temperature": 1.3, "logit_scale": 0.8, "final_logit_softcapping": 4.0},
 }
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None
+                    or os.environ.get("RLFUSE_NO_EXT") == "1",
+                    reason="no C++ compiler, or RLFUSE_NO_EXT=1 (a deliberate install without it)")
+def test_extension_built_where_a_compiler_exists():
+    # The install falls back to the reference paths when the build fails; on a machine with a
+    # compiler that would silently skip every cpp case, so the fallback must not go unnoticed.
+    assert rlfuse._backend.cpp_ext() is not None, (
+        "rlfuse._C did not build although a C++ compiler is present: see the warning printed "
+        "by `pip install --no-build-isolation -e . -v`")
 
 
 def _inputs(shape, h, v, dtype, bias=True, ignore_frac=0.2):

@@ -36,11 +36,28 @@ inline Row transformed(const float* raw, int64_t v, Transform t, float* buf) {
   return {buf, 1.f};
 }
 
+// Horizontal reductions through a stack array: portable across every Vectorized width.
+inline float reduce_max(const Vec& v) {
+  alignas(64) float a[kW];
+  v.store(a);
+  float out = a[0];
+  for (int64_t i = 1; i < kW; ++i) out = std::max(out, a[i]);
+  return out;
+}
+
+inline float reduce_sum(const Vec& v) {
+  alignas(64) float a[kW];
+  v.store(a);
+  float out = 0.f;
+  for (int64_t i = 0; i < kW; ++i) out += a[i];
+  return out;
+}
+
 inline float row_max(const float* z, int64_t v) {
   Vec m(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
   for (; j + kW <= v; j += kW) m = at::vec::maximum(m, Vec::loadu(z + j));
-  float out = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
+  float out = reduce_max(m);
   for (; j < v; ++j) out = std::max(out, z[j]);
   return out;
 }
@@ -63,8 +80,8 @@ inline void row_sums(const float* z, int64_t v, float k, float mk, float& s_out,
     s = s + p;
     t = at::vec::fmadd(p, Vec::set(Vec(0.f), x, r), t);
   }
-  s_out = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, s);
-  t_out = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, t);
+  s_out = reduce_sum(s);
+  t_out = reduce_sum(t);
 }
 
 }  // namespace
