@@ -1,138 +1,303 @@
-"""`rlfuse bench engine`: wall time of full GRPO and DPO steps, generation included.
+"""`rlfuse bench engine`: full GRPO and DPO training steps, generation included, side by side
+with TRL's GRPOTrainer / DPOTrainer on the same model, data and batch.
 
-For each loss implementation (`auto` = the fused kernels, `reference` = materialized logits)
-it builds the same model (the tiny demo model, or `model.path`), runs `warmup` steps, then
-times `steps` steps of each trainer, split into phases (GRPO: rollout / optimize; DPO: the
-whole step) and reports tokens/s and peak RSS. Results print as a table and go to
-`<out>/engine_<device>.json`. The timings include everything a user waits for, so the
-kernels' share shrinks as generation and the backbone grow.
+The default is the reference configuration of the engine's performance target: a random-init
+Qwen2 (hidden 256, 4 layers, 4 heads, intermediate 1024, vocab 32000, fp32); GRPO with one
+prompt x 8 completions of up to 64 tokens per step, beta 0.04, loss dapo, one optimizer step
+per rollout; DPO (sigmoid, beta 0.1) with 8 pairs of 40-token sequences per step.
+
+Each (system, trainer) runs in a fresh subprocess, so its peak RSS is its own. Systems:
+  rlfuse            the engine with the fused kernels (impl=auto)
+  rlfuse-reference  the engine with materialized logits (impl=reference): the kernels' share
+  trl               TRL's trainers (skipped with a note when trl is not installed)
+A step is timed from its start to the end of its optimizer step; `warmup` steps are dropped and
+the median of `steps` is reported. Tokens: GRPO counts generated completion tokens, DPO every
+prompt + completion token of the chosen and rejected sequences. rlfuse's DPO computes its
+reference log-probs once for the whole dataset (TRL recomputes them each step by default);
+that pass is timed and its per-step share is added to rlfuse's DPO step time.
+Results print as a table and go to `<out>/engine_<device>.json`.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
 import torch
 
-import rlfuse
-
-from .config import (DPOConfig, GRPOConfig, ModelConfig, OptimConfig, RewardSpec, TrainConfig,
-                     build, parse_overrides)
-from .data import write_jsonl
-from .monitor import peak_memory_mb
+SYSTEMS = ("rlfuse", "rlfuse-reference", "trl")
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineBench:
     out: str = "bench_results"
-    model_path: str = ""             # local HF checkpoint; "" -> tiny model below
+    systems: str = "rlfuse,trl"
+    trainers: str = "grpo,dpo"
+    model_path: str = ""             # local HF checkpoint; "" -> the random-init Qwen2 below
     hidden_size: int = 256
     num_layers: int = 4
-    device: str = "auto"
-    steps: int = 3
-    warmup: int = 1
-    prompts_per_step: int = 16
-    group_size: int = 8
-    max_new_tokens: int = 16
-    dpo_batch: int = 16
-    impls: str = "auto,reference"
-    threads: int = 0                 # torch CPU threads; 0 keeps torch's default
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    vocab_size: int = 32000
+    steps: int = 5
+    warmup: int = 2
+    group_size: int = 8              # GRPO completions per step (of one prompt)
+    max_new_tokens: int = 64
+    beta: float = 0.04               # GRPO KL coefficient (a reference model is kept)
+    dpo_pairs: int = 8               # pairs per DPO step
+    dpo_tokens: int = 40             # tokens of each chosen / rejected sequence, prompt included
+    device: str = "cpu"
+    threads: int = 0                 # torch CPU threads in each run; 0 keeps torch's default
+
+    def __post_init__(self):
+        from .config import ConfigError
+
+        for name in self.systems.split(","):
+            if name not in SYSTEMS:
+                raise ConfigError(f"systems: unknown {name!r}; choose from {', '.join(SYSTEMS)}")
+        for name in self.trainers.split(","):
+            if name not in ("grpo", "dpo"):
+                raise ConfigError(f"trainers: unknown {name!r}; choose from grpo, dpo")
+        if self.steps < 1 or self.warmup < 0:
+            raise ConfigError("steps must be >= 1 and warmup >= 0")
+        if self.dpo_tokens < 8:
+            raise ConfigError("dpo_tokens must be >= 8")
 
 
-def _data(tmp: str) -> tuple[str, str]:
-    g = torch.Generator().manual_seed(0)
-    ab = torch.randint(10, 1000, (512, 2), generator=g).tolist()
-    prompts = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in ab]
-    pairs = [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": r["answer"][::-1] + "7"}
-             for r in prompts]
-    write_jsonl(os.path.join(tmp, "prompts.jsonl"), prompts)
-    write_jsonl(os.path.join(tmp, "pairs.jsonl"), pairs)
-    return os.path.join(tmp, "prompts.jsonl"), os.path.join(tmp, "pairs.jsonl")
+# ----------------------------------------------------------------------------- setup
+def _write_model(b: EngineBench, path: str) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from .model import char_tokenizer
+
+    tok = char_tokenizer(vocab_size=b.vocab_size)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tok), hidden_size=b.hidden_size, intermediate_size=b.intermediate_size,
+        num_hidden_layers=b.num_layers, num_attention_heads=b.num_heads,
+        num_key_value_heads=b.num_heads, max_position_embeddings=512, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
 
 
-def _time_steps(trainer, n: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        trainer.train_step()
-    out = []
+def _write_data(b: EngineBench, tmp: str) -> dict:
+    """GRPO prompts ("a+b=" with the answer) and DPO pairs of exactly `dpo_tokens` characters."""
+    rng = random.Random(0)
+    n = b.warmup + b.steps
+    prompts = []
     for _ in range(n):
-        t = time.perf_counter()
-        m = trainer.train_step()
-        out.append((time.perf_counter() - t, m))
-    return out
+        a, c = rng.randrange(10, 1000), rng.randrange(10, 1000)
+        prompts.append({"prompt": f"{a}+{c}=", "answer": str(a + c)})
+    # sequence = BOS + prompt + completion + EOS = dpo_tokens tokens
+    p_len = (b.dpo_tokens - 2) // 2
+    c_len = b.dpo_tokens - 2 - p_len
+    word = lambda k: "".join(rng.choice("abcdefghij ") for _ in range(k))  # noqa: E731
+    pairs = [{"prompt": word(p_len), "chosen": word(c_len), "rejected": word(c_len)}
+             for _ in range(n * b.dpo_pairs)]
+    from .data import write_jsonl
+
+    paths = {"prompts": os.path.join(tmp, "prompts.jsonl"), "pairs": os.path.join(tmp, "pairs.jsonl")}
+    write_jsonl(paths["prompts"], prompts)
+    write_jsonl(paths["pairs"], pairs)
+    return paths
 
 
-def run(b: EngineBench) -> dict:
+# ----------------------------------------------------------------------------- workers
+def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str) -> dict:
+    import rlfuse
+
+    from .config import DPOConfig, GRPOConfig, ModelConfig, OptimConfig, RewardSpec, TrainConfig
     from .dpo import DPOTrainer
     from .grpo import GRPOTrainer
 
+    common = dict(steps=b.warmup + b.steps, out_dir=os.path.dirname(data["prompts"]),
+                  device=b.device, progress=False, keep_checkpoints=0,
+                  model=ModelConfig(path=model_dir), optim=OptimConfig(lr=1e-6))
+    if trainer == "grpo":
+        cfg = GRPOConfig(data=data["prompts"], prompts_per_step=1, group_size=b.group_size,
+                         max_new_tokens=b.max_new_tokens, passes=1,
+                         rewards=(RewardSpec("exact_answer"),),
+                         loss=rlfuse.PolicyLossConfig(loss_type="dapo", beta=b.beta, impl=impl))
+        t = GRPOTrainer(TrainConfig(algo="grpo", grpo=cfg, **common))
+    else:
+        cfg = DPOConfig(data=data["pairs"], batch_size=b.dpo_pairs,
+                        loss=rlfuse.PreferenceLossConfig(beta=0.1, impl=impl))
+        t = DPOTrainer(TrainConfig(algo="dpo", dpo=cfg, **common))
+    t0 = time.perf_counter()
+    extra = 0.0
+    if trainer == "dpo":  # the one reference pass over the dataset, shared out per step
+        t.ref = t.reference_logprobs()
+        extra = (time.perf_counter() - t0) / (b.warmup + b.steps)
+    times, tokens = [], []
+    for _ in range(b.warmup + b.steps):
+        t0 = time.perf_counter()
+        m = t.train_step()
+        times.append(time.perf_counter() - t0 + extra)
+        tokens.append(m["completion_length"] * b.group_size if trainer == "grpo"
+                      else 2 * b.dpo_pairs * b.dpo_tokens)
+    return {"step_s": times[b.warmup:], "tokens": tokens[b.warmup:], "ref_pass_s": extra}
+
+
+def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict) -> dict:
+    import datasets
+    import transformers
+    import trl
+    from transformers import AutoTokenizer
+
+    from .data import read_jsonl
+    from .rewards import exact_answer
+
+    class Timer(transformers.TrainerCallback):
+        def __init__(self):
+            self.times, self.lengths, self.t0 = [], [], 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    common = dict(output_dir=os.path.join(os.path.dirname(data["prompts"]), "trl"),
+                  max_steps=b.warmup + b.steps, learning_rate=1e-6, logging_steps=1,
+                  report_to="none", save_strategy="no", disable_tqdm=True,
+                  use_cpu=b.device == "cpu", bf16=False, per_device_train_batch_size=8)
+    timer = Timer()
+    if trainer == "grpo":
+        def reward(prompts, completions, answer, **kw):
+            return exact_answer(prompts, completions, answer=answer)
+
+        args = trl.GRPOConfig(num_generations=b.group_size, max_completion_length=b.max_new_tokens,
+                              beta=b.beta, loss_type="dapo",
+                              **{**common, "per_device_train_batch_size": b.group_size})
+        ds = datasets.Dataset.from_list(read_jsonl(data["prompts"], ("prompt",)))
+        t = trl.GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=ds,
+                            processing_class=tok, callbacks=[timer])
+    else:
+        args = trl.DPOConfig(beta=0.1, **{**common, "per_device_train_batch_size": b.dpo_pairs})
+        ds = datasets.Dataset.from_list(read_jsonl(data["pairs"], ("prompt", "chosen", "rejected")))
+        t = trl.DPOTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=tok,
+                           callbacks=[timer])
+    t.train()
+    n = b.warmup + b.steps
+    tokens = ([x * b.group_size for x in timer.lengths] if trainer == "grpo"
+              else [2 * b.dpo_pairs * b.dpo_tokens] * n)
+    return {"step_s": timer.times[b.warmup:], "tokens": tokens[b.warmup:n]}
+
+
+def _worker(spec: dict) -> dict:
+    b = EngineBench(**spec["bench"])
     if b.threads:
         torch.set_num_threads(b.threads)
+    from .model import quiet_transformers
+
+    quiet_transformers()
+    if spec["system"] == "trl":
+        res = _trl(b, spec["trainer"], spec["model_dir"], spec["data"])
+    else:
+        impl = "reference" if spec["system"] == "rlfuse-reference" else "auto"
+        res = _rlfuse(b, spec["trainer"], spec["model_dir"], spec["data"], impl)
+    from .monitor import peak_memory_mb
+
+    return {**res, "peak_rss_mb": peak_memory_mb()}
+
+
+# ----------------------------------------------------------------------------- driver
+def _run_one(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "rlfuse.engine.bench", "--worker",
+                           json.dumps(spec)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker {spec['system']}/{spec['trainer']} failed:\n"
+                           f"{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(b: EngineBench) -> dict:
+    systems = b.systems.split(",")
+    if "trl" in systems and importlib.util.find_spec("trl") is None:
+        print("rlfuse bench engine: trl is not installed, skipping it (pip install trl)")
+        systems.remove("trl")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        prompts, pairs = _data(tmp)
-        model = ModelConfig(path=b.model_path or None, hidden_size=b.hidden_size,
-                            num_layers=b.num_layers, intermediate_size=2 * b.hidden_size)
-        base = dict(steps=b.warmup + b.steps, out_dir=tmp, device=b.device, progress=False,
-                    keep_checkpoints=0, model=model, optim=OptimConfig(lr=1e-5))
-        for impl in b.impls.split(","):
-            grpo = GRPOConfig(data=prompts, prompts_per_step=b.prompts_per_step,
-                              group_size=b.group_size, max_new_tokens=b.max_new_tokens,
-                              rewards=(RewardSpec("exact_answer"),),
-                              loss=rlfuse.PolicyLossConfig(beta=0.04, impl=impl))
-            t = GRPOTrainer(TrainConfig(algo="grpo", grpo=grpo, **base))
-            res = _time_steps(t, b.steps, b.warmup)
-            tok = [m["completion_length"] * b.prompts_per_step * b.group_size for _, m in res]
-            rows.append({"trainer": "grpo", "impl": impl,
-                         "step_s": statistics.median(s for s, _ in res),
-                         "rollout_tokens_per_s": statistics.median(
-                             m["rollout_tokens_per_s"] for _, m in res),
-                         "train_tokens_per_s": statistics.median(
-                             m["train_tokens_per_s"] for _, m in res),
-                         "completion_tokens": statistics.median(tok)})
-            del t
-            dpo = DPOConfig(data=pairs, batch_size=b.dpo_batch,
-                            loss=rlfuse.PreferenceLossConfig(impl=impl))
-            t = DPOTrainer(TrainConfig(algo="dpo", dpo=dpo, **base))
-            res = _time_steps(t, b.steps, b.warmup)
-            rows.append({"trainer": "dpo", "impl": impl,
-                         "step_s": statistics.median(s for s, _ in res),
-                         "train_tokens_per_s": statistics.median(m["tokens_per_s"] for _, m in res)})
-            del t
-    result = {"config": dataclasses.asdict(b), "rows": rows, "peak_memory_mb": peak_memory_mb(),
-              "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__,
-                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
-                          else None}}
+        model_dir = b.model_path
+        if not model_dir:
+            model_dir = os.path.join(tmp, "model")
+            _write_model(b, model_dir)
+        data = _write_data(b, tmp)
+        for trainer in b.trainers.split(","):
+            for system in systems:
+                spec = {"bench": dataclasses.asdict(b), "system": system, "trainer": trainer,
+                        "model_dir": model_dir, "data": data}
+                r = _run_one(spec)
+                step = statistics.median(r["step_s"])
+                tok = statistics.median(r["tokens"])
+                rows.append({"trainer": trainer, "system": system, "step_s": step,
+                             "tokens_per_step": tok, "tokens_per_s": tok / step,
+                             "peak_rss_mb": r["peak_rss_mb"], "step_s_all": r["step_s"],
+                             **({"ref_pass_s_per_step": r["ref_pass_s"]} if "ref_pass_s" in r
+                                else {})})
+    for r in rows:  # ratios to TRL on the same trainer
+        peer = next((p for p in rows if p["trainer"] == r["trainer"] and p["system"] == "trl"),
+                    None)
+        if peer:
+            r["speedup_vs_trl"] = r["tokens_per_s"] / peer["tokens_per_s"]
+            r["rss_vs_trl"] = r["peak_rss_mb"] / peer["peak_rss_mb"]
+    result = {"config": dataclasses.asdict(b), "rows": rows, "machine": _machine()}
     os.makedirs(b.out, exist_ok=True)
-    dev = "cuda" if (b.device == "cuda" or (b.device == "auto" and torch.cuda.is_available())) \
-        else "cpu"
+    dev = "cuda" if b.device == "cuda" else "cpu"
     with open(os.path.join(b.out, f"engine_{dev}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{'trainer':<8}{'impl':<11}{'step s':>9}{'rollout tok/s':>15}{'train tok/s':>13}")
+    print(f"{'trainer':<8}{'system':<18}{'step s':>8}{'tokens/s':>10}{'peak RSS MB':>13}"
+          f"{'x TRL tok/s':>13}{'x TRL RSS':>11}")
     for r in rows:
-        roll = f"{r['rollout_tokens_per_s']:.0f}" if "rollout_tokens_per_s" in r else "-"
-        print(f"{r['trainer']:<8}{r['impl']:<11}{r['step_s']:>9.3f}{roll:>15}"
-              f"{r['train_tokens_per_s']:>13.0f}")
+        vs = (f"{r['speedup_vs_trl']:>13.2f}{r['rss_vs_trl']:>11.2f}" if "speedup_vs_trl" in r
+              else f"{'-':>13}{'-':>11}")
+        print(f"{r['trainer']:<8}{r['system']:<18}{r['step_s']:>8.3f}{r['tokens_per_s']:>10.0f}"
+              f"{r['peak_rss_mb']:>13.0f}{vs}")
     return result
+
+
+def _machine() -> dict:
+    versions = {}
+    for name in ("torch", "transformers", "trl"):
+        if importlib.util.find_spec(name) is not None:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), **versions}
 
 
 def main(argv=None) -> int:
     """`rlfuse bench engine [key=value ...]` (keys: EngineBench fields)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--worker"]:
+        print(json.dumps(_worker(json.loads(argv[1]))))
+        return 0
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         print("options:", ", ".join(f"{f.name}={f.default!r}"
                                     for f in dataclasses.fields(EngineBench)))
         return 0
-    from .model import quiet_transformers
+    from .config import build, parse_overrides
 
-    quiet_transformers()
     run(build(EngineBench, parse_overrides(argv)))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

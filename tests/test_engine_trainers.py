@@ -295,11 +295,21 @@ def test_demo_smoke(tmp_path):
 
 def test_engine_bench_smoke(tmp_path, capsys):
     rc = cli_main(["bench", "engine", f"out={tmp_path}", "hidden_size=32", "num_layers=1",
-                   "steps=1", "warmup=0", "prompts_per_step=2", "group_size=2",
-                   "max_new_tokens=3", "dpo_batch=2", "device=cpu"])
+                   "intermediate_size=48", "vocab_size=100", "steps=1", "warmup=0",
+                   "group_size=2", "max_new_tokens=3", "dpo_pairs=2", "dpo_tokens=10",
+                   "systems=rlfuse,rlfuse-reference"])
     assert rc == 0
     with open(tmp_path / "engine_cpu.json") as f:
         rows = json.load(f)["rows"]
-    assert {(r["trainer"], r["impl"]) for r in rows} == {
-        (t, i) for t in ("grpo", "dpo") for i in ("auto", "reference")}
-    assert all(r["step_s"] > 0 for r in rows)
+    assert {(r["trainer"], r["system"]) for r in rows} == {
+        (t, s) for t in ("grpo", "dpo") for s in ("rlfuse", "rlfuse-reference")}
+    for r in rows:
+        assert r["step_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["tokens_per_step"] == (2 * 2 * 10 if r["trainer"] == "dpo" else
+                                        pytest.approx(r["tokens_per_s"] * r["step_s"]))
+    assert "x TRL" in capsys.readouterr().out
+
+
+def test_engine_bench_rejects_unknown_systems(capsys):
+    assert cli_main(["bench", "engine", "systems=rlfuse,vllm"]) == 2
+    assert "systems: unknown 'vllm'" in capsys.readouterr().err
