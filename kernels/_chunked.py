@@ -21,8 +21,10 @@ from torch import Tensor
 
 from ._backend import epilogues
 
-# Budget for the [C, V] logits buffer when chunk_size is not given: large enough that the
-# chunk GEMMs run near the speed of one big GEMM (MKL loses ~2x below ~128 rows at H=896).
+# The [C, V] logits buffer when chunk_size is not given: 256 rows, as fast as one big GEMM
+# (MKL loses ~2x below ~128 rows at H=896; 256 rows ran as fast as 576 at H=256, V=32k), and
+# fewer for vocabularies so large that 256 rows would pass 160 MB.
+CHUNK_ROWS = 256
 CHUNK_BYTES = 160 * 2**20
 
 
@@ -50,7 +52,7 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def default_chunk_size(n: int, v: int, elem_bytes: int = 4) -> int:
-    rows = CHUNK_BYTES // (v * elem_bytes)
+    rows = min(CHUNK_ROWS, CHUNK_BYTES // (v * elem_bytes))
     rows = rows // 32 * 32 if rows >= 64 else max(16, rows)  # GEMM-friendly multiples of 32
     return max(1, min(n, rows))
 
