@@ -54,8 +54,9 @@ setup(
     # let pip pull a multi-GB CUDA build.
     install_requires=["transformers>=4.56", "safetensors", "pyyaml", "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton"],
+        "test": ["pytest", "pytest-benchmark", "triton", "peft"],
         "gpu": ["triton", "flash-attn"],
+        "lora": ["peft"],
         "peers": ["trl==1.16.0", "liger-kernel"],
     },
     entry_points={"console_scripts": ["rlfuse=rlfuse.engine.cli:main"]},

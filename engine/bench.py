@@ -54,6 +54,8 @@ class EngineBench:
     beta: float = 0.04               # GRPO KL coefficient (a reference model is kept)
     dpo_pairs: int = 8               # pairs per DPO step
     dpo_tokens: int = 40             # tokens of each chosen / rejected sequence, prompt included
+    lora_r: int = 0                  # > 0: LoRA policies (peft, all linear layers, alpha 16) in
+                                     # both systems; the reference is then the base model
     device: str = "cpu"
     threads: int = 0                 # torch CPU threads in each run; 0 keeps torch's default
 
@@ -122,7 +124,8 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
 
     common = dict(steps=b.warmup + b.steps, out_dir=os.path.dirname(data["prompts"]),
                   device=b.device, progress=False, keep_checkpoints=0,
-                  model=ModelConfig(path=model_dir), optim=OptimConfig(lr=1e-6))
+                  model=ModelConfig(path=model_dir, lora_r=b.lora_r),
+                  optim=OptimConfig(lr=1e-6))
     if trainer == "grpo":
         cfg = GRPOConfig(data=data["prompts"], prompts_per_step=1, group_size=b.group_size,
                          max_new_tokens=b.max_new_tokens, passes=1,
@@ -176,6 +179,13 @@ def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict) -> dict:
                   max_steps=b.warmup + b.steps, learning_rate=1e-6, logging_steps=1,
                   report_to="none", save_strategy="no", disable_tqdm=True,
                   use_cpu=b.device == "cpu", bf16=False, per_device_train_batch_size=8)
+    if b.lora_r:
+        from peft import LoraConfig
+
+        peft = {"peft_config": LoraConfig(r=b.lora_r, lora_alpha=16, target_modules="all-linear",
+                                          task_type="CAUSAL_LM")}
+    else:
+        peft = {}
     timer = Timer()
     if trainer == "grpo":
         def reward(prompts, completions, answer, **kw):
@@ -186,12 +196,12 @@ def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict) -> dict:
                               **{**common, "per_device_train_batch_size": b.group_size})
         ds = datasets.Dataset.from_list(read_jsonl(data["prompts"], ("prompt",)))
         t = trl.GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=ds,
-                            processing_class=tok, callbacks=[timer])
+                            processing_class=tok, callbacks=[timer], **peft)
     else:
         args = trl.DPOConfig(beta=0.1, **{**common, "per_device_train_batch_size": b.dpo_pairs})
         ds = datasets.Dataset.from_list(read_jsonl(data["pairs"], ("prompt", "chosen", "rejected")))
         t = trl.DPOTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=tok,
-                           callbacks=[timer])
+                           callbacks=[timer], **peft)
     t.train()
     n = b.warmup + b.steps
     tokens = ([x * b.group_size for x in timer.lengths] if trainer == "grpo"

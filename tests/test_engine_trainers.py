@@ -313,3 +313,37 @@ def test_engine_bench_smoke(tmp_path, capsys):
 def test_engine_bench_rejects_unknown_systems(capsys):
     assert cli_main(["bench", "engine", "systems=rlfuse,vllm"]) == 2
     assert "systems: unknown 'vllm'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- LoRA
+def test_lora_grpo_trains_adapters_against_the_base_as_reference(tmp_path, tok):
+    pytest.importorskip("peft")
+    from rlfuse.engine.model import sequence_logprobs
+
+    cfg = make_cfg(tmp_path, "grpo", steps=3, optim=OptimConfig(lr=3e-2),
+                   model=dataclasses.replace(TINY, lora_r=4))
+    t = GRPOTrainer(cfg, tokenizer=tok)
+    assert t.reference.copy is None  # the reference is the base: no frozen copy in memory
+    trained = {n for n, p in t.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    frozen = {n: p.detach().clone() for n, p in t.model.named_parameters() if not p.requires_grad}
+    roll = generate(t.model, tok, ["12+3=", "4+56="], n=2, max_new_tokens=4)
+    batch = pack(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
+    start = sequence_logprobs(t.model, batch)  # LoRA B starts at 0: policy == base
+
+    rows = t.fit(plot=False)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for n, p in t.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    torch.testing.assert_close(t.reference.logprobs(batch), start)
+    assert not torch.allclose(sequence_logprobs(t.model, batch), start)
+    assert rows[-1]["kl"] > 0
+
+    # the checkpoint holds the adapters; a resumed run picks up at step 3
+    resumed = GRPOTrainer(dataclasses.replace(cfg, steps=4, resume=True), tokenizer=tok)
+    assert resumed.resume() and resumed.step == 3
+    now = dict(t.model.named_parameters())
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, now[n]), n
+    assert [r["step"] for r in resumed.fit(plot=False)] == [1, 2, 3, 4]
