@@ -99,6 +99,7 @@ class GRPOConfig:
     temperature: float = 1.0             # sampling; the loss uses the same temperature
     top_p: float = 1.0
     max_new_tokens: int = 32
+    decoder: str = "rlfuse"              # rollouts: rlfuse (KV-cache loop, fast sampler) | hf (model.generate)
     advantage_estimator: str = "grpo"    # grpo | rloo | dr_grpo
     advantage_scale: str = "group"       # group | batch | none
     reference: bool = True               # keep a reference policy (KL term and KL monitoring)
@@ -112,6 +113,7 @@ class GRPOConfig:
             _check(f"grpo.{k}", getattr(self, k) >= 1, "must be >= 1")
         _check("grpo.temperature", self.temperature > 0, "must be > 0")
         _check("grpo.top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        _choice("grpo.decoder", self.decoder, ("rlfuse", "hf"))
         _choice("grpo.advantage_estimator", self.advantage_estimator, ("grpo", "rloo", "dr_grpo"))
         _choice("grpo.advantage_scale", self.advantage_scale, ("group", "batch", "none"))
         _check("grpo.sft_coef", self.sft_coef >= 0, "must be >= 0")

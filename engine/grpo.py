@@ -1,8 +1,8 @@
 """GRPO: group sampling, verifiable rewards, group-relative advantages, clipped policy loss.
 
 One step:
-  1. rollout   `prompts_per_step` prompts x `group_size` samples with `generate` (KV cache,
-               temperature, top_p, max_new_tokens, stop at EOS)
+  1. rollout   `prompts_per_step` prompts x `group_size` samples (KV cache, temperature,
+               top_p, max_new_tokens, stop at EOS; `decoder=hf` uses model.generate)
   2. rewards   weighted reward functions -> [B]; `rlfuse.group_advantages` -> A [B]
   3. no grad   old log-probs of the sampling policy and reference log-probs (frozen copy,
                or the LoRA base with the adapter off), both [B, T-1] via linear_logprobs
@@ -65,7 +65,8 @@ class GRPOTrainer(Trainer):
         t0 = time.perf_counter()
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         roll = generate(self.model, self.tok, [r["prompt"] for r in rows], n=G,
-                        temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens)
+                        temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                        decoder=g.decoder)
         t_gen = time.perf_counter() - t0
 
         # 2. rewards -> group-relative advantages

@@ -44,6 +44,7 @@ def test_parse_overrides_forms():
     (["grpo.loss.loss_type=nope"], "loss_type must be one of"),
     (["dpo.loss.loss_type=nope"], "dpo.loss"),
     (["grpo.top_p=0"], "'grpo.top_p' must be in"),
+    (["grpo.decoder=vllm"], "'grpo.decoder' must be one of"),
     (["model.gradient_checkpointing=maybe"], "must be true or false"),
     (["grpo.rewards=3"], "must be a list"),
     (["grpo.mini_batches=3"], "must divide"),
