@@ -22,6 +22,7 @@ from torch import Tensor
 from .data import encode
 
 DECODERS = ("rlfuse", "hf")
+NUCLEUS_CANDIDATES = 1024  # top_p < 1 sorts only these, unless their mass is below top_p
 
 
 @dataclass
@@ -44,7 +45,10 @@ def sample_tokens(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,
     p = torch.softmax(logits.float() / temperature, dim=-1)
     order = None
     if top_p < 1.0:
-        p, order = p.sort(dim=-1, descending=True)
+        p_all = p
+        p, order = p.topk(min(NUCLEUS_CANDIDATES, p.shape[-1]), dim=-1)  # sorted, descending
+        if p.shape[-1] < p_all.shape[-1] and bool((p.sum(-1) < top_p).any()):
+            p, order = p_all.sort(dim=-1, descending=True)
         p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)  # keep while the mass before < top_p
     cdf = p.cumsum(-1)
     u = torch.rand(p.shape[0], 1, device=p.device) * cdf[:, -1:]

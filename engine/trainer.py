@@ -24,7 +24,7 @@ from .monitor import Monitor
 def return_freed_memory(threshold: int = 1 << 20) -> None:
     """glibc: serve allocations >= `threshold` bytes with mmap, so a freed logits chunk or
     activation goes back to the OS at once. By default glibc raises this threshold as big
-    blocks are freed, and later ones then fragment the heap (peak RSS +90 MB over 3 steps of
+    blocks are freed, and later ones then fragment the heap (peak RSS +85 MB over 3 steps of
     the reference GRPO benchmark). No-op elsewhere."""
     if sys.platform.startswith("linux"):
         try:

@@ -64,6 +64,22 @@ def test_sample_tokens_follows_the_tempered_nucleus(temperature, top_p):
     assert torch.all(freq[p == 0] == 0)
 
 
+def test_nucleus_from_candidates_equals_full_sort(monkeypatch):
+    import rlfuse.engine.rollout as rollout
+
+    torch.manual_seed(2)
+    logits = torch.randn(64, 3000) * 4  # peaked rows: the 0.9 nucleus fits in 16 candidates
+    rows = [logits, torch.randn(64, 3000) * 0.1]  # flat rows: it does not, full sort
+    for x in rows:
+        monkeypatch.setattr(rollout, "NUCLEUS_CANDIDATES", 16)
+        torch.manual_seed(3)
+        few = sample_tokens(x, 0.8, 0.9)
+        monkeypatch.setattr(rollout, "NUCLEUS_CANDIDATES", x.shape[-1])
+        torch.manual_seed(3)
+        full = sample_tokens(x, 0.8, 0.9)
+        assert torch.equal(few, full)
+
+
 def test_sample_tokens_greedy_and_edge_cases():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, -math.inf, 4.9]])
     assert sample_tokens(logits, greedy=True).tolist() == [1, 0]
