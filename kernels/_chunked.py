@@ -100,22 +100,38 @@ def forward_stats(hidden, weight, bias, targets, tf: LogitTransform, ignore_inde
     return tuple(out)
 
 
+Needs = tuple[bool, bool, bool]  # which of dX, dW, db to compute
+ALL: Needs = (True, True, True)
+
+
+def needs_of(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Needs:
+    """The gradients autograd will ask for: a frozen LM head (LoRA) skips dW, a third of the
+    GEMMs, and its weight-sized fp32 buffer."""
+    return hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
+
+
 class _GradAccumulator:
-    def __init__(self, g: _Gemms, bias: Optional[Tensor], hidden_dtype: torch.dtype):
+    def __init__(self, g: _Gemms, bias: Optional[Tensor], hidden_dtype: torch.dtype,
+                 needs: Needs):
         n, h = g.hidden.shape
         v = g.w.shape[0]
         dev = g.hidden.device
         self.g = g
-        self.dx = torch.empty(n, h, dtype=hidden_dtype, device=dev)
-        self.dw = torch.zeros(v, h, dtype=torch.float32, device=dev)
-        self.db = torch.zeros(v, dtype=torch.float32, device=dev) if bias is not None else None
+        self.dx = torch.empty(n, h, dtype=hidden_dtype, device=dev) if needs[0] else None
+        self.dw = torch.zeros(v, h, dtype=torch.float32, device=dev) if needs[1] else None
+        self.db = torch.zeros(v, dtype=torch.float32, device=dev) \
+            if bias is not None and needs[2] else None
 
     def add(self, s: int, e: int, x: Tensor, dz: Tensor):
-        if self.dx.dtype == dz.dtype:
+        if self.dx is None:
+            pass
+        elif self.dx.dtype == dz.dtype:
             torch.mm(dz, self.g.w, out=self.dx[s:e])  # [c, H]
         else:
             self.dx[s:e] = dz @ self.g.w
-        if dz.dtype == torch.float32:
+        if self.dw is None:
+            pass
+        elif dz.dtype == torch.float32:
             self.dw.addmm_(dz.t(), x)
         else:
             self.dw += (dz.t() @ x).float()
@@ -123,17 +139,19 @@ class _GradAccumulator:
             self.db += dz.sum(0, dtype=torch.float32)
 
     def result(self, weight: Tensor, bias: Optional[Tensor]):
-        db = None if bias is None else self.db.to(bias.dtype)
-        return self.dx, self.dw.to(weight.dtype), db
+        dw = None if self.dw is None else self.dw.to(weight.dtype)
+        db = None if self.db is None else self.db.to(bias.dtype)
+        return self.dx, dw, db
 
 
 def backward(grad_logp: Tensor, grad_entropy: Tensor, hidden, weight, bias, targets,
              lse: Tensor, entropy: Tensor, tf: LogitTransform, ignore_index: int,
-             chunk: int, impl: str):
-    """dX, dW, db from per-row gradients a = dL/dlogp and e = dL/dentropy (recomputes Z)."""
+             chunk: int, impl: str, needs: Needs = ALL):
+    """dX, dW, db from per-row gradients a = dL/dlogp and e = dL/dentropy (recomputes Z);
+    None for those `needs` leaves out."""
     _, grad_ = epilogues(impl)
     g = _Gemms(hidden, weight, bias, chunk)
-    acc = _GradAccumulator(g, bias, hidden.dtype)
+    acc = _GradAccumulator(g, bias, hidden.dtype, needs)
     a = grad_logp.float().contiguous()
     e = grad_entropy.float().contiguous()
     for s, t in g.ranges():
@@ -148,16 +166,17 @@ RowLoss = Callable[[int, int, Tensor, Tensor], Tensor]
 
 
 def fused_rowloss(hidden, weight, bias, targets, tf: LogitTransform, ignore_index: int,
-                  chunk: int, impl: str, row_loss: RowLoss):
+                  chunk: int, impl: str, row_loss: RowLoss, needs: Optional[Needs] = None):
     """Token-separable loss with its gradient written during the forward (3 GEMMs / chunk).
 
     `row_loss(s, e, logp_c, entropy_c)` returns the (already normalized) contribution of rows
     [s, e) to the scalar loss, differentiably in logp_c and entropy_c ([e - s] fp32).
-    Returns loss (fp32 scalar), logp, entropy ([N] fp32) and (dX, dW, db).
+    Returns loss (fp32 scalar), logp, entropy ([N] fp32) and (dX, dW, db), each None where
+    `needs` (default: the inputs' requires_grad) leaves it out.
     """
     stats, grad_ = epilogues(impl)
     g = _Gemms(hidden, weight, bias, chunk)
-    acc = _GradAccumulator(g, bias, hidden.dtype)
+    acc = _GradAccumulator(g, bias, hidden.dtype, needs or needs_of(hidden, weight, bias))
     n = hidden.shape[0]
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     ent = torch.zeros_like(logp)

@@ -179,7 +179,8 @@ def _two_phase(hidden, weight, bias, targets, valid, ref_logp, p: _Plan, want_gr
         loss, seq, metrics = _pair_loss(lp, valid, ref_logp, p.cfg)
         (a,) = torch.autograd.grad(loss, lp)  # [2B, T] dL/dlogp
     grads = _chunked.backward(a.reshape(-1), torch.zeros_like(logp), hidden, weight, bias,
-                              targets, lse, ent, p.tf, ig, p.chunk, p.impl)
+                              targets, lse, ent, p.tf, ig, p.chunk, p.impl,
+                              _chunked.needs_of(hidden, weight, bias))
     return loss.detach(), seq.detach(), metrics, grads
 
 
@@ -209,9 +210,11 @@ def _whole_pairs(hidden, weight, bias, targets, valid, ref_logp, p: _Plan):
         return loss
 
     chunk = (p.chunk // (2 * steps)) * 2 * steps
-    loss, _, _, (dx, dw, db) = _chunked.fused_rowloss(x, weight, bias, tg, p.tf,
-                                                      p.cfg.ignore_index, chunk, p.impl, row_loss)
-    dx = dx.view(b, 2, steps, -1).transpose(0, 1).reshape(dx.shape)  # back to batch order
+    loss, _, _, (dx, dw, db) = _chunked.fused_rowloss(
+        x, weight, bias, tg, p.tf, p.cfg.ignore_index, chunk, p.impl, row_loss,
+        _chunked.needs_of(hidden, weight, bias))  # x is a copy: ask the inputs
+    if dx is not None:
+        dx = dx.view(b, 2, steps, -1).transpose(0, 1).reshape(dx.shape)  # back to batch order
     return loss, seq.view(-1), metrics, (dx, dw, db)
 
 

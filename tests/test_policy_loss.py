@@ -348,6 +348,29 @@ def test_global_token_count_splits_into_micro_batches(loss_type, level, impl):
     torch.testing.assert_close(doubled[0] * 2, whole[0])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_frozen_head_gets_no_gradient(impl, monkeypatch):
+    # a LoRA policy's LM head is frozen: no dW (its GEMM and fp32 buffer are skipped)
+    allocated = []
+    orig = ppo_family._chunked._GradAccumulator.__init__
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        allocated.append(self.dw is not None)
+
+    monkeypatch.setattr(ppo_family._chunked._GradAccumulator, "__init__", spy)
+    inp = _inputs(torch.float32, bias=False)
+    cfg = PolicyLossConfig(impl=impl, beta=0.1)
+    x = inp["x"].clone().requires_grad_()
+    loss, _ = policy_loss(x, inp["w"], inp["t"], inp["m"], inp["adv"], old_logp=inp["old"],
+                          ref_logp=inp["ref"], config=cfg)
+    loss.backward()
+    assert inp["w"].grad is None
+    assert allocated == ([False] if impl != "reference" else [])
+    want, _ = _run({**inp, "b": None}, PolicyLossConfig(impl="reference", beta=0.1))
+    torch.testing.assert_close(x.grad, want[4], rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- routing
 @pytest.mark.skipif(not CHUNKED_IMPLS, reason="C++ extension not built")
 @pytest.mark.parametrize("case,fused", [({}, True), ({"importance_level": "sequence"}, False),

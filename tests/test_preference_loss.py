@@ -276,3 +276,17 @@ def test_errors_name_the_argument():
 def test_exported():
     assert rlfuse.preference_loss is preference_loss
     assert rlfuse.PreferenceLossConfig is PreferenceLossConfig
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk_size", [None, 5])  # whole pairs per chunk / two phases
+def test_frozen_head_gets_no_gradient(impl, chunk_size):
+    x, w, _, tg, mask = _inputs(3, 7, 16, 41, torch.float32, bias=False)
+    ref = _ref_logp(x, w, None, tg, mask)
+    cfg = _cfg("sigmoid", impl=impl, chunk_size=chunk_size)
+    xg = x.clone().requires_grad_()
+    loss, _ = preference_loss(xg, w, tg, mask, ref_logp=ref, config=cfg)
+    (loss * 1.7).backward()
+    assert w.grad is None
+    want = _run(_rlfuse(_cfg("sigmoid", impl="reference"), tg, mask, ref), x, w, None)
+    torch.testing.assert_close(xg.grad, want[3], rtol=1e-5, atol=1e-6)
