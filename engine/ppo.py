@@ -44,8 +44,9 @@ from .trainer import Trainer, lr_lambda
 
 
 class ValueHead(nn.Module):
-    """V(s_t) = w . h_t + b on the policy's hidden states, fp32; zero-initialized (V = 0 at the
-    start, so the first updates do not push value gradients into the backbone)."""
+    """V(s_t) = w . h_t + b on the policy's hidden states, fp32; w = 0 at the start (the first
+    updates push no value gradients into the backbone) and b = 0 until the trainer sets it to
+    the first rollout's mean score (see PPOTrainer.train_step)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -209,6 +210,14 @@ class PPOTrainer(Trainer):
         if not bool(keep.all()):
             batch, scores = batch[keep], scores[keep.cpu()]
         scores, mask = scores.to(self.device), batch.mask
+        if self.step == 0:
+            # The critic starts at the score's scale, as TRL's and OpenRLHF's start from the reward
+            # model: b <- mean score (with gamma = 1 the value of a final-token score is its
+            # expectation). From b = 0, Adam moves b by ~lr a step, so for hundreds of steps the
+            # weights would carry the mean instead, unevenly over positions: explained variance
+            # went negative (to -0.46 on the demo) and the advantages carried that noise.
+            with torch.no_grad():
+                self.value_head.proj.bias.fill_(scores.mean().item())
 
         # 3. old log-probs and values, reference log-probs
         t1 = time.perf_counter()

@@ -241,6 +241,8 @@ def test_ppo_trainer_runs_and_resumes(tmp_path, prompt_file, extra):
               "grad_norm"):
         assert k in row, k
     assert all(math.isfinite(r["loss"]) for r in hist)
+    # the critic starts at the first rollout's mean score: w = 0, so V = b on every token
+    assert hist[0]["value_mean"] == pytest.approx(hist[0]["reward_mean"], abs=1e-6)
     if "ppo.kl_target=0.01" in extra:  # adaptive: one controller update from step 1's KL
         err = min(max(hist[0]["kl_seq"] / 0.01 - 1, -0.2), 0.2)
         assert hist[1]["kl_coef"] == pytest.approx(0.05 * (1 + err * 8 / 10))
@@ -256,6 +258,22 @@ def test_ppo_trainer_runs_and_resumes(tmp_path, prompt_file, extra):
         assert not torch.equal(w, tr.model.get_decoder().embed_tokens.weight)
         assert not torch.equal(w, tr.reference.copy.get_decoder().embed_tokens.weight)
         torch.testing.assert_close(tr2.critic.embed_tokens.weight, w)
+
+
+def test_ppo_value_head_learns_a_predictable_return(tmp_path, prompt_file):
+    """A score that the prompt decides (1 when it starts with 1 or 2): the value target is that
+    score, so the critic must explain most of the return variance after a few steps."""
+    prompts, _ = prompt_file
+
+    def reward_fn(prompts, completions, **kw):
+        return [float(p[0] in "12") for p in prompts]
+
+    cfg = _cfg(tmp_path, prompts, "steps=12", "keep_checkpoints=0", "ppo.prompts_per_step=12",
+               "ppo.samples_per_prompt=1", "ppo.mini_batches=1", "ppo.epochs=4",
+               "ppo.vf_coef=1", "ppo.value_clip=null", "ppo.kl_coef=0", "optim.lr=1e-3")
+    ev = [r["explained_variance"] for r in PPOTrainer(cfg, reward_fn=reward_fn).fit(plot=False)]
+    assert ev[0] < 0.3  # V starts at the mean score (EV 0); step 1 averages 4 updates from there
+    assert sum(ev[-3:]) / 3 > 0.6  # ~0.85 at seeds 0, 1, 2
 
 
 def test_ppo_with_trained_reward_model_and_cli(tmp_path, prompt_file, monkeypatch):
