@@ -66,12 +66,18 @@ class DemoConfig:
     eval_temperature: float = 1.0
     dpo_gold_chosen: bool = False    # no correct sample: the reference answer is chosen
     stages: str = "grpo,dpo"         # RL stages after SFT, run in this order: ppo, grpo, dpo
-    ppo_steps: int = 40
-    ppo_prompts: int = 128
+    # PPO: the critic barely predicts success on this task (explained variance ~0.05; a linear
+    # probe on the SFT model's hidden states reaches ~0.03), so its baseline is about the batch
+    # mean: large batches and a low lr keep Adam from random-walking on the gradient noise
+    ppo_steps: int = 60
+    ppo_prompts: int = 256
     ppo_samples: int = 2             # completions per prompt
-    ppo_lr: float = 1e-4
+    ppo_lr: float = 5e-5
     ppo_reward: str = "verifier"     # verifier | model (an RM trained on pairs mined from SFT)
-    rm_steps: int = 150
+    # the reward model: 1024 pairs x 150 steps left it at chance (0.52 pair accuracy); pairs
+    # from every training prompt and 2000 steps reach ~0.8 (train) / ~0.72 (held-out prompts)
+    rm_pairs: int = 8192
+    rm_steps: int = 2000
     threads: int = 1                 # torch CPU threads (1 is fastest for this size under load)
     progress: bool = True
 
@@ -79,7 +85,7 @@ class DemoConfig:
 QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_steps=6, sft_batch=16,
              grpo_steps=2, grpo_prompts=4, grpo_group=4, dpo_pairs=16, dpo_samples=4,
              dpo_steps=2, dpo_batch=8, eval_seeds=2, dpo_gold_chosen=True,
-             ppo_steps=2, ppo_prompts=4, rm_steps=2)
+             ppo_steps=2, ppo_prompts=4, rm_pairs=16, rm_steps=2)
 
 
 # ----------------------------------------------------------------------------- task
@@ -127,17 +133,20 @@ def mine_pairs(model, tok, prompts: list[dict], n_pairs: int, samples: int,
 
 def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: int) -> None:
     """Classic RLHF PPO from the SFT model (value head, KL in the reward, GAE); the score is the
-    exact-answer verifier, or a reward model trained here on pairs mined from the SFT model."""
+    exact-answer verifier, or a reward model trained here on pairs mined from the SFT model
+    (PPO then raises the model's score while held-out accuracy falls: over-optimization of an
+    imperfect reward model)."""
     from .config import PPOConfig, RewardModelConfig
     from .ppo import PPOTrainer
 
     rm = RewardModelConfig()
     if d.ppo_reward == "model":
-        pairs = mine_pairs(model, tok, train[: 4 * d.dpo_pairs], d.dpo_pairs, d.dpo_samples,
-                           temperature=1.0, max_new_tokens=budget, gold_chosen=True)
+        pairs = mine_pairs(model, tok, train, d.rm_pairs, d.dpo_samples, temperature=1.0,
+                           max_new_tokens=budget, gold_chosen=True)
         write_jsonl(os.path.join(out, "rm_pairs.jsonl"), pairs)
         print(f"[ppo] {len(pairs)} preference pairs for the reward model", flush=True)
-        rm = RewardModelConfig(pairs=os.path.join(out, "rm_pairs.jsonl"), steps=d.rm_steps)
+        rm = RewardModelConfig(pairs=os.path.join(out, "rm_pairs.jsonl"), steps=d.rm_steps,
+                               batch_size=64)
     ppo = PPOConfig(data=os.path.join(out, "prompts.jsonl"), prompts_per_step=d.ppo_prompts,
                     samples_per_prompt=d.ppo_samples, epochs=2, mini_batches=2,
                     max_new_tokens=budget, kl_coef=0.05, reward=d.ppo_reward,
