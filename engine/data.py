@@ -26,6 +26,13 @@ class Batch:
     def mask(self) -> Tensor:  # [B, T-1] bool, completion tokens
         return self.targets != IGNORE
 
+    @property
+    def first_target(self) -> int:
+        """The first column with a scored token in any row. The columns before it are prompt in
+        every row, so the LM head can skip them (see model.scored_hidden)."""
+        cols = self.mask.any(0).nonzero()
+        return int(cols[0]) if cols.numel() else 0
+
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets)))
 

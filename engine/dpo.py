@@ -17,7 +17,7 @@ import torch
 import rlfuse
 
 from .data import Sampler, encode, pack, read_jsonl
-from .model import head, hidden_states, sequence_logprobs
+from .model import head, scored_hidden, sequence_logprobs
 from .trainer import Trainer
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -69,9 +69,10 @@ class DPOTrainer(Trainer):
         batch = self.batch(idx)
         ref = self.ref[idx].T.reshape(-1) if uses_ref else None  # [2B]: chosen; rejected
         h = head(self.model)
-        hid = hidden_states(self.model, batch.input_ids, batch.attention_mask)[:, :-1]
-        loss, out = rlfuse.preference_loss(hid, h["weight"], batch.targets, batch.mask,
-                                           ref_logp=ref, bias=h["bias"], config=self.loss_cfg)
+        hid, c = scored_hidden(self.model, batch)
+        loss, out = rlfuse.preference_loss(hid, h["weight"], batch.targets[:, c:],
+                                           batch.mask[:, c:], ref_logp=ref, bias=h["bias"],
+                                           config=self.loss_cfg)
         loss.backward()
         grad_norm = self.optimizer_step()
         dt = time.perf_counter() - t0

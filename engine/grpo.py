@@ -22,7 +22,7 @@ import torch
 import rlfuse
 
 from .data import Sampler, pack, read_jsonl, sft_batch
-from .model import Reference, head, hidden_states, sequence_logprobs
+from .model import Reference, head, scored_hidden, sequence_logprobs
 from .rewards import build_rewards
 from .rollout import generate
 from .sft import nll_loss
@@ -104,11 +104,11 @@ class GRPOTrainer(Trainer):
         for _ in range(g.passes):
             for mb in torch.randperm(batch.input_ids.shape[0]).chunk(g.mini_batches):
                 b = batch[mb]
-                hid = hidden_states(self.model, b.input_ids, b.attention_mask)[:, :-1]
+                hid, c = scored_hidden(self.model, b)
                 loss, out = rlfuse.policy_loss(
-                    hid, h["weight"], b.targets, b.mask, adv[mb], bias=h["bias"],
-                    old_logp=None if old is None else old[mb],
-                    ref_logp=None if ref is None else ref[mb], config=self.loss_cfg)
+                    hid, h["weight"], b.targets[:, c:], b.mask[:, c:], adv[mb], bias=h["bias"],
+                    old_logp=None if old is None else old[mb, c:],
+                    ref_logp=None if ref is None else ref[mb, c:], config=self.loss_cfg)
                 step = {"loss": loss.item(), **{k: v.item() for k, v in out.metrics.items()}}
                 if self.sft is not None:
                     nll, _ = nll_loss(self.model, self.sft_batch())

@@ -107,6 +107,15 @@ def hidden_states(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return out.last_hidden_state
 
 
+def scored_hidden(model, batch) -> tuple[Tensor, int]:
+    """Hidden states [B, T-1-c, H] that score batch.targets[:, c:], and c = batch.first_target.
+    The backbone runs on whole sequences; the c leading columns, prompt in every row, are left
+    out of the LM head's GEMMs (half of them for DPO pairs whose prompts are as long as their
+    completions)."""
+    c = batch.first_target
+    return hidden_states(model, batch.input_ids, batch.attention_mask)[:, c:-1], c
+
+
 def head(model) -> dict:
     """LM-head weight (and bias) and logit transform, as keyword arguments of the fused ops."""
     lm_head = model.get_output_embeddings()
@@ -122,15 +131,14 @@ def sequence_logprobs(model, batch, temperature: float = 1.0, chunk_rows: int = 
     import rlfuse
 
     h = head(model)
-    out = []
+    out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=batch.targets.device)
     for s in range(0, batch.input_ids.shape[0], chunk_rows):
-        ids, att = batch.input_ids[s:s + chunk_rows], batch.attention_mask[s:s + chunk_rows]
-        hid = hidden_states(model, ids, att)[:, :-1]  # [b, T-1, H]
-        out.append(rlfuse.linear_logprobs(hid, h["weight"], batch.targets[s:s + chunk_rows],
-                                          bias=h["bias"], temperature=temperature,
-                                          logit_scale=h["logit_scale"],
-                                          final_logit_softcapping=h["final_logit_softcapping"]))
-    return torch.cat(out)
+        b = batch[s:s + chunk_rows]
+        hid, c = scored_hidden(model, b)
+        out[s:s + chunk_rows, c:] = rlfuse.linear_logprobs(
+            hid, h["weight"], b.targets[:, c:], bias=h["bias"], temperature=temperature,
+            logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"])
+    return out
 
 
 class Reference:

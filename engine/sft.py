@@ -11,15 +11,15 @@ import time
 import rlfuse
 
 from .data import Sampler, read_jsonl, sft_batch
-from .model import head, hidden_states
+from .model import head, scored_hidden
 from .trainer import Trainer
 
 
 def nll_loss(model, batch):
     """Mean NLL over completion tokens, and the token count."""
     h = head(model)
-    hid = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [B, T-1, H]
-    logp = rlfuse.linear_logprobs(hid, h["weight"], batch.targets, bias=h["bias"],
+    hid, c = scored_hidden(model, batch)  # [B, T-1-c, H]
+    logp = rlfuse.linear_logprobs(hid, h["weight"], batch.targets[:, c:], bias=h["bias"],
                                   logit_scale=h["logit_scale"],
                                   final_logit_softcapping=h["final_logit_softcapping"])
     n = batch.mask.sum()
