@@ -17,7 +17,8 @@ from rlfuse.engine.config import (DPOConfig, GRPOConfig, ModelConfig, OptimConfi
 from rlfuse.engine.data import IGNORE, pack, sft_batch, write_jsonl
 from rlfuse.engine.dpo import DPOTrainer
 from rlfuse.engine.grpo import GRPOTrainer
-from rlfuse.engine.model import char_tokenizer, head, hidden_states, tiny_model
+from rlfuse.engine.model import (char_tokenizer, head, hidden_states, scored_hidden,
+                                 sequence_logprobs, tiny_model)
 from rlfuse.engine.rollout import generate
 from rlfuse.engine.sft import SFTTrainer, nll_loss
 
@@ -70,6 +71,21 @@ def test_hidden_states_are_what_the_head_reads(tok):
     logits = m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # [B, T, V]
     hid = hidden_states(m, b.input_ids, b.attention_mask)
     torch.testing.assert_close(hid @ head(m)["weight"].T, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_head_skips_only_columns_without_targets(tok):
+    m = model_for(tok)
+    b = sft_batch(tok, ["12+3=", "4+567="], ["15", "571"], 32)
+    hid, c = scored_hidden(m, b)
+    assert c == b.first_target == 5  # BOS + "12+3=" - 1: the shorter prompt's last position
+    assert (b.targets[:, :c] == IGNORE).all() and (b.targets[:, c] != IGNORE).any()
+    full = hidden_states(m, b.input_ids, b.attention_mask)[:, :-1]
+    torch.testing.assert_close(hid, full[:, c:])
+    h = head(m)
+    want = rlfuse.linear_logprobs(full, h["weight"], b.targets)
+    torch.testing.assert_close(sequence_logprobs(m, b), want)
+    assert nll_loss(m, b)[0].item() == pytest.approx(-want.sum().item() / b.mask.sum().item(),
+                                                     rel=1e-6)
 
 
 def test_pack_layout(tok):
@@ -318,8 +334,6 @@ def test_engine_bench_rejects_unknown_systems(capsys):
 # ----------------------------------------------------------------------------- LoRA
 def test_lora_grpo_trains_adapters_against_the_base_as_reference(tmp_path, tok):
     pytest.importorskip("peft")
-    from rlfuse.engine.model import sequence_logprobs
-
     cfg = make_cfg(tmp_path, "grpo", steps=3, optim=OptimConfig(lr=3e-2),
                    model=dataclasses.replace(TINY, lora_r=4))
     t = GRPOTrainer(cfg, tokenizer=tok)
