@@ -58,7 +58,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "mem_gb": _mem_total_gb(), "gpu": None, "torch": torch.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
-        "git_commit": _git_commit(), "trl": _version("trl"),
+        "git_commit": _git_commit(), "transformers": _version("transformers"),
+        "trl": _version("trl"),
         "liger_kernel": _version("liger-kernel"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -23,7 +23,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -266,7 +265,11 @@ def run(b: EngineBench) -> dict:
         if peer:
             r["speedup_vs_trl"] = r["tokens_per_s"] / peer["tokens_per_s"]
             r["rss_vs_trl"] = r["peak_rss_mb"] / peer["peak_rss_mb"]
-    result = {"config": dataclasses.asdict(b), "rows": rows, "machine": _machine()}
+    from rlfuse.benches.report import machine_info
+
+    if b.threads:
+        torch.set_num_threads(b.threads)  # so the record shows the workers' thread count
+    result = {"config": dataclasses.asdict(b), "rows": rows, "machine": machine_info(b.device)}
     os.makedirs(b.out, exist_ok=True)
     dev = "cuda" if b.device == "cuda" else "cpu"
     with open(os.path.join(b.out, f"engine_{dev}.json"), "w") as f:
@@ -279,17 +282,6 @@ def run(b: EngineBench) -> dict:
         print(f"{r['trainer']:<8}{r['system']:<18}{r['step_s']:>8.3f}{r['tokens_per_s']:>10.0f}"
               f"{r['peak_rss_mb']:>13.0f}{vs}")
     return result
-
-
-def _machine() -> dict:
-    versions = {}
-    for name in ("torch", "transformers", "trl"):
-        if importlib.util.find_spec(name) is not None:
-            from importlib.metadata import version
-
-            versions[name] = version(name)
-    return {"platform": platform.platform(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), **versions}
 
 
 def main(argv=None) -> int:
