@@ -57,8 +57,8 @@ def sample_tokens(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,
 
 
 def head_logits(x: Tensor, h: dict) -> Tensor:
-    """fp32 logits [B, V] of last hidden states x [B, H] under `h = model.head(model)`, with
-    the bias, logit_scale and final_logit_softcapping applied."""
+    """fp32 logits [B, V] of last hidden states x [B, H] under the LM head `h` (the dict of
+    `rlfuse.engine.model.head`), with bias, logit_scale and final_logit_softcapping applied."""
     logits = (h["weight"].float() @ x.float().t()).t().contiguous()
     if h["bias"] is not None:
         logits += h["bias"].float()
@@ -79,7 +79,7 @@ def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature
     h = head(model)
     h["weight"] = h["weight"].float()  # a copy only for bf16/fp16 weights
     decoder = model.get_decoder()
-    # transformers >= 5.2x names the argument `cache`; older releases `past_key_values`
+    # newer transformers name the argument `cache`, older releases `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters \
         else "past_key_values"
     cache = {cache_arg: DynamicCache(config=model.config)}
