@@ -16,13 +16,31 @@ def tok():
     return char_tokenizer()
 
 
-def test_greedy_decode_equals_model_generate(tok):
+def _model(arch: str, tok):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    m = tiny_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                               intermediate_size=48), tok, max_positions=64)
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id)
+    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, **ids)
+    if arch == "qwen2":
+        return tiny_model(ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                      intermediate_size=48), tok, max_positions=64)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**small))
+    # Gemma2: logit softcapping, and a sliding window shorter than the sequences
+    return Gemma2ForCausalLM(Gemma2Config(**small, head_dim=16, final_logit_softcapping=2.0,
+                                          sliding_window=4))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
+def test_greedy_decode_equals_model_generate(tok, arch):
+    m = _model(arch, tok)
     ours = generate(m, tok, PROMPTS, n=2, max_new_tokens=12, greedy=True)
     hf = generate(m, tok, PROMPTS, n=2, max_new_tokens=12, greedy=True, decoder="hf")
     assert ours.completion_ids == hf.completion_ids
+    assert max(ours.lengths) == 12 and len({tuple(c) for c in ours.completion_ids}) > 1
     assert ours.texts == hf.texts
     assert ours.prompt_ids == hf.prompt_ids
 
