@@ -104,9 +104,11 @@ def ppo_loss(model, value_head, batch, adv, old_logp, old_values, returns, *, re
     policy's backbone runs once and its hidden states feed both heads."""
     h = head(model)
     hid = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [b, T-1, H]
-    pg, out = rlfuse.policy_loss(hid, h["weight"], batch.targets, batch.mask, adv,
-                                 old_logp=old_logp, ref_logp=ref_logp, bias=h["bias"],
-                                 config=loss_cfg)
+    c = batch.first_target  # the LM head skips the columns that are prompt in every row
+    pg, out = rlfuse.policy_loss(hid[:, c:], h["weight"], batch.targets[:, c:],
+                                 batch.mask[:, c:], adv[:, c:], old_logp=old_logp[:, c:],
+                                 ref_logp=None if ref_logp is None else ref_logp[:, c:],
+                                 bias=h["bias"], config=loss_cfg)
     values = value_head(hid if critic is None else critic_hidden(critic, batch))  # [b, T-1] fp32
     vf, vm = rlfuse.value_loss(values, old_values, returns, batch.mask, clip=value_clip)
     loss = pg + vf_coef * vf
@@ -125,9 +127,12 @@ def rollout_stats(model, value_head, batch, temperature: float, critic=None,
     for s in range(0, batch.input_ids.shape[0], chunk_rows):
         b = batch[s:s + chunk_rows]
         hid = hidden_states(model, b.input_ids, b.attention_mask)[:, :-1]  # [b, T-1, H]
-        logps.append(rlfuse.linear_logprobs(
-            hid, h["weight"], b.targets, bias=h["bias"], temperature=temperature,
-            logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"]))
+        c = b.first_target
+        lp = torch.zeros(b.targets.shape, dtype=torch.float32, device=hid.device)
+        lp[:, c:] = rlfuse.linear_logprobs(
+            hid[:, c:], h["weight"], b.targets[:, c:], bias=h["bias"], temperature=temperature,
+            logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"])
+        logps.append(lp)
         values.append(value_head(hid if critic is None else critic_hidden(critic, b)) * b.mask)
     return torch.cat(logps), torch.cat(values)
 
