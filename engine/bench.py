@@ -75,24 +75,21 @@ class EngineBench:
 
 # ----------------------------------------------------------------------------- setup
 def _write_model(b: EngineBench, path: str) -> None:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from .model import char_tokenizer
+    from .config import ModelConfig
+    from .model import char_tokenizer, tiny_model
 
     tok = char_tokenizer(vocab_size=b.vocab_size)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tok), hidden_size=b.hidden_size, intermediate_size=b.intermediate_size,
-        num_hidden_layers=b.num_layers, num_attention_heads=b.num_heads,
-        num_key_value_heads=b.num_heads, max_position_embeddings=512, tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id))
-    model.save_pretrained(path)
+    cfg = ModelConfig(hidden_size=b.hidden_size, num_layers=b.num_layers, num_heads=b.num_heads,
+                      num_kv_heads=b.num_heads, intermediate_size=b.intermediate_size)
+    tiny_model(cfg, tok, max_positions=512).save_pretrained(path)
     tok.save_pretrained(path)
 
 
 def _write_data(b: EngineBench, tmp: str) -> dict:
     """GRPO prompts ("a+b=" with the answer) and DPO pairs of exactly `dpo_tokens` characters."""
+    from .data import write_jsonl
+
     rng = random.Random(0)
     n = b.warmup + b.steps
     prompts = []
@@ -105,9 +102,7 @@ def _write_data(b: EngineBench, tmp: str) -> dict:
     word = lambda k: "".join(rng.choice("abcdefghij ") for _ in range(k))  # noqa: E731
     pairs = [{"prompt": word(p_len), "chosen": word(c_len), "rejected": word(c_len)}
              for _ in range(n * b.dpo_pairs)]
-    from .data import write_jsonl
-
-    paths = {"prompts": os.path.join(tmp, "prompts.jsonl"), "pairs": os.path.join(tmp, "pairs.jsonl")}
+    paths = {k: os.path.join(tmp, f"{k}.jsonl") for k in ("prompts", "pairs")}
     write_jsonl(paths["prompts"], prompts)
     write_jsonl(paths["pairs"], pairs)
     return paths
@@ -177,7 +172,7 @@ def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict) -> dict:
     common = dict(output_dir=os.path.join(os.path.dirname(data["prompts"]), "trl"),
                   max_steps=b.warmup + b.steps, learning_rate=1e-6, logging_steps=1,
                   report_to="none", save_strategy="no", disable_tqdm=True,
-                  use_cpu=b.device == "cpu", bf16=False, per_device_train_batch_size=8)
+                  use_cpu=b.device == "cpu", bf16=False)
     if b.lora_r:
         from peft import LoraConfig
 
@@ -192,12 +187,12 @@ def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict) -> dict:
 
         args = trl.GRPOConfig(num_generations=b.group_size, max_completion_length=b.max_new_tokens,
                               beta=b.beta, loss_type="dapo",
-                              **{**common, "per_device_train_batch_size": b.group_size})
+                              per_device_train_batch_size=b.group_size, **common)
         ds = datasets.Dataset.from_list(read_jsonl(data["prompts"], ("prompt",)))
         t = trl.GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=ds,
                             processing_class=tok, callbacks=[timer], **peft)
     else:
-        args = trl.DPOConfig(beta=0.1, **{**common, "per_device_train_batch_size": b.dpo_pairs})
+        args = trl.DPOConfig(beta=0.1, per_device_train_batch_size=b.dpo_pairs, **common)
         ds = datasets.Dataset.from_list(read_jsonl(data["pairs"], ("prompt", "chosen", "rejected")))
         t = trl.DPOTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=tok,
                            callbacks=[timer], **peft)

@@ -125,20 +125,29 @@ def head(model) -> dict:
                 final_logit_softcapping=getattr(c, "final_logit_softcapping", None))
 
 
+def head_logprobs(hid: Tensor, batch, h: dict, temperature: float = 1.0) -> Tensor:
+    """Per-token log-probs [B, T-1] fp32 of batch.targets from hidden states hid [B, T-1, H]
+    (0 on ignored positions); the columns before batch.first_target skip the LM head."""
+    import rlfuse
+
+    c = batch.first_target
+    out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=hid.device)
+    out[:, c:] = rlfuse.linear_logprobs(
+        hid[:, c:], h["weight"], batch.targets[:, c:], bias=h["bias"], temperature=temperature,
+        logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"])
+    return out
+
+
 @torch.no_grad()
 def sequence_logprobs(model, batch, temperature: float = 1.0, chunk_rows: int = 64) -> Tensor:
     """Per-token log-probs [B, T-1] fp32 of batch.targets (0 on ignored positions), no grad."""
-    import rlfuse
-
     h = head(model)
-    out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=batch.targets.device)
+    out = []
     for s in range(0, batch.input_ids.shape[0], chunk_rows):
         b = batch[s:s + chunk_rows]
-        hid, c = scored_hidden(model, b)
-        out[s:s + chunk_rows, c:] = rlfuse.linear_logprobs(
-            hid, h["weight"], b.targets[:, c:], bias=h["bias"], temperature=temperature,
-            logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"])
-    return out
+        hid = hidden_states(model, b.input_ids, b.attention_mask)[:, :-1]  # [b, T-1, H]
+        out.append(head_logprobs(hid, b, h, temperature))
+    return torch.cat(out)
 
 
 class Reference:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 import rlfuse
 
 from .data import Sampler, pack, read_jsonl
-from .model import Reference, head, hidden_states
+from .model import Reference, head, head_logprobs, hidden_states
 from .rewards import Weighted, build_rewards
 from .rollout import generate
 from .trainer import Trainer, lr_lambda
@@ -127,12 +127,7 @@ def rollout_stats(model, value_head, batch, temperature: float, critic=None,
     for s in range(0, batch.input_ids.shape[0], chunk_rows):
         b = batch[s:s + chunk_rows]
         hid = hidden_states(model, b.input_ids, b.attention_mask)[:, :-1]  # [b, T-1, H]
-        c = b.first_target
-        lp = torch.zeros(b.targets.shape, dtype=torch.float32, device=hid.device)
-        lp[:, c:] = rlfuse.linear_logprobs(
-            hid[:, c:], h["weight"], b.targets[:, c:], bias=h["bias"], temperature=temperature,
-            logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"])
-        logps.append(lp)
+        logps.append(head_logprobs(hid, b, h, temperature))
         values.append(value_head(hid if critic is None else critic_hidden(critic, b)) * b.mask)
     return torch.cat(logps), torch.cat(values)
 

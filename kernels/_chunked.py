@@ -123,18 +123,16 @@ class _GradAccumulator:
             if bias is not None and needs[2] else None
 
     def add(self, s: int, e: int, x: Tensor, dz: Tensor):
-        if self.dx is None:
-            pass
-        elif self.dx.dtype == dz.dtype:
-            torch.mm(dz, self.g.w, out=self.dx[s:e])  # [c, H]
-        else:
-            self.dx[s:e] = dz @ self.g.w
-        if self.dw is None:
-            pass
-        elif dz.dtype == torch.float32:
-            self.dw.addmm_(dz.t(), x)
-        else:
-            self.dw += (dz.t() @ x).float()
+        if self.dx is not None:
+            if self.dx.dtype == dz.dtype:
+                torch.mm(dz, self.g.w, out=self.dx[s:e])  # [c, H]
+            else:
+                self.dx[s:e] = dz @ self.g.w
+        if self.dw is not None:
+            if dz.dtype == torch.float32:
+                self.dw.addmm_(dz.t(), x)
+            else:
+                self.dw += (dz.t() @ x).float()
         if self.db is not None:
             self.db += dz.sum(0, dtype=torch.float32)
 
