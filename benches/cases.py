@@ -58,6 +58,7 @@ PRESETS = {
     "small": Shape("small", 1024, 512, 32000, 256),
     "qwen-0.5b": Shape("qwen-0.5b", 2048, 896, 151936, 1024),
     "llama-8b": Shape("llama-8b", 8192, 4096, 128256, 2048),
+    "gpu-8k": Shape("gpu-8k", 8192, 4096, 131072, 2048),  # benches/gpu_check.sh
 }
 
 
