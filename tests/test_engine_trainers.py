@@ -380,7 +380,7 @@ def test_engine_bench_against_trl(tmp_path):
     assert rows["grpo", "trl"]["speedup_vs_trl"] == rows["dpo", "trl"]["rss_vs_trl"] == 1.0
 
 
-# ----------------------------------------------------------------------------- LM head, shared steps
+# ----------------------------------------------------------------------------- LM head, RL core
 def test_head_is_a_frozen_typed_lm_head(tok):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
