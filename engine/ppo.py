@@ -3,8 +3,8 @@
 One step:
   1. rollout   `rollout.prompts_per_step` prompts x `rollout.samples_per_prompt` completions
   2. score     verifier rewards and/or a sequence-classification reward model -> score [B]
-               (1-2: rollout.rollout_and_score, shared with GRPO)
-               (minus `missing_eos_penalty` for completions that never stopped)
+               (minus `missing_eos_penalty` for completions that never stopped); steps 1-2 are
+               rollout.rollout_and_score, shared with GRPO
   3. no grad   one backbone pass per chunk gives old log-probs [B, T-1] (fused linear_logprobs)
                and old values [B, T-1] (value head on the same hidden states); reference log-probs
   4. rewards   kl_in="reward": r_t = -kl_coef * KL_t on every completion token, plus the score
