@@ -112,7 +112,8 @@ def _write_data(b: EngineBench, tmp: str) -> dict:
 def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str) -> dict:
     import rlfuse
 
-    from .config import DPOConfig, GRPOConfig, ModelConfig, OptimConfig, RewardSpec, TrainConfig
+    from .config import (DPOConfig, GRPOConfig, ModelConfig, OptimConfig, RewardSpec,
+                         RolloutConfig, TrainConfig)
     from .dpo import DPOTrainer
     from .grpo import GRPOTrainer
 
@@ -121,9 +122,9 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
                   model=ModelConfig(path=model_dir, lora_r=b.lora_r),
                   optim=OptimConfig(lr=1e-6))
     if trainer == "grpo":
-        cfg = GRPOConfig(data=data["prompts"], prompts_per_step=1, group_size=b.group_size,
-                         max_new_tokens=b.max_new_tokens, passes=1,
-                         rewards=(RewardSpec("exact_answer"),),
+        roll = RolloutConfig(prompts_per_step=1, samples_per_prompt=b.group_size,
+                             max_new_tokens=b.max_new_tokens, rewards=(RewardSpec("exact_answer"),))
+        cfg = GRPOConfig(data=data["prompts"], rollout=roll, passes=1,
                          loss=rlfuse.PolicyLossConfig(loss_type="dapo", beta=b.beta, impl=impl))
         t = GRPOTrainer(TrainConfig(algo="grpo", grpo=cfg, **common))
     else:

@@ -90,35 +90,55 @@ class RewardSpec:
 
 
 @dataclass(frozen=True)
-class GRPOConfig:
-    data: Optional[str] = None           # JSONL with "prompt" (+ "answer" for the verifier)
+class RolloutConfig:
+    """One RL step's rollouts, shared by GRPO and PPO (rlfuse.engine.rollout.rollout_and_score):
+    `prompts_per_step` prompts x `samples_per_prompt` completions, scored by `rewards`. The
+    trainers validate it (`check`), so an error names their section."""
     prompts_per_step: int = 16
-    group_size: int = 8
-    passes: int = 2                      # optimization passes over each rollout batch
-    mini_batches: int = 1                # optimizer steps per pass
+    samples_per_prompt: int = 8          # GRPO: the group size
     temperature: float = 1.0             # sampling; the loss uses the same temperature
     top_p: float = 1.0
     max_new_tokens: int = 32
-    decoder: str = "rlfuse"              # rollouts: rlfuse (KV-cache loop, fast sampler) | hf (model.generate)
+    decoder: str = "rlfuse"              # rlfuse (KV-cache loop, fast sampler) | hf (generate)
+    rewards: tuple = (RewardSpec(),)
+
+    def check(self, section: str, min_samples: int) -> None:
+        _check(f"{section}.samples_per_prompt", self.samples_per_prompt >= min_samples,
+               f"must be >= {min_samples}")
+        for k in ("prompts_per_step", "max_new_tokens"):
+            _check(f"{section}.{k}", getattr(self, k) >= 1, "must be >= 1")
+        _check(f"{section}.temperature", self.temperature > 0, "must be > 0")
+        _check(f"{section}.top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
+        _choice(f"{section}.decoder", self.decoder, ("rlfuse", "hf"))
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts_per_step * self.samples_per_prompt
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    data: Optional[str] = None           # JSONL with "prompt" (+ "answer" for the verifier)
+    rollout: RolloutConfig = RolloutConfig()
+    passes: int = 2                      # optimization passes over each rollout batch
+    mini_batches: int = 1                # optimizer steps per pass
     advantage_estimator: str = "grpo"    # grpo | rloo | dr_grpo
     advantage_scale: str = "group"       # group | batch | none
     reference: bool = True               # keep a reference policy (KL term and KL monitoring)
     sft_coef: float = 0.0                # NLL on a batch of SFT demonstrations (needs sft.data)
-    rewards: tuple = (RewardSpec(),)
-    loss: PolicyLossConfig = PolicyLossConfig()
+    loss: PolicyLossConfig = PolicyLossConfig()  # temperature, logit transform: from the trainer
 
     def __post_init__(self):
-        _check("grpo.group_size", self.group_size >= 2, "must be >= 2 (advantages compare a group)")
-        for k in ("prompts_per_step", "passes", "mini_batches", "max_new_tokens"):
+        self.rollout.check("grpo.rollout", min_samples=2)  # advantages compare a group
+        for k in ("passes", "mini_batches"):
             _check(f"grpo.{k}", getattr(self, k) >= 1, "must be >= 1")
-        _check("grpo.temperature", self.temperature > 0, "must be > 0")
-        _check("grpo.top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
-        _choice("grpo.decoder", self.decoder, ("rlfuse", "hf"))
         _choice("grpo.advantage_estimator", self.advantage_estimator, ("grpo", "rloo", "dr_grpo"))
         _choice("grpo.advantage_scale", self.advantage_scale, ("group", "batch", "none"))
         _check("grpo.sft_coef", self.sft_coef >= 0, "must be >= 0")
-        _check("grpo.mini_batches", self.prompts_per_step * self.group_size % self.mini_batches == 0,
-               "must divide prompts_per_step * group_size")
+        _check("grpo.reference", self.reference or self.loss.beta == 0,
+               "must be true when grpo.loss.beta > 0 (the KL term needs the reference policy)")
+        _check("grpo.mini_batches", self.rollout.completions_per_step % self.mini_batches == 0,
+               "must divide rollout.prompts_per_step * rollout.samples_per_prompt")
 
 
 @dataclass(frozen=True)
@@ -155,13 +175,9 @@ class RewardModelConfig:
 class PPOConfig:
     """Classic RLHF PPO (rlfuse.engine.ppo); the policy loss is PolicyLossConfig(loss_type="ppo")."""
     data: Optional[str] = None           # JSONL with "prompt" (+ "answer" for the verifier)
-    prompts_per_step: int = 32
-    samples_per_prompt: int = 1
+    rollout: RolloutConfig = RolloutConfig(prompts_per_step=32, samples_per_prompt=1)
     epochs: int = 4                      # PPO epochs over each rollout batch
     mini_batches: int = 2                # optimizer steps per epoch
-    temperature: float = 1.0             # sampling; the loss uses the same temperature
-    top_p: float = 1.0
-    max_new_tokens: int = 32
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -170,42 +186,36 @@ class PPOConfig:
     vf_coef: float = 0.1
     value_lr_scale: float = 10.0         # critic lr = value_lr_scale * optim.lr
     value_clip: Optional[float] = 0.2    # None: unclipped value loss
-    eps_low: float = 0.2
-    eps_high: Optional[float] = None
-    dual_clip: Optional[float] = None    # dual-clip constant c > 1
-    entropy_coef: float = 0.0
+    # clipping, dual clip, entropy bonus; loss.kl_estimator also estimates the KL in the reward;
+    # temperature and logit transform are set by the trainer, beta by kl_in/kl_coef
+    loss: PolicyLossConfig = PolicyLossConfig(loss_type="ppo", kl_estimator="k1")
     kl_coef: float = 0.05                # initial coefficient of the KL to the reference
     kl_in: str = "reward"                # reward: -kl_coef * KL per token | loss: beta = kl_coef
-    kl_estimator: str = "k1"             # k1 | k2 | k3
     kl_target: Optional[float] = None    # adaptive controller target (sequence KL); None: fixed
     kl_horizon: int = 10000
     missing_eos_penalty: Optional[float] = None  # subtracted from the score without an EOS
-    reward: str = "verifier"             # verifier (`rewards`) | model (`reward_model`) | both
-    rewards: tuple = (RewardSpec(),)
+    reward: str = "verifier"             # verifier (rollout.rewards) | model (reward_model) | both
     reward_model: RewardModelConfig = RewardModelConfig()
 
     def __post_init__(self):
-        for k in ("prompts_per_step", "samples_per_prompt", "epochs", "mini_batches",
-                  "max_new_tokens", "kl_horizon"):
+        self.rollout.check("ppo.rollout", min_samples=1)
+        for k in ("epochs", "mini_batches", "kl_horizon"):
             _check(f"ppo.{k}", getattr(self, k) >= 1, "must be >= 1")
-        _check("ppo.temperature", self.temperature > 0, "must be > 0")
-        _check("ppo.top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
         _check("ppo.gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")
         _check("ppo.lam", 0 <= self.lam <= 1, "must be in [0, 1]")
         _check("ppo.vf_coef", self.vf_coef >= 0, "must be >= 0")
         _check("ppo.value_lr_scale", self.value_lr_scale > 0, "must be > 0")
         _check("ppo.value_clip", self.value_clip is None or self.value_clip > 0, "must be > 0")
+        _choice("ppo.loss.loss_type", self.loss.loss_type, ("ppo",))
+        _check("ppo.loss.beta", self.loss.beta == 0,
+               "must be 0: the KL coefficient is ppo.kl_coef (ppo.kl_in=loss puts it in the loss)")
         _check("ppo.kl_coef", self.kl_coef >= 0, "must be >= 0")
         _check("ppo.kl_target", self.kl_target is None or self.kl_target > 0, "must be > 0")
         _choice("ppo.kl_in", self.kl_in, ("reward", "loss"))
-        _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         _choice("ppo.reward", self.reward, ("verifier", "model", "both"))
         _choice("ppo.critic", self.critic, ("shared", "separate"))
-        _check("ppo.mini_batches",
-               self.prompts_per_step * self.samples_per_prompt % self.mini_batches == 0,
-               "must divide prompts_per_step * samples_per_prompt")
-        PolicyLossConfig(loss_type="ppo", eps_low=self.eps_low, eps_high=self.eps_high,
-                         dual_clip=self.dual_clip, entropy_coef=self.entropy_coef)
+        _check("ppo.mini_batches", self.rollout.completions_per_step % self.mini_batches == 0,
+               "must divide rollout.prompts_per_step * rollout.samples_per_prompt")
 
 
 @dataclass(frozen=True)
@@ -240,8 +250,10 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- building
-def build(cls, data: dict, prefix: str = ""):
-    """Dataclass `cls` from a nested mapping: unknown keys and bad types raise ConfigError."""
+def build(cls, data: dict, prefix: str = "", base=None):
+    """Dataclass `cls` from a nested mapping, over the defaults of `base` (an instance: a field's
+    own default, such as PPO's rollout sizes) when given; unknown keys and bad types raise
+    ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, "
                           f"got {type(data).__name__}")
@@ -250,16 +262,18 @@ def build(cls, data: dict, prefix: str = ""):
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {names}")
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    defaults = {f.name: f.default if base is None else getattr(base, f.name)
+                for f in dataclasses.fields(cls)}
+    kwargs = {k: _coerce(hints[k], v, prefix + k, defaults[k]) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:  # the op layer's own config checks
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: {err}") from None
 
 
-def _coerce(tp, value, key: str):
+def _coerce(tp, value, key: str, default=None):
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -267,7 +281,9 @@ def _coerce(tp, value, key: str):
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key)
     if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else build(tp, value or {}, key + ".")
+        if isinstance(value, tp):
+            return value
+        return build(tp, value or {}, key + ".", default if isinstance(default, tp) else None)
     if tp is tuple or origin is tuple:  # only `rewards` is a tuple: of RewardSpec
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r} must be a list, got {value!r}")

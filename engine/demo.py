@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import (GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec, SFTConfig,
-                     TrainConfig, build, parse_overrides)
+from .config import (GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec, RolloutConfig,
+                     SFTConfig, TrainConfig, build, parse_overrides)
 from .data import write_jsonl
 from .dpo import DPOTrainer
 from .evaluate import EvalConfig, accuracy
@@ -147,10 +147,10 @@ def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: in
         print(f"[ppo] {len(pairs)} preference pairs for the reward model", flush=True)
         rm = RewardModelConfig(pairs=os.path.join(out, "rm_pairs.jsonl"), steps=d.rm_steps,
                                batch_size=64)
-    ppo = PPOConfig(data=os.path.join(out, "prompts.jsonl"), prompts_per_step=d.ppo_prompts,
-                    samples_per_prompt=d.ppo_samples, epochs=2, mini_batches=2,
-                    max_new_tokens=budget, kl_coef=0.05, reward=d.ppo_reward,
-                    rewards=(RewardSpec("exact_answer", 1.0),), reward_model=rm)
+    roll = RolloutConfig(prompts_per_step=d.ppo_prompts, samples_per_prompt=d.ppo_samples,
+                         max_new_tokens=budget, rewards=(RewardSpec("exact_answer", 1.0),))
+    ppo = PPOConfig(data=os.path.join(out, "prompts.jsonl"), rollout=roll, epochs=2,
+                    mini_batches=2, kl_coef=0.05, reward=d.ppo_reward, reward_model=rm)
     PPOTrainer(stage_config(d, out, "ppo", d.ppo_steps, d.ppo_lr, ppo=ppo), model, tok).fit()
 
 
@@ -223,12 +223,14 @@ def _run(d: DemoConfig) -> dict:
         evaluate("ppo", model)
 
     t = time.time()
-    grpo = GRPOConfig(data=os.path.join(out, "prompts.jsonl"), prompts_per_step=d.grpo_prompts,
-                      group_size=d.grpo_group, passes=2, temperature=1.0,
-                      max_new_tokens=budget, reference=True,
-                      rewards=(RewardSpec("exact_answer", 1.0),
-                               RewardSpec("regex_format", 0.1, {"pattern": r"\d+"})),
-                      loss=rlfuse.PolicyLossConfig(loss_type="grpo", beta=d.grpo_beta, eps_high=0.28))
+    roll = RolloutConfig(prompts_per_step=d.grpo_prompts, samples_per_prompt=d.grpo_group,
+                         temperature=1.0, max_new_tokens=budget,
+                         rewards=(RewardSpec("exact_answer", 1.0),
+                                  RewardSpec("regex_format", 0.1, {"pattern": r"\d+"})))
+    grpo = GRPOConfig(data=os.path.join(out, "prompts.jsonl"), rollout=roll, passes=2,
+                      reference=True,
+                      loss=rlfuse.PolicyLossConfig(loss_type="grpo", beta=d.grpo_beta,
+                                                   eps_high=0.28))
     if "grpo" in stages:
         GRPOTrainer(stage_config(d, out, "grpo", d.grpo_steps, d.grpo_lr, grpo=grpo), model,
                     tok).fit()

@@ -8,7 +8,6 @@ calls `rlfuse.preference_loss` on the backbone's hidden states and the LM head.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -33,9 +32,7 @@ class DPOTrainer(Trainer):
         self.pairs = read_jsonl(cfg.dpo.data, ("prompt", "chosen", "rejected"))
         super().__init__(cfg, model, tokenizer)
         self.sampler = Sampler(len(self.pairs), cfg.dpo.batch_size, cfg.seed)
-        h = head(self.model)
-        self.loss_cfg = dataclasses.replace(cfg.dpo.loss, logit_scale=h["logit_scale"],
-                                            final_logit_softcapping=h["final_logit_softcapping"])
+        self.loss_cfg = head(self.model).loss_config(cfg.dpo.loss, "dpo.loss")
         self.ref = None  # [n, 2] reference sums (chosen, rejected), computed at the first step
 
     @property
@@ -70,8 +67,8 @@ class DPOTrainer(Trainer):
         ref = self.ref[idx].T.reshape(-1) if uses_ref else None  # [2B]: chosen; rejected
         h = head(self.model)
         hid, c = scored_hidden(self.model, batch)
-        loss, out = rlfuse.preference_loss(hid, h["weight"], batch.targets[:, c:],
-                                           batch.mask[:, c:], ref_logp=ref, bias=h["bias"],
+        loss, out = rlfuse.preference_loss(hid, h.weight, batch.targets[:, c:],
+                                           batch.mask[:, c:], ref_logp=ref, bias=h.bias,
                                            config=self.loss_cfg)
         loss.backward()
         grad_norm = self.optimizer_step()

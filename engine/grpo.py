@@ -1,8 +1,9 @@
 """GRPO: group sampling, verifiable rewards, group-relative advantages, clipped policy loss.
 
 One step:
-  1. rollout   `prompts_per_step` prompts x `group_size` samples (KV cache, temperature,
-               top_p, max_new_tokens, stop at EOS; `decoder=hf` uses model.generate)
+  1. rollout   `rollout.prompts_per_step` prompts x `rollout.samples_per_prompt` samples (KV
+               cache, temperature, top_p, max_new_tokens, stop at EOS; `decoder=hf` uses
+               model.generate); rollout.rollout_and_score, shared with PPO
   2. rewards   weighted reward functions -> [B]; `rlfuse.group_advantages` -> A [B]
   3. no grad   old log-probs of the sampling policy and reference log-probs (frozen copy,
                or the LoRA base with the adapter off), both [B, T-1] via linear_logprobs
@@ -14,23 +15,16 @@ sampling temperature (as TRL does), so old log-probs match the sampling distribu
 """
 from __future__ import annotations
 
-import dataclasses
 import time
-
-import torch
 
 import rlfuse
 
-from .data import Sampler, pack, read_jsonl, sft_batch
+from .data import Sampler, read_jsonl
 from .model import Reference, head, scored_hidden, sequence_logprobs
 from .rewards import build_rewards
-from .rollout import generate
-from .sft import nll_loss
+from .rollout import minibatch_steps, rollout_and_score
+from .sft import Demonstrations, nll_loss
 from .trainer import Trainer
-
-
-def _mean(rows: list[dict]) -> dict:
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
 class GRPOTrainer(Trainer):
@@ -43,44 +37,33 @@ class GRPOTrainer(Trainer):
             raise ValueError("GRPO needs prompts: set grpo.data to a JSONL file with a "
                              "'prompt' field (and 'answer' for the exact_answer verifier)")
         self.prompts = read_jsonl(g.data, ("prompt",))
-        self.sampler = Sampler(len(self.prompts), g.prompts_per_step, cfg.seed)
-        self.reward_fn = reward_fn or build_rewards(g.rewards)
-        self.reference = Reference(self.model) if g.reference or g.loss.beta > 0 else None
-        h = head(self.model)
-        self.loss_cfg = dataclasses.replace(
-            g.loss, temperature=g.temperature, logit_scale=h["logit_scale"],
-            final_logit_softcapping=h["final_logit_softcapping"])
+        self.sampler = Sampler(len(self.prompts), g.rollout.prompts_per_step, cfg.seed)
+        self.reward_fn = reward_fn or build_rewards(g.rollout.rewards)
+        self.reference = Reference(self.model) if g.reference else None
+        self.loss_cfg = head(self.model).loss_config(g.loss, "grpo.loss", g.rollout.temperature)
         self.sft = None
         if g.sft_coef > 0:
             if not cfg.sft.data:
                 raise ValueError("grpo.sft_coef > 0 needs SFT demonstrations in sft.data")
-            self.sft = read_jsonl(cfg.sft.data, ("prompt", "completion"))
-            self.sft_sampler = Sampler(len(self.sft), cfg.sft.batch_size, cfg.seed + 1)
+            self.sft = Demonstrations(read_jsonl(cfg.sft.data, ("prompt", "completion")),
+                                      self.tok, cfg.sft.batch_size, cfg.max_length, cfg.seed + 1)
 
     def train_step(self) -> dict:
-        g, G = self.cfg.grpo, self.cfg.grpo.group_size
+        g = self.cfg.grpo
         rows = [self.prompts[i] for i in self.sampler.next()]
 
-        # 1. rollout: G samples per prompt, grouped contiguously
-        t0 = time.perf_counter()
-        prompts = [r["prompt"] for r in rows for _ in range(G)]
-        roll = generate(self.model, self.tok, [r["prompt"] for r in rows], n=G,
-                        temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-                        decoder=g.decoder)
-        t_gen = time.perf_counter() - t0
-
-        # 2. rewards -> group-relative advantages
-        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        rewards = torch.tensor(self.reward_fn(prompts, roll.texts, **columns), dtype=torch.float32)
-        adv, adv_stats = rlfuse.group_advantages(rewards, G, scale=g.advantage_scale,
+        # 1-2. rollout: G samples per prompt, grouped contiguously, and their rewards
+        scored = rollout_and_score(self.model, self.tok, rows, g.rollout, self.reward_fn,
+                                   self.cfg.max_length)
+        rewards, batch = scored.rewards, scored.batch
+        # group-relative advantages
+        adv, adv_stats = rlfuse.group_advantages(rewards, g.rollout.samples_per_prompt,
+                                                 scale=g.advantage_scale,
                                                  estimator=g.advantage_estimator)
-        batch = pack(roll.prompt_ids, roll.completion_ids, self.tok.pad_token_id,
-                     self.cfg.max_length).to(self.device)
-        adv = adv.to(self.device)
 
         # 3-4. old / reference log-probs, then the optimization passes
         t1 = time.perf_counter()
-        stats = self.optimize(batch, adv)
+        stats = self.optimize(batch, adv.to(self.device))
         t_train = time.perf_counter() - t1
 
         n_tokens = batch.attention_mask.sum().item()
@@ -89,48 +72,41 @@ class GRPOTrainer(Trainer):
                 "reward_std": rewards.std().item(),
                 "frac_zero_std_groups": float(adv_stats.get("frac_zero_std", 0.0)),
                 **getattr(self.reward_fn, "last", {}),
-                "completion_length": sum(roll.lengths) / len(roll.lengths),
-                "rollout_tokens_per_s": sum(roll.lengths) / t_gen,
+                **scored.metrics(),
                 "train_tokens_per_s": n_tokens * g.passes / t_train}
 
     def optimize(self, batch, adv) -> dict:
         """`passes` x `mini_batches` optimizer steps of the policy loss on one rollout batch."""
         g = self.cfg.grpo
+        t = self.loss_cfg.temperature
         # old log-probs of the sampling policy (on-policy ratio when there is one update)
-        old = sequence_logprobs(self.model, batch, g.temperature) \
-            if g.passes * g.mini_batches > 1 else None
-        ref = self.reference.logprobs(batch, g.temperature) if self.reference else None
-        h, stats = head(self.model), []
-        for _ in range(g.passes):
-            for mb in torch.randperm(batch.input_ids.shape[0]).chunk(g.mini_batches):
-                b = batch[mb]
-                hid, c = scored_hidden(self.model, b)
-                loss, out = rlfuse.policy_loss(
-                    hid, h["weight"], b.targets[:, c:], b.mask[:, c:], adv[mb], bias=h["bias"],
-                    old_logp=None if old is None else old[mb, c:],
-                    ref_logp=None if ref is None else ref[mb, c:], config=self.loss_cfg)
-                step = {"loss": loss.item(), **{k: v.item() for k, v in out.metrics.items()}}
-                if self.sft is not None:
-                    nll, _ = nll_loss(self.model, self.sft_batch())
-                    loss = loss + g.sft_coef * nll
-                    step["sft_nll"] = nll.item()
-                loss.backward()
-                step["grad_norm"] = self.optimizer_step()
-                stats.append(step)
-        return {**_mean(stats), "grad_norm_max": max(s["grad_norm"] for s in stats)}
+        old = sequence_logprobs(self.model, batch, t) if g.passes * g.mini_batches > 1 else None
+        ref = self.reference.logprobs(batch, t) if self.reference else None
+        h = head(self.model)
 
-    def sft_batch(self):
-        rows = [self.sft[i] for i in self.sft_sampler.next()]
-        return sft_batch(self.tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
-                         self.cfg.max_length).to(self.device)
+        def step(mb):
+            b = batch[mb]
+            hid, c = scored_hidden(self.model, b)
+            loss, out = rlfuse.policy_loss(
+                hid, h.weight, b.targets[:, c:], b.mask[:, c:], adv[mb], bias=h.bias,
+                old_logp=None if old is None else old[mb, c:],
+                ref_logp=None if ref is None else ref[mb, c:], config=self.loss_cfg)
+            metrics = {"loss": loss.item(), **{k: v.item() for k, v in out.metrics.items()}}
+            if self.sft is not None:
+                nll, _ = nll_loss(self.model, self.sft.next(self.device))
+                loss = loss + g.sft_coef * nll
+                metrics["sft_nll"] = nll.item()
+            return loss, metrics
+
+        return minibatch_steps(self, batch.input_ids.shape[0], g.passes, g.mini_batches, step)
 
     def state_dict(self) -> dict:
         state = {"sampler": self.sampler.state_dict()}
         if self.sft is not None:
-            state["sft_sampler"] = self.sft_sampler.state_dict()
+            state["sft_sampler"] = self.sft.sampler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
         if self.sft is not None and "sft_sampler" in state:
-            self.sft_sampler.load_state_dict(state["sft_sampler"])
+            self.sft.sampler.load_state_dict(state["sft_sampler"])

@@ -1,22 +1,26 @@
 """Models for the engine: load or build a causal LM, and feed the fused ops.
 
 The trainers never compute full logits: `hidden_states` runs the backbone (decoder stack and
-final norm) and `head` returns the LM-head weight plus the model's logit transform
-(`logit_scale`, `final_logit_softcapping`) for `rlfuse.linear_logprobs` / the fused losses.
+final norm) and `head` returns the LM head (`LMHead`: weight, bias and the model's logit
+transform, `logit_scale`, `final_logit_softcapping`) for `rlfuse.linear_logprobs` / the fused
+losses.
 The reference policy is a frozen copy, or the base of a LoRA policy with the adapter off.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import logging
 import string
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHARS = string.digits + "+-*=() " + string.ascii_lowercase + ".,:?"
@@ -116,16 +120,44 @@ def scored_hidden(model, batch) -> tuple[Tensor, int]:
     return hidden_states(model, batch.input_ids, batch.attention_mask)[:, c:-1], c
 
 
-def head(model) -> dict:
-    """LM-head weight (and bias) and logit transform, as keyword arguments of the fused ops."""
+@dataclass(frozen=True, eq=False)
+class LMHead:
+    """The LM head as the fused ops take it: weight [V, H], bias [V] or None, and the model's
+    logit transform (transformers' config names)."""
+    weight: Tensor
+    bias: Optional[Tensor] = None
+    logit_scale: float = 1.0
+    final_logit_softcapping: Optional[float] = None
+
+    def loss_config(self, cfg, section: str, temperature: Optional[float] = None):
+        """`cfg` (a fused-loss config, at config key `section`) with this head's logit transform,
+        and with `temperature` when the trainer fixes it: the sampling temperature of
+        `<trainer>.rollout.temperature`, so the loss scores the distribution that sampled. A
+        value the user set there that would be overwritten raises ConfigError naming the key."""
+        fixed = {"logit_scale": (self.logit_scale, "the model config's logit_scale"),
+                 "final_logit_softcapping": (self.final_logit_softcapping,
+                                             "the model config's final_logit_softcapping")}
+        if temperature is not None:
+            fixed["temperature"] = (temperature, f"{section.split('.')[0]}.rollout.temperature")
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+        for k, (value, source) in fixed.items():
+            if getattr(cfg, k) not in (defaults[k], value):
+                raise ConfigError(f"config key {section + '.' + k!r} is {getattr(cfg, k)!r}, but "
+                                  f"the trainer sets it to {value!r} from {source}: leave "
+                                  f"{section + '.' + k!r} unset")
+        return dataclasses.replace(cfg, **{k: v for k, (v, _) in fixed.items()})
+
+
+def head(model) -> LMHead:
+    """The policy's LM head: weight, bias and the logit transform of its config."""
     lm_head = model.get_output_embeddings()
     c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return dict(weight=lm_head.weight, bias=getattr(lm_head, "bias", None),
-                logit_scale=float(getattr(c, "logit_scale", None) or 1.0),
-                final_logit_softcapping=getattr(c, "final_logit_softcapping", None))
+    return LMHead(lm_head.weight, getattr(lm_head, "bias", None),
+                  float(getattr(c, "logit_scale", None) or 1.0),
+                  getattr(c, "final_logit_softcapping", None))
 
 
-def head_logprobs(hid: Tensor, batch, h: dict, temperature: float = 1.0) -> Tensor:
+def head_logprobs(hid: Tensor, batch, h: LMHead, temperature: float = 1.0) -> Tensor:
     """Per-token log-probs [B, T-1] fp32 of batch.targets from hidden states hid [B, T-1, H]
     (0 on ignored positions); the columns before batch.first_target skip the LM head."""
     import rlfuse
@@ -133,21 +165,25 @@ def head_logprobs(hid: Tensor, batch, h: dict, temperature: float = 1.0) -> Tens
     c = batch.first_target
     out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=hid.device)
     out[:, c:] = rlfuse.linear_logprobs(
-        hid[:, c:], h["weight"], batch.targets[:, c:], bias=h["bias"], temperature=temperature,
-        logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"])
+        hid[:, c:], h.weight, batch.targets[:, c:], bias=h.bias, temperature=temperature,
+        logit_scale=h.logit_scale, final_logit_softcapping=h.final_logit_softcapping)
     return out
 
 
-@torch.no_grad()
-def sequence_logprobs(model, batch, temperature: float = 1.0, chunk_rows: int = 64) -> Tensor:
-    """Per-token log-probs [B, T-1] fp32 of batch.targets (0 on ignored positions), no grad."""
-    h = head(model)
-    out = []
+def hidden_chunks(model, batch, chunk_rows: int = 64):
+    """(rows, hidden [b, T-1, H]) for each chunk of `chunk_rows` rows of batch: the no-grad
+    passes over a whole rollout batch hold one chunk's activations at a time."""
     for s in range(0, batch.input_ids.shape[0], chunk_rows):
         b = batch[s:s + chunk_rows]
-        hid = hidden_states(model, b.input_ids, b.attention_mask)[:, :-1]  # [b, T-1, H]
-        out.append(head_logprobs(hid, b, h, temperature))
-    return torch.cat(out)
+        yield b, hidden_states(model, b.input_ids, b.attention_mask)[:, :-1]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch, temperature: float = 1.0) -> Tensor:
+    """Per-token log-probs [B, T-1] fp32 of batch.targets (0 on ignored positions), no grad."""
+    h = head(model)
+    return torch.cat([head_logprobs(hid, b, h, temperature)
+                      for b, hid in hidden_chunks(model, batch)])
 
 
 class Reference:

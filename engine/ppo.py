@@ -1,9 +1,10 @@
 """Classic RLHF PPO: value head, KL-shaped per-token rewards, GAE, clipped policy and value losses.
 
 One step:
-  1. rollout   `prompts_per_step` prompts x `samples_per_prompt` completions with `generate`
+  1. rollout   `rollout.prompts_per_step` prompts x `rollout.samples_per_prompt` completions
   2. score     verifier rewards and/or a sequence-classification reward model -> score [B]
-               (minus `missing_eos_penalty` for completions that never stopped)
+               (minus `missing_eos_penalty` for completions that never stopped); steps 1-2 are
+               rollout.rollout_and_score, shared with GRPO
   3. no grad   one backbone pass per chunk gives old log-probs [B, T-1] (fused linear_logprobs)
                and old values [B, T-1] (value head on the same hidden states); reference log-probs
   4. rewards   kl_in="reward": r_t = -kl_coef * KL_t on every completion token, plus the score
@@ -14,7 +15,8 @@ One step:
                and feed both rlfuse.policy_loss(loss_type="ppo", per-token A, dual clip...) and
                the value head: loss = pg + vf_coef * rlfuse.value_loss(V, V_old, R, value_clip)
   7. KL        the adaptive controller moves kl_coef toward `kl_target` (Ziegler et al. 2019)
-KL_t uses `kl_estimator` on log pi_old - log pi_ref: k1 (TRL/OpenRLHF's default), k2 or k3.
+KL_t is `rlfuse.kl_estimate` with `loss.kl_estimator` on log pi_old - log pi_ref: k1 (TRL and
+OpenRLHF's default, and PPO's here), k2 or k3; the same estimator as the loss's KL term.
 Cost per step: two no-grad backbone passes (policy, reference) with 2·N·H·V LM-head FLOPs each,
 then epochs x (backbone forward + backward, and the fused loss's 6·N·H·V); the LM head only ever
 holds one [C, V] chunk of logits, the value head a [N] vector.
@@ -36,10 +38,10 @@ from torch import Tensor, nn
 
 import rlfuse
 
-from .data import Sampler, pack, read_jsonl
-from .model import Reference, head, head_logprobs, hidden_states
+from .data import Sampler, read_jsonl
+from .model import Reference, head, head_logprobs, hidden_chunks, hidden_states
 from .rewards import Weighted, build_rewards
-from .rollout import generate
+from .rollout import minibatch_steps, rollout_and_score
 from .trainer import Trainer, lr_lambda
 
 
@@ -72,17 +74,6 @@ class KLController:
             self.value *= 1.0 + err * n / self.horizon
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi: k1 = logp - ref,
-    k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's estimators)."""
-    d = ref_logp - logp
-    if estimator == "k1":
-        return -d
-    if estimator == "k2":
-        return 0.5 * d * d
-    return torch.expm1(d) - d
-
-
 def token_rewards(scores: Tensor, mask: Tensor, kl: Tensor, kl_coef: float) -> Tensor:
     """[B, T]: -kl_coef * kl on completion tokens, plus scores [B] at each row's last one."""
     r = -kl_coef * kl * mask  # [B, T]
@@ -105,10 +96,10 @@ def ppo_loss(model, value_head, batch, adv, old_logp, old_values, returns, *, re
     h = head(model)
     hid = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [b, T-1, H]
     c = batch.first_target  # the LM head skips the columns that are prompt in every row
-    pg, out = rlfuse.policy_loss(hid[:, c:], h["weight"], batch.targets[:, c:],
+    pg, out = rlfuse.policy_loss(hid[:, c:], h.weight, batch.targets[:, c:],
                                  batch.mask[:, c:], adv[:, c:], old_logp=old_logp[:, c:],
                                  ref_logp=None if ref_logp is None else ref_logp[:, c:],
-                                 bias=h["bias"], config=loss_cfg)
+                                 bias=h.bias, config=loss_cfg)
     values = value_head(hid if critic is None else critic_hidden(critic, batch))  # [b, T-1] fp32
     vf, vm = rlfuse.value_loss(values, old_values, returns, batch.mask, clip=value_clip)
     loss = pg + vf_coef * vf
@@ -119,26 +110,14 @@ def ppo_loss(model, value_head, batch, adv, old_logp, old_values, returns, *, re
 
 
 @torch.no_grad()
-def rollout_stats(model, value_head, batch, temperature: float, critic=None,
-                  chunk_rows: int = 64):
+def rollout_stats(model, value_head, batch, temperature: float, critic=None):
     """Old log-probs and values [B, T-1] fp32, one policy backbone pass per chunk of rows."""
     h = head(model)
     logps, values = [], []
-    for s in range(0, batch.input_ids.shape[0], chunk_rows):
-        b = batch[s:s + chunk_rows]
-        hid = hidden_states(model, b.input_ids, b.attention_mask)[:, :-1]  # [b, T-1, H]
+    for b, hid in hidden_chunks(model, batch):  # hid [b, T-1, H]
         logps.append(head_logprobs(hid, b, h, temperature))
         values.append(value_head(hid if critic is None else critic_hidden(critic, b)) * b.mask)
     return torch.cat(logps), torch.cat(values)
-
-
-def _mean(rows: list[dict]) -> dict:
-    """Per-key mean over minibatches, ignoring NaN (explained variance of constant returns)."""
-    out = {}
-    for k in rows[0]:
-        vals = [r[k] for r in rows if not math.isnan(r[k])]
-        out[k] = sum(vals) / len(vals) if vals else math.nan
-    return out
 
 
 class PPOTrainer(Trainer):
@@ -151,25 +130,22 @@ class PPOTrainer(Trainer):
             raise ValueError("PPO needs prompts: set ppo.data to a JSONL file with a 'prompt' "
                              "field (and 'answer' for the exact_answer verifier)")
         self.prompts = read_jsonl(p.data, ("prompt",))
-        self.sampler = Sampler(len(self.prompts), p.prompts_per_step, cfg.seed)
+        self.sampler = Sampler(len(self.prompts), p.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or self.build_reward()
         self.reference = Reference(self.model)
         h = head(self.model)
-        self.value_head = ValueHead(h["weight"].shape[1]).to(self.device)
+        self.value_head = ValueHead(h.weight.shape[1]).to(self.device)
         self.critic = None  # separate: a trainable copy of the initial policy's backbone
         if p.critic == "separate":
             self.critic = copy.deepcopy(self.model.get_decoder()).train()
         self._add_to_optimizer([q for m in (self.value_head, self.critic) if m is not None
                                 for q in m.parameters() if q.requires_grad])
         self.kl_ctl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
-        self.loss_cfg = rlfuse.PolicyLossConfig(
-            loss_type="ppo", eps_low=p.eps_low, eps_high=p.eps_high, dual_clip=p.dual_clip,
-            entropy_coef=p.entropy_coef, kl_estimator=p.kl_estimator, temperature=p.temperature,
-            logit_scale=h["logit_scale"], final_logit_softcapping=h["final_logit_softcapping"])
+        self.loss_cfg = h.loss_config(p.loss, "ppo.loss", p.rollout.temperature)
 
     def build_reward(self) -> Weighted:
         p = self.cfg.ppo
-        terms = build_rewards(p.rewards).terms if p.reward in ("verifier", "both") else []
+        terms = build_rewards(p.rollout.rewards).terms if p.reward in ("verifier", "both") else []
         if p.reward in ("model", "both"):
             from .reward_model import load_or_train
 
@@ -187,25 +163,18 @@ class PPOTrainer(Trainer):
             self.opt, lr_lambda(o.schedule, o.warmup_steps, max(1, self.total_steps)))
 
     def train_step(self) -> dict:
-        p, n = self.cfg.ppo, self.cfg.ppo.samples_per_prompt
+        p = self.cfg.ppo
         rows = [self.prompts[i] for i in self.sampler.next()]
 
-        # 1. rollout
-        t0 = time.perf_counter()
-        prompts = [r["prompt"] for r in rows for _ in range(n)]
-        roll = generate(self.model, self.tok, [r["prompt"] for r in rows], n=n,
-                        temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
-        t_gen = time.perf_counter() - t0
-
-        # 2. score
-        columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
-        scores = torch.tensor(self.reward_fn(prompts, roll.texts, **columns), dtype=torch.float32)
+        # 1-2. rollout and score
+        scored = rollout_and_score(self.model, self.tok, rows, p.rollout, self.reward_fn,
+                                   self.cfg.max_length)
+        scores, batch = scored.rewards, scored.batch
         if p.missing_eos_penalty is not None:
             eos = self.tok.eos_token_id
-            stopped = torch.tensor([bool(c) and c[-1] == eos for c in roll.completion_ids])
+            stopped = torch.tensor([bool(c) and c[-1] == eos
+                                    for c in scored.rollout.completion_ids])
             scores = scores - p.missing_eos_penalty * (~stopped).float()
-        batch = pack(roll.prompt_ids, roll.completion_ids, self.tok.pad_token_id,
-                     self.cfg.max_length).to(self.device)
         keep = batch.mask.any(-1)  # rows whose completion max_length cut away entirely
         if not bool(keep.all()):
             batch, scores = batch[keep], scores[keep.cpu()]
@@ -219,15 +188,15 @@ class PPOTrainer(Trainer):
             with torch.no_grad():
                 self.value_head.proj.bias.fill_(scores.mean().item())
 
-        # 3. old log-probs and values, reference log-probs
+        # 3. old log-probs and values, reference log-probs (at the loss's = sampling temperature)
         t1 = time.perf_counter()
-        old_logp, old_values = rollout_stats(self.model, self.value_head, batch, p.temperature,
-                                             self.critic)
-        ref_logp = self.reference.logprobs(batch, p.temperature)
+        t = self.loss_cfg.temperature
+        old_logp, old_values = rollout_stats(self.model, self.value_head, batch, t, self.critic)
+        ref_logp = self.reference.logprobs(batch, t)
 
         # 4. per-token rewards (KL in the reward, or only the score) and 5. GAE
         kl_coef = self.kl_ctl.value
-        kl = kl_penalty(old_logp, ref_logp, p.kl_estimator) * mask  # [B, T-1]
+        kl = rlfuse.kl_estimate(old_logp, ref_logp, self.loss_cfg.kl_estimator) * mask  # [B, T-1]
         shaped = token_rewards(scores, mask, kl, kl_coef if p.kl_in == "reward" else 0.0)
         adv, returns = rlfuse.gae(shaped, old_values, mask, gamma=p.gamma, lam=p.lam,
                                   whiten=p.whiten_advantages)
@@ -236,16 +205,13 @@ class PPOTrainer(Trainer):
         loss_cfg = self.loss_cfg
         if p.kl_in == "loss":
             loss_cfg = dataclasses.replace(loss_cfg, beta=kl_coef)
-        stats = []
-        for _ in range(p.epochs):
-            for mb in torch.randperm(len(scores), device=self.device).chunk(p.mini_batches):
-                loss, step = ppo_loss(self.model, self.value_head, batch[mb], adv[mb], old_logp[mb],
-                                      old_values[mb], returns[mb], ref_logp=ref_logp[mb],
-                                      loss_cfg=loss_cfg, vf_coef=p.vf_coef,
-                                      value_clip=p.value_clip, critic=self.critic)
-                loss.backward()
-                step["grad_norm"] = self.optimizer_step()
-                stats.append(step)
+
+        def step(mb):
+            return ppo_loss(self.model, self.value_head, batch[mb], adv[mb], old_logp[mb],
+                            old_values[mb], returns[mb], ref_logp=ref_logp[mb], loss_cfg=loss_cfg,
+                            vf_coef=p.vf_coef, value_clip=p.value_clip, critic=self.critic)
+
+        stats = minibatch_steps(self, len(scores), p.epochs, p.mini_batches, step)
         t_train = time.perf_counter() - t1
 
         # 7. KL controller, on the rollout's mean sequence KL
@@ -253,8 +219,7 @@ class PPOTrainer(Trainer):
         self.kl_ctl.update(kl_seq, len(scores))
         non_score = -(kl_coef * kl.sum(-1)).mean().item() if p.kl_in == "reward" else 0.0
         m = mask.float()
-        return {**_mean(stats),
-                "grad_norm_max": max(s["grad_norm"] for s in stats),
+        return {**stats,
                 "reward_mean": scores.mean().item(),
                 "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
                 "non_score_reward": non_score,
@@ -263,8 +228,7 @@ class PPOTrainer(Trainer):
                 "value_mean": ((old_values * m).sum() / m.sum()).item(),
                 "returns_mean": ((returns * m).sum() / m.sum()).item(),
                 **getattr(self.reward_fn, "last", {}),
-                "completion_length": sum(roll.lengths) / len(roll.lengths),
-                "rollout_tokens_per_s": sum(roll.lengths) / t_gen,
+                **scored.metrics(),
                 "train_tokens_per_s": batch.attention_mask.sum().item() * p.epochs / t_train}
 
     def state_dict(self) -> dict:

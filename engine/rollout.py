@@ -1,4 +1,10 @@
-"""Rollouts: sample completions with a KV cache, stop at EOS.
+"""Rollouts: sample completions with a KV cache, stop at EOS, score them; and the minibatch loop
+GRPO and PPO share.
+
+`rollout_and_score` is one RL step's first half for both trainers: `prompts_per_step` prompts x
+`samples_per_prompt` completions (grouped contiguously), the rewards of the weighted reward
+functions, and the packed training batch. `minibatch_steps` is the second half's loop: passes x
+shuffled minibatches, one optimizer step each, metrics averaged with NaN skipped.
 
 Prompts are left-padded; each completion is cut after its first EOS (kept in the ids, so
 training teaches the model to stop) and decoded without special tokens.
@@ -13,13 +19,16 @@ Two decoders, the same distribution:
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import math
+import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .data import encode
+from .data import Batch, encode, pack
 
 DECODERS = ("rlfuse", "hf")
 NUCLEUS_CANDIDATES = 1024  # top_p < 1 sorts only these, unless their mass is below top_p
@@ -56,15 +65,15 @@ def sample_tokens(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,
     return (tok if order is None else order.gather(-1, tok)).squeeze(-1)
 
 
-def head_logits(x: Tensor, h: dict) -> Tensor:
-    """fp32 logits [B, V] of last hidden states x [B, H] under the LM head `h` (the dict of
-    `rlfuse.engine.model.head`), with bias, logit_scale and final_logit_softcapping applied."""
-    logits = (h["weight"].float() @ x.float().t()).t().contiguous()
-    if h["bias"] is not None:
-        logits += h["bias"].float()
-    if h["logit_scale"] != 1.0:
-        logits *= h["logit_scale"]
-    cap = h["final_logit_softcapping"]
+def head_logits(x: Tensor, h) -> Tensor:
+    """fp32 logits [B, V] of last hidden states x [B, H] under the LM head `h`
+    (`rlfuse.engine.model.LMHead`), with bias, logit_scale and final_logit_softcapping applied."""
+    logits = (h.weight.float() @ x.float().t()).t().contiguous()
+    if h.bias is not None:
+        logits += h.bias.float()
+    if h.logit_scale != 1.0:
+        logits *= h.logit_scale
+    cap = h.final_logit_softcapping
     return cap * torch.tanh(logits / cap) if cap else logits
 
 
@@ -77,7 +86,7 @@ def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature
     from .model import head
 
     h = head(model)
-    h["weight"] = h["weight"].float()  # a copy only for bf16/fp16 weights
+    h = dataclasses.replace(h, weight=h.weight.float())  # a copy only for bf16/fp16 weights
     decoder = model.get_decoder()
     # newer transformers name the argument `cache`, older releases `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters \
@@ -130,3 +139,59 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
     model.train(was_training)
     texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
     return Rollout(ids, comps, texts)
+
+
+# ----------------------------------------------------------------------------- GRPO and PPO
+@dataclass
+class ScoredRollout:
+    rollout: Rollout
+    rewards: Tensor   # [B] fp32 on the CPU, one per completion
+    batch: Batch      # prompt + completion rows, on the model's device
+    seconds: float    # sampling time
+
+    def metrics(self) -> dict:
+        lengths = self.rollout.lengths
+        return {"completion_length": sum(lengths) / len(lengths),
+                "rollout_tokens_per_s": sum(lengths) / self.seconds}
+
+
+def rollout_and_score(model, tokenizer, rows: list[dict], cfg, reward_fn, max_length: int
+                      ) -> ScoredRollout:
+    """`cfg.samples_per_prompt` completions of each row's "prompt" under `cfg` (a RolloutConfig),
+    scored by `reward_fn(prompts, completions, **columns)`: the rows' other columns (such as
+    "answer") repeated per completion."""
+    n = cfg.samples_per_prompt
+    t0 = time.perf_counter()
+    roll = generate(model, tokenizer, [r["prompt"] for r in rows], n=n,
+                    temperature=cfg.temperature, top_p=cfg.top_p,
+                    max_new_tokens=cfg.max_new_tokens, decoder=cfg.decoder)
+    seconds = time.perf_counter() - t0
+    prompts = [r["prompt"] for r in rows for _ in range(n)]
+    columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
+    rewards = torch.tensor(reward_fn(prompts, roll.texts, **columns), dtype=torch.float32)
+    batch = pack(roll.prompt_ids, roll.completion_ids, tokenizer.pad_token_id, max_length)
+    return ScoredRollout(roll, rewards, batch.to(next(model.parameters()).device), seconds)
+
+
+def mean_metrics(rows: list[dict]) -> dict:
+    """Per-key mean over minibatches, skipping NaN (the explained variance of constant returns);
+    NaN when every row is NaN."""
+    out = {}
+    for k in rows[0]:
+        vals = [r[k] for r in rows if not math.isnan(r[k])]
+        out[k] = sum(vals) / len(vals) if vals else math.nan
+    return out
+
+
+def minibatch_steps(trainer, n_rows: int, passes: int, mini_batches: int, step) -> dict:
+    """`passes` x `mini_batches` optimizer steps of `trainer`: each pass shuffles the n_rows rows
+    into minibatches, and `step(idx)` returns (loss, metrics) of the rows `idx`. Returns the mean
+    metrics, the mean and largest grad_norm."""
+    stats = []
+    for _ in range(passes):
+        for idx in torch.randperm(n_rows, device=trainer.device).chunk(mini_batches):
+            loss, metrics = step(idx)
+            loss.backward()
+            metrics["grad_norm"] = trainer.optimizer_step()
+            stats.append(metrics)
+    return {**mean_metrics(stats), "grad_norm_max": max(s["grad_norm"] for s in stats)}

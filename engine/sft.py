@@ -10,7 +10,7 @@ import time
 
 import rlfuse
 
-from .data import Sampler, read_jsonl, sft_batch
+from .data import Batch, Sampler, read_jsonl, sft_batch
 from .model import head, scored_hidden
 from .trainer import Trainer
 
@@ -19,11 +19,26 @@ def nll_loss(model, batch):
     """Mean NLL over completion tokens, and the token count."""
     h = head(model)
     hid, c = scored_hidden(model, batch)  # [B, T-1-c, H]
-    logp = rlfuse.linear_logprobs(hid, h["weight"], batch.targets[:, c:], bias=h["bias"],
-                                  logit_scale=h["logit_scale"],
-                                  final_logit_softcapping=h["final_logit_softcapping"])
+    logp = rlfuse.linear_logprobs(hid, h.weight, batch.targets[:, c:], bias=h.bias,
+                                  logit_scale=h.logit_scale,
+                                  final_logit_softcapping=h.final_logit_softcapping)
     n = batch.mask.sum()
     return -logp.sum() / n.clamp(min=1), int(n)
+
+
+class Demonstrations:
+    """(prompt, completion) records drawn in shuffled batches of `batch_size` (SFT, and GRPO's
+    sft_coef NLL); a checkpoint keeps `sampler`'s state."""
+
+    def __init__(self, records: list[dict], tokenizer, batch_size: int, max_length: int,
+                 seed: int):
+        self.records, self.tok, self.max_length = records, tokenizer, max_length
+        self.sampler = Sampler(len(records), batch_size, seed)
+
+    def next(self, device) -> Batch:
+        rows = [self.records[i] for i in self.sampler.next()]
+        return sft_batch(self.tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                         self.max_length).to(device)
 
 
 class SFTTrainer(Trainer):
@@ -36,17 +51,12 @@ class SFTTrainer(Trainer):
                 raise ValueError("SFT needs data: set sft.data to a JSONL file with "
                                  "'prompt' and 'completion' fields")
             records = read_jsonl(cfg.sft.data, ("prompt", "completion"))
-        self.records = records
-        self.sampler = Sampler(len(records), cfg.sft.batch_size, cfg.seed)
-
-    def batch(self, idx):
-        rows = [self.records[i] for i in idx]
-        return sft_batch(self.tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
-                         self.cfg.max_length).to(self.device)
+        self.data = Demonstrations(records, self.tok, cfg.sft.batch_size, cfg.max_length,
+                                   cfg.seed)
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        batch = self.batch(self.sampler.next())
+        batch = self.data.next(self.device)
         loss, n_tokens = nll_loss(self.model, batch)
         loss.backward()
         grad_norm = self.optimizer_step()
@@ -55,7 +65,7 @@ class SFTTrainer(Trainer):
                 "tokens_per_s": batch.attention_mask.sum().item() / dt}
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
+        return {"sampler": self.data.sampler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
+        self.data.sampler.load_state_dict(state["sampler"])

@@ -9,12 +9,12 @@ if __name__ == "rlfuse":
     from .advantages import gae, group_advantages, value_loss
     from .dpo_family import PreferenceLossConfig, PreferenceLossOutput, preference_loss
     from .logprobs import linear_logprobs, linear_logprobs_reference
-    from .ppo_family import PolicyLossConfig, PolicyLossOutput, policy_loss
+    from .ppo_family import PolicyLossConfig, PolicyLossOutput, kl_estimate, policy_loss
 
     __version__ = "0.1.0"
     __all__ = [
         "linear_logprobs", "linear_logprobs_reference", "LogitTransform",
-        "policy_loss", "PolicyLossConfig", "PolicyLossOutput",
+        "policy_loss", "PolicyLossConfig", "PolicyLossOutput", "kl_estimate",
         "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
         "group_advantages", "gae", "value_loss",
     ]

@@ -209,8 +209,12 @@ def _top_entropy_mask(entropy: Tensor, valid: Tensor, q: float) -> Tensor:
     return (entropy >= _quantile(vals, 1.0 - q)) & valid
 
 
-def _kl(estimator: str, logp: Tensor, ref: Tensor) -> Tensor:
-    d = ref - logp  # log(pi_ref / pi)
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3; module
+    docstring): the loss's KL term, and the engine's KL-shaped PPO rewards."""
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    d = ref_logp - logp  # log(pi_ref / pi)
     if estimator == "k1":
         return -d
     if estimator == "k2":
@@ -256,7 +260,7 @@ def _per_token(cfg: PolicyLossConfig, logp: Tensor, entropy: Tensor, rows: _Rows
         cap = cfg.rollout_correction_cap
         w = w.clamp(max=cap) if cfg.rollout_correction == "tis" else w.masked_fill(w > cap, 0)
         loss = loss * w
-    kl = torch.zeros_like(lp) if rows.ref is None else _kl(cfg.kl_estimator, lp, rows.ref)
+    kl = torch.zeros_like(lp) if rows.ref is None else kl_estimate(lp, rows.ref, cfg.kl_estimator)
     if cfg.beta:
         loss = loss + cfg.beta * kl
     if cfg.entropy_coef:

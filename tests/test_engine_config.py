@@ -13,20 +13,21 @@ from rlfuse.engine.config import RewardSpec
 # ----------------------------------------------------------------------------- config
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("algo: grpo\nsteps: 7\noptim:\n  lr: 0.001\ngrpo:\n  group_size: 4\n"
+    path.write_text("algo: grpo\nsteps: 7\noptim:\n  lr: 0.001\ngrpo:\n"
                     "  loss:\n    loss_type: dapo\n    eps_high: 0.28\n"
-                    "  rewards:\n    - {name: exact_answer, weight: 1.0}\n"
-                    "    - {name: length_penalty, weight: 0.5, kwargs: {max_chars: 10}}\n")
+                    "  rollout:\n    samples_per_prompt: 4\n"
+                    "    rewards:\n      - {name: exact_answer, weight: 1.0}\n"
+                    "      - {name: length_penalty, weight: 0.5, kwargs: {max_chars: 10}}\n")
     cfg = load_config(str(path), ["grpo.loss.beta=0.04", "--optim.lr", "3e-4", "--seed=5",
-                                  "model.lora_r=8", "grpo.reference=false"])
+                                  "model.lora_r=8", "grpo.reference=true"])
     assert cfg.algo == "grpo" and cfg.steps == 7 and cfg.seed == 5
     assert cfg.optim.lr == pytest.approx(3e-4)
-    assert cfg.grpo.group_size == 4 and cfg.grpo.reference is False
+    assert cfg.grpo.rollout.samples_per_prompt == 4 and cfg.grpo.reference is True
     assert cfg.grpo.loss.loss_type == "dapo" and cfg.grpo.loss.beta == pytest.approx(0.04)
     assert cfg.grpo.loss.eps_high == pytest.approx(0.28)
     assert cfg.model.lora_r == 8
-    assert [r.name for r in cfg.grpo.rewards] == ["exact_answer", "length_penalty"]
-    assert cfg.grpo.rewards[1].kwargs == {"max_chars": 10}
+    assert [r.name for r in cfg.grpo.rollout.rewards] == ["exact_answer", "length_penalty"]
+    assert cfg.grpo.rollout.rewards[1].kwargs == {"max_chars": 10}
 
 
 def test_parse_overrides_forms():
@@ -40,13 +41,14 @@ def test_parse_overrides_forms():
     (["optim.lr=-1"], "'optim.lr' must be > 0"),
     (["optim.lr=fast"], "'optim.lr' must be float"),
     (["algo=ppo2"], "'algo' must be one of"),
-    (["grpo.group_size=1"], "'grpo.group_size' must be >= 2"),
+    (["grpo.rollout.samples_per_prompt=1"], "'grpo.rollout.samples_per_prompt' must be >= 2"),
     (["grpo.loss.loss_type=nope"], "loss_type must be one of"),
     (["dpo.loss.loss_type=nope"], "dpo.loss"),
-    (["grpo.top_p=0"], "'grpo.top_p' must be in"),
-    (["grpo.decoder=vllm"], "'grpo.decoder' must be one of"),
+    (["grpo.rollout.top_p=0"], "'grpo.rollout.top_p' must be in"),
+    (["grpo.rollout.decoder=vllm"], "'grpo.rollout.decoder' must be one of"),
     (["model.gradient_checkpointing=maybe"], "must be true or false"),
-    (["grpo.rewards=3"], "must be a list"),
+    (["grpo.rollout.rewards=3"], "must be a list"),
+    (["grpo.reference=false", "grpo.loss.beta=0.1"], "'grpo.reference' must be true when"),
     (["grpo.mini_batches=3"], "must divide"),
     (["steps"], "key=value"),
     (["--steps"], "needs a value"),

@@ -12,8 +12,7 @@ import rlfuse
 from rlfuse.engine.config import ConfigError, ModelConfig, load_config
 from rlfuse.engine.data import pack
 from rlfuse.engine.model import char_tokenizer, tiny_model
-from rlfuse.engine.ppo import (KLController, PPOTrainer, ValueHead, kl_penalty, ppo_loss,
-                               token_rewards)
+from rlfuse.engine.ppo import KLController, PPOTrainer, ValueHead, ppo_loss, token_rewards
 from rlfuse.engine.reward_model import (RewardModelScorer, bradley_terry_loss, build_reward_model,
                                         preference_accuracy, train_reward_model)
 
@@ -65,13 +64,15 @@ def test_token_rewards_and_gae_hand_case():
     assert abs(m.mean().item()) < 1e-5 and abs(m.std().item() - 1) < 1e-4
 
 
-def test_kl_penalty_estimators():
+def test_kl_estimators():
     logp, ref = -torch.rand(5, 7) * 3, -torch.rand(5, 7) * 3
     d = ref - logp
-    torch.testing.assert_close(kl_penalty(logp, ref, "k1"), logp - ref)
-    torch.testing.assert_close(kl_penalty(logp, ref, "k2"), 0.5 * d ** 2)
-    torch.testing.assert_close(kl_penalty(logp, ref, "k3"), torch.exp(d) - d - 1)
-    assert (kl_penalty(logp, ref, "k3") >= 0).all()
+    torch.testing.assert_close(rlfuse.kl_estimate(logp, ref, "k1"), logp - ref)
+    torch.testing.assert_close(rlfuse.kl_estimate(logp, ref, "k2"), 0.5 * d ** 2)
+    torch.testing.assert_close(rlfuse.kl_estimate(logp, ref, "k3"), torch.exp(d) - d - 1)
+    assert (rlfuse.kl_estimate(logp, ref, "k3") >= 0).all()
+    with pytest.raises(ValueError, match="kl estimator must be one of"):
+        rlfuse.kl_estimate(logp, ref, "k4")
 
 
 def test_adaptive_kl_controller():
@@ -218,13 +219,15 @@ def _cfg(tmp_path, prompts, *extra):
     return load_config(None, [
         "algo=ppo", "steps=2", "device=cpu", f"out_dir={tmp_path / 'run'}", "progress=false",
         "keep_checkpoints=1", "max_length=16", "model.hidden_size=32", "model.num_layers=1",
-        "model.intermediate_size=64", f"ppo.data={prompts}", "ppo.prompts_per_step=4",
-        "ppo.samples_per_prompt=2", "ppo.max_new_tokens=4", "ppo.epochs=2", *extra])
+        "model.intermediate_size=64", f"ppo.data={prompts}", "ppo.rollout.prompts_per_step=4",
+        "ppo.rollout.samples_per_prompt=2", "ppo.rollout.max_new_tokens=4", "ppo.epochs=2",
+        *extra])
 
 
 @pytest.mark.parametrize("extra", [
     ("ppo.kl_in=reward", "ppo.kl_target=0.01", "ppo.kl_horizon=10"),
-    ("ppo.kl_in=loss", "ppo.kl_estimator=k3", "ppo.dual_clip=3", "ppo.missing_eos_penalty=1"),
+    ("ppo.kl_in=loss", "ppo.loss.kl_estimator=k3", "ppo.loss.dual_clip=3",
+     "ppo.missing_eos_penalty=1"),
     ("ppo.critic=separate", "ppo.value_clip=null"),
 ])
 def test_ppo_trainer_runs_and_resumes(tmp_path, prompt_file, extra):
@@ -268,8 +271,9 @@ def test_ppo_value_head_learns_a_predictable_return(tmp_path, prompt_file):
     def reward_fn(prompts, completions, **kw):
         return [float(p[0] in "12") for p in prompts]
 
-    cfg = _cfg(tmp_path, prompts, "steps=12", "keep_checkpoints=0", "ppo.prompts_per_step=12",
-               "ppo.samples_per_prompt=1", "ppo.mini_batches=1", "ppo.epochs=4",
+    cfg = _cfg(tmp_path, prompts, "steps=12", "keep_checkpoints=0",
+               "ppo.rollout.prompts_per_step=12", "ppo.rollout.samples_per_prompt=1",
+               "ppo.mini_batches=1", "ppo.epochs=4",
                "ppo.vf_coef=1", "ppo.value_clip=null", "ppo.kl_coef=0", "optim.lr=1e-3")
     ev = [r["explained_variance"] for r in PPOTrainer(cfg, reward_fn=reward_fn).fit(plot=False)]
     assert ev[0] < 0.3  # V starts at the mean score (EV 0); step 1 averages 4 updates from there
@@ -283,8 +287,8 @@ def test_ppo_with_trained_reward_model_and_cli(tmp_path, prompt_file, monkeypatc
     prompts, pairs = prompt_file
     args = ["steps=1", "device=cpu", f"out_dir={tmp_path / 'cli'}", "progress=false",
             "keep_checkpoints=0", "max_length=16", "model.hidden_size=32", "model.num_layers=1",
-            "model.intermediate_size=64", f"ppo.data={prompts}", "ppo.prompts_per_step=4",
-            "ppo.max_new_tokens=4", "ppo.reward=both", f"ppo.reward_model.pairs={pairs}",
+            "model.intermediate_size=64", f"ppo.data={prompts}", "ppo.rollout.prompts_per_step=4",
+            "ppo.rollout.max_new_tokens=4", "ppo.reward=both", f"ppo.reward_model.pairs={pairs}",
             "ppo.reward_model.steps=2", "ppo.reward_model.batch_size=4"]
     assert main(["train", "ppo", *args]) == 0
     rows = [json.loads(x) for x in open(tmp_path / "cli" / "metrics.jsonl")]
@@ -297,11 +301,45 @@ def test_ppo_config_errors(tmp_path, prompt_file):
     with pytest.raises(ConfigError, match="ppo.kl_in"):
         load_config(None, ["ppo.kl_in=both"])
     with pytest.raises(ConfigError, match="dual_clip"):
-        load_config(None, ["ppo.dual_clip=0.5"])
+        load_config(None, ["ppo.loss.dual_clip=0.5"])
     with pytest.raises(ConfigError, match="ppo.mini_batches"):
-        load_config(None, ["ppo.prompts_per_step=3", "ppo.mini_batches=2"])
+        load_config(None, ["ppo.rollout.prompts_per_step=3", "ppo.mini_batches=2"])
+    with pytest.raises(ConfigError, match="'ppo.rollout.temperature' must be > 0"):
+        load_config(None, ["ppo.rollout.temperature=0"])
+    with pytest.raises(ConfigError, match="'ppo.loss.loss_type' must be one of \\['ppo'\\]"):
+        load_config(None, ["ppo.loss.loss_type=grpo"])
+    with pytest.raises(ConfigError, match="'ppo.loss.beta' must be 0: the KL coefficient is "
+                                          "ppo.kl_coef"):
+        load_config(None, ["ppo.loss.beta=0.1"])
     with pytest.raises(ValueError, match="ppo.data"):
         PPOTrainer(load_config(None, ["algo=ppo", "device=cpu", "model.hidden_size=32",
                                       "model.num_layers=1"]))
     with pytest.raises(ValueError, match="ppo.reward_model"):
         PPOTrainer(_cfg(tmp_path, prompts, "ppo.reward=model"))
+
+
+def test_ppo_sections_keep_their_defaults_under_partial_overrides():
+    """ppo.rollout and ppo.loss default to PPO's own values (32 prompts x 1 completion; the
+    "ppo" loss with the k1 KL): overriding one key of a section keeps the others."""
+    cfg = load_config(None, ["ppo.rollout.temperature=0.7", "ppo.loss.eps_high=0.28"]).ppo
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.samples_per_prompt) == (32, 1)
+    assert cfg.rollout.temperature == pytest.approx(0.7)
+    assert (cfg.loss.loss_type, cfg.loss.kl_estimator) == ("ppo", "k1")
+    assert cfg.loss.eps_high == pytest.approx(0.28)
+    grpo = load_config(None, ["grpo.rollout.top_p=0.9"]).grpo.rollout
+    assert (grpo.prompts_per_step, grpo.samples_per_prompt) == (16, 8)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("ppo.loss.temperature=0.5", "ppo.loss.temperature"),
+    ("ppo.loss.logit_scale=2", "ppo.loss.logit_scale"),
+    ("ppo.loss.final_logit_softcapping=30", "ppo.loss.final_logit_softcapping"),
+])
+def test_ppo_refuses_head_options_it_would_overwrite(tmp_path, prompt_file, override, key):
+    prompts, _ = prompt_file
+    with pytest.raises(ConfigError, match=f"'{key}' is .* the trainer sets it"):
+        PPOTrainer(_cfg(tmp_path, prompts, override))
+    # the value the trainer would set anyway is no conflict
+    same = PPOTrainer(_cfg(tmp_path, prompts, "ppo.rollout.temperature=0.5",
+                           "ppo.loss.temperature=0.5"))
+    assert same.loss_cfg.temperature == 0.5

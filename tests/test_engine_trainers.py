@@ -2,6 +2,7 @@
 batch, resume after SIGTERM == uninterrupted run, the CLI and the demo at smoke size."""
 import dataclasses
 import json
+import math
 import os
 import signal
 
@@ -12,18 +13,21 @@ import yaml
 import rlfuse
 from rlfuse.engine import checkpoint
 from rlfuse.engine.cli import main as cli_main
-from rlfuse.engine.config import (DPOConfig, GRPOConfig, ModelConfig, OptimConfig, RewardSpec,
-                                  SFTConfig, TrainConfig)
+from rlfuse.engine.config import (ConfigError, DPOConfig, GRPOConfig, ModelConfig, OptimConfig,
+                                  RewardSpec, RolloutConfig, SFTConfig, TrainConfig)
 from rlfuse.engine.data import IGNORE, pack, sft_batch, write_jsonl
 from rlfuse.engine.dpo import DPOTrainer
 from rlfuse.engine.grpo import GRPOTrainer
-from rlfuse.engine.model import (char_tokenizer, head, hidden_states, scored_hidden,
+from rlfuse.engine.model import (LMHead, char_tokenizer, head, hidden_states, scored_hidden,
                                  sequence_logprobs, tiny_model)
-from rlfuse.engine.rollout import generate
+from rlfuse.engine.rollout import generate, mean_metrics, rollout_and_score
 from rlfuse.engine.sft import SFTTrainer, nll_loss
 
 TINY = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                    intermediate_size=48)
+ROLLOUT = RolloutConfig(prompts_per_step=2, samples_per_prompt=4, max_new_tokens=4,
+                        rewards=(RewardSpec("exact_answer"),  # + a signal for a random model
+                                 RewardSpec("length_penalty", 1.0, {"max_chars": 1})))
 ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in
         [(12, 7), (3, 45), (60, 9), (21, 30), (8, 8), (77, 1), (5, 14), (40, 40)]]
 
@@ -50,10 +54,7 @@ def make_cfg(tmp_path, algo, **kw):
     base = dict(algo=algo, steps=4, out_dir=str(tmp_path / "run"), device="cpu", max_length=32,
                 progress=False, model=TINY, optim=OptimConfig(lr=3e-3),
                 sft=SFTConfig(data=str(sft), batch_size=8),
-                grpo=GRPOConfig(data=str(prompts), prompts_per_step=2, group_size=4,
-                                max_new_tokens=4,
-                                rewards=(RewardSpec("exact_answer"),  # + a signal for a random model
-                                         RewardSpec("length_penalty", 1.0, {"max_chars": 1})),
+                grpo=GRPOConfig(data=str(prompts), rollout=ROLLOUT,
                                 loss=rlfuse.PolicyLossConfig(beta=0.05)),
                 dpo=DPOConfig(data=str(pairs), batch_size=4))
     base.update(kw)
@@ -70,7 +71,7 @@ def test_hidden_states_are_what_the_head_reads(tok):
     b = sft_batch(tok, ["12+3=", "4+56="], ["15", "60"], 32)
     logits = m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # [B, T, V]
     hid = hidden_states(m, b.input_ids, b.attention_mask)
-    torch.testing.assert_close(hid @ head(m)["weight"].T, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hid @ head(m).weight.T, logits, rtol=1e-5, atol=1e-5)
 
 
 def test_head_skips_only_columns_without_targets(tok):
@@ -82,7 +83,7 @@ def test_head_skips_only_columns_without_targets(tok):
     full = hidden_states(m, b.input_ids, b.attention_mask)[:, :-1]
     torch.testing.assert_close(hid, full[:, c:])
     h = head(m)
-    want = rlfuse.linear_logprobs(full, h["weight"], b.targets)
+    want = rlfuse.linear_logprobs(full, h.weight, b.targets)
     torch.testing.assert_close(sequence_logprobs(m, b), want)
     assert nll_loss(m, b)[0].item() == pytest.approx(-want.sum().item() / b.mask.sum().item(),
                                                      rel=1e-6)
@@ -118,7 +119,7 @@ def _policy_grads(tok, impl, batch, adv, old, ref):
     h = head(m)
     hid = hidden_states(m, batch.input_ids, batch.attention_mask)[:, :-1]
     cfg = rlfuse.PolicyLossConfig(beta=0.1, eps_high=0.28, entropy_coef=0.01, impl=impl)
-    loss, _ = rlfuse.policy_loss(hid, h["weight"], batch.targets, batch.mask, adv,
+    loss, _ = rlfuse.policy_loss(hid, h.weight, batch.targets, batch.mask, adv,
                                  old_logp=old, ref_logp=ref, config=cfg)
     loss.backward()
     return loss.detach(), grads(m)
@@ -173,7 +174,7 @@ def test_grpo_loss_decreases_on_fixed_batch(tmp_path, tok):
     losses = []
     for _ in range(5):
         hid = hidden_states(t.model, batch.input_ids, batch.attention_mask)[:, :-1]
-        loss, out = rlfuse.policy_loss(hid, h["weight"], batch.targets, batch.mask, adv,
+        loss, out = rlfuse.policy_loss(hid, h.weight, batch.targets, batch.mask, adv,
                                        old_logp=old, ref_logp=old, config=t.loss_cfg)
         loss.backward()
         t.optimizer_step()
@@ -377,3 +378,68 @@ def test_engine_bench_against_trl(tmp_path):
         assert 0 < rows["grpo", s]["tokens_per_step"] <= 2 * 3  # completions x max_new_tokens
         assert rows["grpo", s]["speedup_vs_trl"] > 0 and rows["dpo", s]["rss_vs_trl"] > 0
     assert rows["grpo", "trl"]["speedup_vs_trl"] == rows["dpo", "trl"]["rss_vs_trl"] == 1.0
+
+
+# ----------------------------------------------------------------------------- LM head, RL core
+def test_head_is_a_frozen_typed_lm_head(tok):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    m = model_for(tok)
+    h = head(m)
+    assert isinstance(h, LMHead) and h.weight is m.lm_head.weight and h.bias is None
+    assert (h.logit_scale, h.final_logit_softcapping) == (1.0, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        h.logit_scale = 2.0
+    g = Gemma2ForCausalLM(Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, head_dim=16,
+                                       final_logit_softcapping=2.0))
+    assert head(g).final_logit_softcapping == 2.0
+
+
+def test_loss_config_takes_the_head_transform_and_refuses_overwrites(tok):
+    h = dataclasses.replace(head(model_for(tok)), logit_scale=0.5, final_logit_softcapping=30.0)
+    cfg = h.loss_config(rlfuse.PolicyLossConfig(beta=0.1), "grpo.loss", temperature=0.7)
+    assert (cfg.temperature, cfg.logit_scale, cfg.final_logit_softcapping, cfg.beta) == \
+        (0.7, 0.5, 30.0, 0.1)
+    with pytest.raises(ConfigError, match=r"'grpo.loss.temperature' is 0.9.*grpo.rollout.temp"):
+        h.loss_config(rlfuse.PolicyLossConfig(temperature=0.9), "grpo.loss", temperature=0.7)
+    with pytest.raises(ConfigError, match="'dpo.loss.logit_scale' is 2.0.*model config"):
+        h.loss_config(rlfuse.PreferenceLossConfig(logit_scale=2.0), "dpo.loss")
+    # DPO does not fix the temperature: the user's value stays
+    assert h.loss_config(rlfuse.PreferenceLossConfig(temperature=0.9), "dpo.loss").temperature \
+        == 0.9
+
+
+def test_trainers_refuse_a_loss_temperature_that_differs_from_the_rollout(tmp_path, tok):
+    cfg = make_cfg(tmp_path, "grpo")
+    bad = dataclasses.replace(cfg.grpo, loss=rlfuse.PolicyLossConfig(temperature=0.5))
+    with pytest.raises(ConfigError, match="'grpo.loss.temperature'"):
+        GRPOTrainer(dataclasses.replace(cfg, grpo=bad), model_for(tok), tok)
+    with pytest.raises(ConfigError, match="'dpo.loss.final_logit_softcapping'"):
+        loss = rlfuse.PreferenceLossConfig(final_logit_softcapping=5.0)
+        DPOTrainer(make_cfg(tmp_path, "dpo", dpo=DPOConfig(data=cfg.dpo.data, loss=loss)),
+                   model_for(tok), tok)
+
+
+def test_mean_metrics_skips_nan_rows():
+    rows = [{"a": 1.0, "b": math.nan}, {"a": math.nan, "b": math.nan}, {"a": 3.0, "b": math.nan}]
+    out = mean_metrics(rows)
+    assert out["a"] == 2.0 and math.isnan(out["b"])
+
+
+def test_grpo_and_ppo_share_the_rollout_core(tmp_path, tok):
+    """rollout_and_score: samples grouped per prompt, the rows' columns passed per completion."""
+    seen = {}
+
+    def reward_fn(prompts, completions, answer):
+        seen.update(prompts=prompts, answer=answer)
+        return [float(len(c)) for c in completions]
+
+    cfg = RolloutConfig(prompts_per_step=2, samples_per_prompt=3, max_new_tokens=3)
+    out = rollout_and_score(model_for(tok), tok, ROWS[:2], cfg, reward_fn, max_length=32)
+    assert seen["prompts"] == [ROWS[0]["prompt"]] * 3 + [ROWS[1]["prompt"]] * 3
+    assert seen["answer"] == [ROWS[0]["answer"]] * 3 + [ROWS[1]["answer"]] * 3
+    assert out.rewards.tolist() == [float(len(t)) for t in out.rollout.texts]
+    assert out.batch.input_ids.shape[0] == 6
+    assert out.metrics()["completion_length"] == sum(out.rollout.lengths) / 6
