@@ -1,26 +1,44 @@
-"""Training configuration: frozen dataclasses, loaded from YAML and overridden from the CLI.
+"""Training configuration: frozen dataclasses, read from YAML and the command line.
 
 A config is a tree of dataclasses (`TrainConfig` at the root; the loss options are the op
-layer's own `PolicyLossConfig` / `PreferenceLossConfig`). `load_config(path, overrides)`
-reads a YAML mapping with the same nesting, applies `key.sub=value` overrides (values parsed
-as YAML scalars), coerces each value to the field's type and validates it; an unknown key or a
-bad value raises `ConfigError` naming the dotted key and what is allowed.
+layer's own `PolicyLossConfig` / `PreferenceLossConfig`). `parse(cls, argv, prog)` reads
+`[--config f.yaml] [key=value | --key value ...]` with jsonargparse (YAML nested like the
+dataclasses, dotted keys for nested sections, `--help` listing every key with its type, default
+and the comment on its field's line) and builds the dataclasses, whose __post_init__ validate
+the values; an unknown key or a bad value raises `ConfigError` naming the dotted key (and the
+file and line) and what is allowed. `ALGORITHMS` is the one list of trainers.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
-import types
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import typing
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from rlfuse import PolicyLossConfig, PreferenceLossConfig
+from rlfuse.advantages import ESTIMATORS as ADVANTAGE_ESTIMATORS, SCALES as ADVANTAGE_SCALES
 from rlfuse.dpo_family import LOSS_TYPES as PREFERENCE_LOSS_TYPES
+from rlfuse.ppo_family import KL_ESTIMATORS
+
+from .rewards import BUILTINS as REWARDS
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in the user's input (config, data, paths): the CLI prints the message alone, as
+    one line, and exits 2; anything else is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError):
     """A config key or value that cannot be used; the message names the dotted key."""
 
 
@@ -88,6 +106,10 @@ class RewardSpec:
     weight: float = 1.0
     kwargs: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.name not in REWARDS:
+            raise ValueError(f"unknown reward {self.name!r}; built-ins: {sorted(REWARDS)}")
+
 
 @dataclass(frozen=True)
 class GRPOConfig:
@@ -104,7 +126,7 @@ class GRPOConfig:
     advantage_scale: str = "group"       # group | batch | none
     reference: bool = True               # keep a reference policy (KL term and KL monitoring)
     sft_coef: float = 0.0                # NLL on a batch of SFT demonstrations (needs sft.data)
-    rewards: tuple = (RewardSpec(),)
+    rewards: tuple[RewardSpec, ...] = (RewardSpec(),)
     loss: PolicyLossConfig = PolicyLossConfig()
 
     def __post_init__(self):
@@ -114,8 +136,8 @@ class GRPOConfig:
         _check("grpo.temperature", self.temperature > 0, "must be > 0")
         _check("grpo.top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
         _choice("grpo.decoder", self.decoder, ("rlfuse", "hf"))
-        _choice("grpo.advantage_estimator", self.advantage_estimator, ("grpo", "rloo", "dr_grpo"))
-        _choice("grpo.advantage_scale", self.advantage_scale, ("group", "batch", "none"))
+        _choice("grpo.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        _choice("grpo.advantage_scale", self.advantage_scale, ADVANTAGE_SCALES)
         _check("grpo.sft_coef", self.sft_coef >= 0, "must be >= 0")
         _check("grpo.mini_batches", self.prompts_per_step * self.group_size % self.mini_batches == 0,
                "must divide prompts_per_step * group_size")
@@ -181,7 +203,7 @@ class PPOConfig:
     kl_horizon: int = 10000
     missing_eos_penalty: Optional[float] = None  # subtracted from the score without an EOS
     reward: str = "verifier"             # verifier (`rewards`) | model (`reward_model`) | both
-    rewards: tuple = (RewardSpec(),)
+    rewards: tuple[RewardSpec, ...] = (RewardSpec(),)
     reward_model: RewardModelConfig = RewardModelConfig()
 
     def __post_init__(self):
@@ -198,7 +220,7 @@ class PPOConfig:
         _check("ppo.kl_coef", self.kl_coef >= 0, "must be >= 0")
         _check("ppo.kl_target", self.kl_target is None or self.kl_target > 0, "must be > 0")
         _choice("ppo.kl_in", self.kl_in, ("reward", "loss"))
-        _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        _choice("ppo.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         _choice("ppo.reward", self.reward, ("verifier", "model", "both"))
         _choice("ppo.critic", self.critic, ("shared", "separate"))
         _check("ppo.mini_batches",
@@ -230,7 +252,7 @@ class TrainConfig:
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self):
-        _choice("algo", self.algo, ("sft", "grpo", "dpo", "ppo"))
+        _choice("algo", self.algo, ALGORITHMS)
         _check("steps", self.steps >= 0, "must be >= 0")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _check("max_length", self.max_length >= 2, "must be >= 2")
@@ -239,104 +261,296 @@ class TrainConfig:
         _check("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0")
 
 
+# ----------------------------------------------------------------------------- algorithms
+@dataclass(frozen=True)
+class Algorithm:
+    """One trainer: `rlfuse train <name>`, `TrainConfig.algo` and `trainer_for(name)` read it."""
+    trainer: str                         # "module.Class" inside rlfuse.engine, imported on use
+    section: str                         # the TrainConfig section that holds its options
+    summary: str                         # one line for `rlfuse train --help`
+    data: tuple = ()                     # (config key of a JSONL file, its required string
+                                         # fields), checked before the model loads; first required
+
+
+_PAIRS = ("prompt", "chosen", "rejected")
+ALGORITHMS = {
+    "sft": Algorithm("sft.SFTTrainer", "sft", "supervised fine-tuning on prompt/completion pairs",
+                     (("sft.data", ("prompt", "completion")),)),
+    "grpo": Algorithm("grpo.GRPOTrainer", "grpo",
+                      "GRPO and its variants: sampled groups, verifier rewards, group advantages",
+                      (("grpo.data", ("prompt",)), ("sft.data", ("prompt", "completion")))),
+    "dpo": Algorithm("dpo.DPOTrainer", "dpo", "DPO and its variants on offline preference pairs",
+                     (("dpo.data", _PAIRS),)),
+    "ppo": Algorithm("ppo.PPOTrainer", "ppo",
+                     "classic RLHF PPO: value head, GAE, KL to the reference",
+                     (("ppo.data", ("prompt",)), ("ppo.reward_model.pairs", _PAIRS))),
+}
+
+
 # ----------------------------------------------------------------------------- building
 def build(cls, data: dict, prefix: str = ""):
-    """Dataclass `cls` from a nested mapping: unknown keys and bad types raise ConfigError."""
+    """Dataclass `cls` from a nested mapping whose keys and value types `parse` has checked;
+    a value its __post_init__ refuses raises ConfigError naming the section."""
+    section = prefix.rstrip(".") or "<root>"
     if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(f"config section {section!r} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {names}")
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        sub, many = _section_type(hints[k])
+        if sub is not None and many:
+            v = tuple(x if isinstance(x, sub) else build(sub, x, f"{prefix}{k}[{i}].")
+                      for i, x in enumerate(v))
+        elif sub is not None and not isinstance(v, sub):
+            v = build(sub, v, f"{prefix}{k}.")
+        kwargs[k] = v
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:  # the op layer's own config checks
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: {err}") from None
+        raise ConfigError(f"config section {section!r}: {err}") from None
 
 
-def _coerce(tp, value, key: str):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+def _section_type(tp) -> tuple[Optional[type], bool]:
+    """(the dataclass a field holds, whether it holds a tuple of them), or (None, False)."""
     if dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else build(tp, value or {}, key + ".")
-    if tp is tuple or origin is tuple:  # only `rewards` is a tuple: of RewardSpec
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
-        return tuple(v if isinstance(v, RewardSpec) else build(RewardSpec, v, f"{key}[{i}].")
-                     for i, v in enumerate(value))
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
-    if tp in (int, float) and isinstance(value, str):  # YAML reads '3e-4' as a string
-        try:
-            value = tp(value)
-        except ValueError:
-            pass
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
-        return value
-    raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r}")
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """['a.b=1', '--c', 'x', '--d=2'] -> {'a': {'b': 1}, 'c': 'x', 'd': 2} (YAML scalars)."""
-    out: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--"):
-            arg = arg[2:]
-            if "=" not in arg:
-                if i + 1 >= len(args):
-                    raise ConfigError(f"option --{arg} needs a value")
-                arg, i = f"{arg}={args[i + 1]}", i + 1
-        if "=" not in arg:
-            raise ConfigError(f"override {arg!r} must look like key=value or --key value")
-        key, raw = arg.split("=", 1)
-        node = out
-        *parents, leaf = key.replace("-", "_").split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw else ""
-        i += 1
-    return out
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+        return tp, False
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
+        return args[0], True
+    return None, False
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# ----------------------------------------------------------------------------- command line
+# jsonargparse does the parsing: types, nesting, `--config` files, dotted `--a.b value` keys and
+# the help. Around it: today's `key=value` form, and messages that name the key and the file.
+# Values are read leniently, by the same rule on the command line and in YAML: a value counts as
+# what it reads as, so `1e-6` is a float and '8' an int, while 8.5 for an int or `maybe` for a
+# bool is refused.
+def parse(cls, argv: list[str], prog: str, description: str = "",
+          defaults: Optional[dict] = None):
+    """`cls` from `[--config f.yaml] [key=value | --key value | --key=value ...]` (dotted keys
+    for nested sections; a bare `--flag` sets a bool key to true). Later values override
+    earlier ones; `defaults` ({dotted key: value}) come first. With -h / --help it prints every
+    key with its type, default and meaning and returns None."""
+    parser = arg_parser(cls, prog, description)
+    args = _as_options(cls, argv)
+    if "-h" in args or "--help" in args:
+        print(parser.format_help())
+        return None
+    _check_args(cls, args)
+    parser.set_defaults(defaults or {})
+    try:
+        ns = parser.parse_args(args)
+    except ArgumentError as err:
+        raise ConfigError(_plain_message(str(err))) from None
+    return build(cls, _plain(ns, exclude=("config", "print_config")))
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                defaults: Optional[dict] = None) -> TrainConfig:
+                defaults: Optional[dict] = None, prog: str = "rlfuse train") -> TrainConfig:
     """TrainConfig from defaults <- YAML file <- command-line overrides."""
-    data = dict(defaults or {})
-    if path:
+    return parse(TrainConfig, (["--config", path] if path else []) + list(overrides or []),
+                 prog, defaults=defaults)
+
+
+def arg_parser(cls, prog: str, description: str = "") -> ArgumentParser:
+    """The jsonargparse parser of dataclass `cls`; each key's help is its field's comment."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
+                            formatter_class=_HelpFormatter)
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="YAML file with the keys below, nested by section; the arguments "
+                             "after it override it")
+    parser.add_class_arguments(cls)
+    meanings = dict(_meanings(cls))
+    for action in parser._actions:
+        if action.dest in meanings:
+            action.help = meanings[action.dest]
+    return parser
+
+
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (type and default after each key) under a description kept as written."""
+
+
+def field_help(cls) -> dict[str, str]:
+    """{field: its meaning} for a dataclass and its dataclass bases: the comment that ends the
+    field's line, joined with the comment lines aligned under it."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_trailing_comments(klass))
+    return out
+
+
+def _trailing_comments(klass) -> dict[str, str]:
+    try:
+        src = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):  # no source (built at run time)
+        return {}
+    comments = {}  # line -> (column, text, alone on its line)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip(),
+                                      tok.line.lstrip().startswith("#"))
+    out = {}
+    for node in ast.parse(src).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        line = next((n for n in range(node.lineno, node.end_lineno + 1)
+                     if n in comments and not comments[n][2]), None)
+        if line is None:
+            continue
+        col, text, _ = comments[line]
+        parts = [text]
+        while (line := line + 1) in comments and comments[line][2] and comments[line][0] == col:
+            parts.append(comments[line][1])
+        out[node.target.id] = " ".join(parts)
+    return out
+
+
+def _meanings(cls, prefix: str = ""):
+    """(dotted key, meaning) of every key of `cls`, its sections included."""
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in helps:
+            yield prefix + f.name, helps[f.name]
+        sub, many = _section_type(hints[f.name])
+        if sub is not None and not many:
+            yield from _meanings(sub, f"{prefix}{f.name}.")
+
+
+def _keys(cls, prefix: str = ""):
+    """(dotted key, type) of every leaf key of `cls`."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub, many = _section_type(hints[f.name])
+        if sub is not None and not many:
+            yield from _keys(sub, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, hints[f.name]
+
+
+def _as_options(cls, argv: list[str]) -> list[str]:
+    """Today's forms in jsonargparse's: `key=value` -> `--key=value`, a bare `--flag` of a bool
+    key -> `--flag=true`, and `-` in key names -> `_`."""
+    bools = {k for k, tp in _keys(cls) if tp is bool}
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if out and out[-1].startswith("--") and "=" not in out[-1]:  # the previous option's value
+            out.append(arg)
+            continue
+        if not arg.startswith("-") and "=" in arg:
+            arg = "--" + arg
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            nxt = argv[i + 1] if i + 1 < len(argv) else "--"
+            if not eq and key in bools and (nxt.startswith("-") or "=" in nxt):
+                eq, value = "=", "true"
+            arg = f"--{key}{eq}{value}"
+        out.append(arg)
+    return out
+
+
+def _check_args(cls, args: list[str]) -> None:
+    """Messages jsonargparse would word less clearly: a missing or malformed config file
+    (file:line), a key that does not exist (with the valid keys), a bare word."""
+    known = {k for k, _ in _keys(cls)} | {k for k, _ in _sections(cls)}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if key == "config":
+                path = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+                _check_keys(cls, read_yaml(path), source=path)
+            elif key not in known and key != "print_config":
+                raise _unknown(cls, key)
+        elif not (i and args[i - 1].startswith("--") and "=" not in args[i - 1]):
+            raise ConfigError(f"argument {arg!r} must look like key=value or --key value")
+
+
+def _sections(cls, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub, many = _section_type(hints[f.name])
+        if sub is not None and not many:
+            yield prefix + f.name, sub
+            yield from _sections(sub, f"{prefix}{f.name}.")
+
+
+def _unknown(cls, key: str) -> ConfigError:
+    """The error for dotted `key` that is not a key of `cls`: names it and the valid keys at
+    the level where it leaves the tree."""
+    node = cls
+    for part in key.split("."):
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            break
+        node, many = _section_type(typing.get_type_hints(node)[part])
+        if node is None or many:
+            return ConfigError(f"config key {key!r}: {part!r} is a value, not a section")
+    return ConfigError(f"unknown config key {key!r}; valid keys here: {names}")
+
+
+def read_yaml(path: str) -> dict:
+    """The mapping in a YAML file; a missing file or a syntax error raises ConfigError."""
+    try:
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the YAML file must hold a mapping at the top level")
-        data = merge(data, loaded)
-    data = merge(data, parse_overrides(overrides or []))
-    return build(TrainConfig, data)
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no such config file: {path}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: YAML syntax error: "
+                          f"{getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the YAML file must hold a mapping at the top level")
+    return data
+
+
+def _check_keys(cls, data, prefix: str = "", source: str = "") -> None:
+    """Unknown keys and non-mapping sections of a nested mapping raise ConfigError."""
+    where = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}config section {prefix.rstrip('.')!r} must be a mapping, "
+                          f"got {data!r}")
+    hints = typing.get_type_hints(cls)
+    for k, v in data.items():
+        if k not in hints:
+            names = [f.name for f in dataclasses.fields(cls)]
+            raise ConfigError(f"{where}unknown config key {prefix + str(k)!r}; valid keys here: "
+                              f"{names}")
+        sub, many = _section_type(hints[k])
+        if sub is not None and many and isinstance(v, (list, tuple)):
+            for j, item in enumerate(v):
+                _check_keys(sub, item, f"{prefix}{k}[{j}].", source)
+        elif sub is not None and not many:
+            _check_keys(sub, v, f"{prefix}{k}.", source)
+
+
+def _plain(value, exclude=()):
+    """A jsonargparse Namespace as nested dicts and lists (dataclass instances kept)."""
+    if isinstance(value, Namespace):
+        return {k: _plain(v) for k, v in vars(value).items() if k not in exclude}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _plain_message(msg: str) -> str:
+    """jsonargparse's 'Parser key "a.b":\\n  Expected a <class 'int'>. Got value: x' on one
+    line, as 'config key 'a.b': expected a int, got value: x'."""
+    msg = re.sub(r"<class '(\w+)'>", r"\1", " ".join(msg.split()))
+    m = re.match(r'Parser key "([^"]+)": (.*)', msg)
+    if m:
+        rest = m.group(2)
+        return f"config key {m.group(1)!r}: {rest[:1].lower()}{rest[1:]}"
+    return msg

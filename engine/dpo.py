@@ -16,7 +16,7 @@ import torch
 
 import rlfuse
 
-from .data import Sampler, encode, pack, read_jsonl
+from .data import Sampler, check_prompt_lengths, encode, pack, read_jsonl
 from .model import head, scored_hidden, sequence_logprobs
 from .trainer import Trainer
 
@@ -32,6 +32,8 @@ class DPOTrainer(Trainer):
                              "'chosen' and 'rejected' fields")
         self.pairs = read_jsonl(cfg.dpo.data, ("prompt", "chosen", "rejected"))
         super().__init__(cfg, model, tokenizer)
+        check_prompt_lengths(encode(self.tok, [r["prompt"] for r in self.pairs]), cfg.max_length,
+                             cfg.dpo.data)
         self.sampler = Sampler(len(self.pairs), cfg.dpo.batch_size, cfg.seed)
         h = head(self.model)
         self.loss_cfg = dataclasses.replace(cfg.dpo.loss, logit_scale=h["logit_scale"],
