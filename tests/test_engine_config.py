@@ -39,7 +39,7 @@ def test_override_forms_and_lenient_values(tmp_path):
     # one rule for YAML and the command line: a value counts as what it reads as
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 1e-6\nsteps: '8'\n")
-    cfg = load_config(str(path), ["grpo.group_size='4'"])
+    cfg = load_config(str(path), ["grpo.group_size=4"])
     assert cfg.optim.lr == 1e-6 and cfg.steps == 8 and cfg.grpo.group_size == 4
     assert isinstance(cfg.optim.lr, float) and isinstance(cfg.steps, int)
     with pytest.raises(ConfigError, match="'steps'.*8.5"):
