@@ -1,6 +1,10 @@
 # Two commands set everything up on a fresh machine:  `make demo`  and  `make test`.
 PY ?= python3
 
+# The installed entry points (not `python -m`, which puts the repository root on sys.path, where
+# kernels/ would also be importable as a bare `kernels`).
+BIN = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+
 .PHONY: install demo test bench
 
 # torch is pinned to the CPU build first, so nothing later pulls a multi-GB CUDA build; the
@@ -10,10 +14,10 @@ install:
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 
 demo: install
-	$(PY) -m rlfuse.engine.cli demo
+	$(BIN)/rlfuse demo
 
 test: install
-	$(PY) -m pytest tests -q
+	$(BIN)/pytest tests -q
 
 bench: install
-	$(PY) -m rlfuse.engine.cli bench linear_logprobs --shape qwen-0.5b
+	$(BIN)/rlfuse bench linear_logprobs --shape qwen-0.5b

@@ -1,4 +1,4 @@
-"""rlfuse.engine: a compact trainer (SFT, GRPO, DPO, PPO) for transformers causal LMs on the fused ops."""
+"""rlfuse.engine: SFT, GRPO, DPO and PPO trainers for transformers causal LMs on the fused ops."""
 import importlib
 
 from .config import ALGORITHMS, ConfigError, TrainConfig, UserError, load_config

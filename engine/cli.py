@@ -1,7 +1,7 @@
 """The `rlfuse` command.
 
     rlfuse train {sft,grpo,dpo,ppo} [--config f.yaml] [key=value | --key value ...] [--resume]
-    rlfuse demo [--quick] [key=value ...]     SFT -> GRPO -> DPO -> eval on a tiny model, no downloads
+    rlfuse demo [--quick] [key=value ...]     SFT -> GRPO -> DPO -> eval, tiny model, no downloads
     rlfuse bench engine [key=value ...]       full GRPO / DPO training steps, rlfuse vs TRL
     rlfuse bench [op] [--shape ...] ...       op benchmarks (time, memory, correctness)
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 
 from .config import ALGORITHMS, TrainConfig, UserError, parse, to_dict
 
@@ -34,8 +35,9 @@ def train(argv: list[str]) -> int:
         print(train_usage(), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     algo = argv[0]
-    desc = (f"Train with {algo}: {ALGORITHMS[algo].summary}. Its own keys are under "
-            f"{ALGORITHMS[algo].section}.; `--resume` continues from out_dir/checkpoints/latest.")
+    desc = textwrap.fill(f"Train with {algo}: {ALGORITHMS[algo].summary}. Its own keys are "
+                         f"under {ALGORITHMS[algo].section}.; `--resume` continues from "
+                         "out_dir/checkpoints/latest.", 79)
     cfg = parse(TrainConfig, argv[1:], f"rlfuse train {algo}", desc,
                 defaults={"algo": algo, "out_dir": f"runs/{algo}"})
     if cfg is None:  # --help

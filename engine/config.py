@@ -56,15 +56,15 @@ def _choice(key: str, value, allowed) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     path: Optional[str] = None           # local HF checkpoint; None -> tiny model from the fields below
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
+    hidden_size: int = 128             # the tiny model's width (used when path is None)
+    num_layers: int = 4                # the tiny model's decoder layers
+    num_heads: int = 4                 # the tiny model's attention heads
+    num_kv_heads: int = 2              # the tiny model's key/value heads (GQA)
+    intermediate_size: int = 256       # the tiny model's MLP width
     dtype: str = "float32"               # float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     lora_r: int = 0                      # > 0: LoRA policy (needs peft); reference = adapter off
-    lora_alpha: int = 16
+    lora_alpha: int = 16                # LoRA scale numerator (scale = lora_alpha / lora_r)
     attn_implementation: Optional[str] = None  # None: flash_attention_2 on CUDA if installed, else sdpa
 
     def __post_init__(self):
@@ -76,11 +76,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    warmup_steps: int = 0
+    lr: float = 1e-4                     # AdamW learning rate
+    weight_decay: float = 0.0            # AdamW decoupled weight decay
+    beta1: float = 0.9                   # AdamW first-moment decay
+    beta2: float = 0.99                  # AdamW second-moment decay
+    warmup_steps: int = 0                # linear warmup from lr / (warmup_steps + 1)
     schedule: str = "constant"           # constant | linear | cosine (decay to 0 at the last step)
     max_grad_norm: float = 1.0           # <= 0 disables clipping (grad_norm is still reported)
 
@@ -94,7 +94,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class SFTConfig:
     data: Optional[str] = None           # JSONL with "prompt" and "completion" fields
-    batch_size: int = 32
+    batch_size: int = 32                 # demonstrations per optimizer step
 
     def __post_init__(self):
         _check("sft.batch_size", self.batch_size >= 1, "must be >= 1")
@@ -103,8 +103,8 @@ class SFTConfig:
 @dataclass(frozen=True)
 class RewardSpec:
     name: str = "exact_answer"           # see rlfuse.engine.rewards.BUILTINS
-    weight: float = 1.0
-    kwargs: dict = field(default_factory=dict)
+    weight: float = 1.0                  # the term's factor in the summed reward
+    kwargs: dict = field(default_factory=dict)  # keyword arguments of the reward function
 
     def __post_init__(self):
         if self.name not in REWARDS:
@@ -147,7 +147,7 @@ class GRPOConfig:
 class DPOConfig:
     data: Optional[str] = None           # JSONL with "prompt", "chosen", "rejected"
     batch_size: int = 16                 # pairs per optimizer step
-    epochs: int = 1
+    epochs: int = 1                      # passes over the pairs (when steps is 0)
     loss: PreferenceLossConfig = PreferenceLossConfig()
 
     def __post_init__(self):
@@ -234,11 +234,11 @@ class PPOConfig:
 class TrainConfig:
     algo: str = "sft"                    # sft | grpo | dpo | ppo
     steps: int = 100                     # optimizer steps (GRPO: rollout steps); DPO: 0 -> epochs
-    seed: int = 0
-    out_dir: str = "runs/train"
+    seed: int = 0                        # torch / python / sampler seed
+    out_dir: str = "runs/train"          # metrics, plots, checkpoints; `rlfuse train`: runs/<algo>
     device: str = "auto"                 # auto | cpu | cuda
     max_length: int = 512                # prompt + completion tokens, longer sequences are cut
-    log_every: int = 1
+    log_every: int = 1                   # steps between metrics rows
     save_every: int = 0                  # 0: only at the end (and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2            # 0: no final checkpoint (still saves on SIGINT/SIGTERM)
     resume: bool = False                 # continue from out_dir/checkpoints/latest
@@ -339,12 +339,12 @@ def parse(cls, argv: list[str], prog: str, description: str = "",
     earlier ones; `defaults` ({dotted key: value}) come first. With -h / --help it prints every
     key with its type, default and meaning and returns None."""
     parser = arg_parser(cls, prog, description)
+    parser.set_defaults(defaults or {})
     args = _as_options(cls, argv)
     if "-h" in args or "--help" in args:
         print(parser.format_help())
         return None
     _check_args(cls, args)
-    parser.set_defaults(defaults or {})
     try:
         ns = parser.parse_args(args)
     except ArgumentError as err:
@@ -362,11 +362,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 def arg_parser(cls, prog: str, description: str = "") -> ArgumentParser:
     """The jsonargparse parser of dataclass `cls`; each key's help is its field's comment."""
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
-                            formatter_class=_HelpFormatter)
+                            formatter_class=_HelpFormatter,
+                            usage=f"{prog} [--config f.yaml] [key=value | --key value ...]")
     parser.add_argument("--config", action=ActionConfigFile,
                         help="YAML file with the keys below, nested by section; the arguments "
                              "after it override it")
     parser.add_class_arguments(cls)
+    for key, group in parser.groups.items():  # titled by section, not by class
+        group.title = f"{key}." if key != cls.__name__ else "keys"
     meanings = dict(_meanings(cls))
     for action in parser._actions:
         if action.dest in meanings:
