@@ -126,6 +126,22 @@ def test_train_runs_and_warns_about_the_random_model(tmp_path, capsys):
     assert (out / "config.yaml").exists()
 
 
+def test_a_local_model_folder_loads_without_the_hub(tmp_path, capsys):
+    from rlfuse.engine.config import ModelConfig
+    from rlfuse.engine.model import char_tokenizer, tiny_model
+
+    tok = char_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_model(ModelConfig(hidden_size=32, num_layers=1, intermediate_size=32),
+               tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = _jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1=", "completion": "2"}] * 2)
+    assert main(["train", "sft", f"sft.data={data}", f"model.path={model_dir}", "steps=1",
+                 "sft.batch_size=2", f"out_dir={tmp_path / 'run'}", "keep_checkpoints=0",
+                 "device=cpu", "progress=false"]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+
+
 def test_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(cli, "train", lambda argv: 1 / 0)
     with pytest.raises(ZeroDivisionError):
