@@ -310,5 +310,6 @@ def main(argv=None) -> int:
         run(d)
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,6 +47,18 @@ def test_override_forms_and_lenient_values(tmp_path):
         load_config(None, ["steps=8.5"])
 
 
+def test_saved_config_reads_back(tmp_path):
+    import yaml
+
+    from rlfuse.engine.config import to_dict
+
+    cfg = load_config(None, ["algo=grpo", "grpo.rewards=[{name: length_penalty, weight: 0.5, "
+                             "kwargs: {max_chars: 10}}]", "alerts={kl: 5.0}", "optim.lr=1e-6"])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    assert load_config(str(path)) == cfg
+
+
 @pytest.mark.parametrize("overrides, match", [
     (["stepz=3"], "unknown config key 'stepz'"),
     (["grpo.loss.betta=0.1"], "unknown config key 'grpo.loss.betta'"),
