@@ -370,7 +370,7 @@ def arg_parser(cls, prog: str, description: str = "") -> ArgumentParser:
     parser.add_class_arguments(cls)
     for key, group in parser.groups.items():  # titled by section, not by class
         group.title = f"{key}." if key != cls.__name__ else "keys"
-    meanings = dict(_meanings(cls))
+    meanings = {key: meaning for key, _, meaning in _walk(cls) if meaning}
     for action in parser._actions:
         if action.dest in meanings:
             action.help = meanings[action.dest]
@@ -417,32 +417,21 @@ def _trailing_comments(klass) -> dict[str, str]:
     return out
 
 
-def _meanings(cls, prefix: str = ""):
-    """(dotted key, meaning) of every key of `cls`, its sections included."""
+def _walk(cls, prefix: str = ""):
+    """(dotted key, type, meaning or None) of every key of `cls`, each section followed by its
+    keys."""
     hints, helps = typing.get_type_hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
-        if f.name in helps:
-            yield prefix + f.name, helps[f.name]
+        yield prefix + f.name, hints[f.name], helps.get(f.name)
         sub, many = _section_type(hints[f.name])
         if sub is not None and not many:
-            yield from _meanings(sub, f"{prefix}{f.name}.")
-
-
-def _keys(cls, prefix: str = ""):
-    """(dotted key, type) of every leaf key of `cls`."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        sub, many = _section_type(hints[f.name])
-        if sub is not None and not many:
-            yield from _keys(sub, f"{prefix}{f.name}.")
-        else:
-            yield prefix + f.name, hints[f.name]
+            yield from _walk(sub, f"{prefix}{f.name}.")
 
 
 def _as_options(cls, argv: list[str]) -> list[str]:
     """Today's forms in jsonargparse's: `key=value` -> `--key=value`, a bare `--flag` of a bool
     key -> `--flag=true`, and `-` in key names -> `_`."""
-    bools = {k for k, tp in _keys(cls) if tp is bool}
+    bools = {key for key, tp, _ in _walk(cls) if tp is bool}
     out: list[str] = []
     for i, arg in enumerate(argv):
         if out and out[-1].startswith("--") and "=" not in out[-1]:  # the previous option's value
@@ -464,7 +453,7 @@ def _as_options(cls, argv: list[str]) -> list[str]:
 def _check_args(cls, args: list[str]) -> None:
     """Messages jsonargparse would word less clearly: a missing or malformed config file
     (file:line), a key that does not exist (with the valid keys), a bare word."""
-    known = {k for k, _ in _keys(cls)} | {k for k, _ in _sections(cls)}
+    known = {key for key, _, _ in _walk(cls)}
     for i, arg in enumerate(args):
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
@@ -475,15 +464,6 @@ def _check_args(cls, args: list[str]) -> None:
                 raise _unknown(cls, key)
         elif not (i and args[i - 1].startswith("--") and "=" not in args[i - 1]):
             raise ConfigError(f"argument {arg!r} must look like key=value or --key value")
-
-
-def _sections(cls, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        sub, many = _section_type(hints[f.name])
-        if sub is not None and not many:
-            yield prefix + f.name, sub
-            yield from _sections(sub, f"{prefix}{f.name}.")
 
 
 def _unknown(cls, key: str) -> ConfigError:
