@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import re
@@ -381,6 +382,7 @@ class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help (type and default after each key) under a description kept as written."""
 
 
+@functools.cache  # a class's source does not change while it runs
 def field_help(cls) -> dict[str, str]:
     """{field: its meaning} for a dataclass and its dataclass bases: the comment that ends the
     field's line, joined with the comment lines aligned under it."""
