@@ -2,7 +2,6 @@
 the model loads, model.path checks, the installed entry point."""
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,12 +159,23 @@ def test_repository_folders_do_not_shadow_packages():
     assert Path(rlfuse.__file__).parent.name == "kernels"  # the editable install's mapping
 
 
-def test_engine_does_not_import_benches():
-    code = ("import sys, rlfuse.engine.cli, rlfuse.engine.demo, rlfuse.engine.trainer; "
-            "print(sorted(m for m in sys.modules if m.startswith('rlfuse.benches')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(__file__), check=True).stdout
-    assert out.strip() == "[]"
+def test_engine_does_not_import_benches_and_transformers_finds_no_kernels(tmp_path):
+    """A script run from the repository root, as the `rlfuse` script is: the engine imports no
+    benches, and building a transformers model does not import kernels/ as `kernels`."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys\n"
+        "import rlfuse.engine.cli, rlfuse.engine.demo, rlfuse.engine.trainer\n"
+        "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
+        "Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8,\n"
+        "                             num_hidden_layers=1, num_attention_heads=2,\n"
+        "                             num_key_value_heads=1))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rlfuse.benches')),\n"
+        "      'kernels' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         cwd=root, check=True).stdout
+    assert out.strip() == "[] False"
 
 
 def test_installed_entry_point(tmp_path):
