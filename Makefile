@@ -10,6 +10,10 @@ ENV := $(or $(VIRTUAL_ENV),$(CONDA_PREFIX),$(CURDIR)/.venv)
 PY := $(ENV)/bin/python
 STAMP := $(ENV)/.rlfuse-installed$(subst /,-,$(CURDIR))
 
+# The installed entry points (not `python -m`, which puts the repository root on sys.path, where
+# kernels/ would also be importable as a bare `kernels`).
+BIN := $(ENV)/bin
+
 .PHONY: install demo test bench
 
 $(PY):
@@ -25,10 +29,10 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*/*.cpp csrc/*/*.h bindings/*.
 install: $(STAMP)
 
 demo: install
-	$(ENV)/bin/rlfuse demo
+	$(BIN)/rlfuse demo
 
 test: install
-	$(PY) -m pytest tests -q
+	$(BIN)/pytest tests -q
 
 bench: install
-	$(ENV)/bin/rlfuse bench linear_logprobs --shape qwen-0.5b
+	$(BIN)/rlfuse bench linear_logprobs --shape qwen-0.5b

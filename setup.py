@@ -1,4 +1,4 @@
-"""Builds rlfuse and its C++ CPU extension `rlfuse._C`.
+"""Builds the C++ CPU extension `rlfuse._C` (the package itself is declared in pyproject.toml).
 
 Install with `pip install --no-build-isolation -e .` after `pip install torch==2.13.0`, so the
 extension compiles against the torch that is already installed. Without a working compiler the
@@ -41,23 +41,4 @@ try:
 except ImportError:
     print("rlfuse: torch is not installed; building without the C++ extension", file=sys.stderr)
 
-setup(
-    name="rlfuse",
-    version="0.1.0",
-    description="Fused log-prob, entropy and RL-loss kernels for LLM post-training, and a compact engine",
-    python_requires=">=3.10",
-    packages=["rlfuse", "rlfuse.engine", "rlfuse.benches"],
-    package_dir={"rlfuse": "kernels", "rlfuse.engine": "engine", "rlfuse.benches": "benches"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    # torch is pinned by the Makefile (a CPU build); an open-ended torch requirement here would
-    # let pip pull a multi-GB CUDA build.
-    install_requires=["transformers>=4.56", "safetensors", "pyyaml", "tqdm", "matplotlib"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton", "peft"],
-        "gpu": ["triton", "flash-attn"],
-        "lora": ["peft"],
-        "peers": ["trl==1.16.0", "liger-kernel"],
-    },
-    entry_points={"console_scripts": ["rlfuse=rlfuse.engine.cli:main"]},
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

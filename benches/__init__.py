@@ -4,7 +4,8 @@
     providers.py  the implementations compared, by name (rlfuse-*, naive, trl, liger, floor)
     measure.py    correctness guard, timing, peak memory in a fresh subprocess per provider
     report.py     the machine, the table, JSON / CSV / PNG
-    cli.py        `rlfuse bench [op] ...` and `rlfuse bench sweep ...`
+    cli.py        `rlfuse bench [op] ...`, `rlfuse bench sweep ...`, `rlfuse bench engine ...`
+    engine.py     full GRPO / DPO training steps of the engine against TRL's trainers
     test_bench_ops.py  the same cases as pytest-benchmark suites
                        (`pytest benches/ --benchmark-only`)
 """

@@ -3,6 +3,7 @@
     rlfuse bench [op] --shape small --dtype fp32 --mode full --providers rlfuse-cpp,naive,trl,floor
     rlfuse bench sweep [op] --shape qwen-0.5b --ns 512,1024,4096,16384 --providers rlfuse,naive
     rlfuse bench --list                       ops, modes and which providers run here
+    rlfuse bench engine [key=value ...]       full GRPO / DPO training steps (benches/engine.py)
 (also `python -m rlfuse.benches.cli ...`). Per provider: the correctness guard on a small slice
 (a provider that disagrees is reported, not timed), the median time, GFLOP/s (the GEMM FLOPs the op
 must do), the ratio to the floor (those GEMMs alone) and the peak memory over the inputs, measured
@@ -201,29 +202,41 @@ def sweep_table(rep: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its type and default, as in `rlfuse train --help`."""
+
+    def _get_help_string(self, action):
+        if not action.option_strings or action.nargs == 0 or action.default is argparse.SUPPRESS:
+            return action.help
+        tp = getattr(action.type, "__name__", "str")
+        return f"{action.help or ''} (type: {tp}, default: {action.default})"
+
+
 def _common(ap: argparse.ArgumentParser, default_providers: str) -> None:
     ap.add_argument("op", nargs="?", default="linear_logprobs", choices=list(OPS))
     sizes = "; ".join(f"{k}: N {v.n} H {v.h} V {v.v} T {v.seq}" for k, v in PRESETS.items())
     ap.add_argument("--shape", default="small", choices=list(PRESETS),
-                    help=f"preset (default small; llama-8b is for GPUs). {sizes}")
-    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
-    ap.add_argument("--mode", default="full", choices=MODES)
+                    help=f"preset (llama-8b is for GPUs). {sizes}")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="input dtype")
+    ap.add_argument("--mode", default="full", choices=MODES,
+                    help="what is timed: forward, backward alone, or both")
     ap.add_argument("--providers", default=default_providers,
                     help="comma list of provider names, or 'all'; 'rlfuse' = impl auto here")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--reps", type=int, default=10, help="timed calls (median reported)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     ap.add_argument("--max-seconds", type=float, default=60.0,
                     help="cap on timed seconds per provider (fewer reps when slow)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     ap.add_argument("--out", default="bench_results", help="output folder")
     ap.add_argument("--no-memory", dest="memory", action="store_false",
                     help="skip the memory subprocesses")
     ap.add_argument("--no-time", dest="time", action="store_false", help="memory only")
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the correctness guard")
-    ap.add_argument("--no-plot", dest="plot", action="store_false")
-    ap.add_argument("--mem-timeout", type=float, default=1800.0)
+    ap.add_argument("--no-plot", dest="plot", action="store_false", help="no PNG")
+    ap.add_argument("--mem-timeout", type=float, default=1800.0,
+                    help="seconds before a memory subprocess is stopped")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -251,9 +264,14 @@ def _validate(args) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["engine"]:
+        from .engine import main as engine_main
+
+        return engine_main(argv[1:])
     if argv[:1] == ["sweep"]:
         ap = argparse.ArgumentParser(prog="rlfuse bench sweep", description="Peak memory and "
-                                     "time against tokens N at the preset's H and V.")
+                                     "time against tokens N at the preset's H and V.",
+                                     formatter_class=_Help)
         _common(ap, "rlfuse,naive,liger")
         ap.add_argument("--ns", default="512,1024,2048,4096,8192,16384",
                         help="comma list of token counts")
@@ -265,7 +283,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         title = (f"sweep {args.op} {args.mode}  H {rep['shape']['h']}  V {rep['shape']['v']}  "
                  f"{args.dtype}\n{report.machine_line(rep['machine'])}")
     else:
-        ap = argparse.ArgumentParser(prog="rlfuse bench", description=__doc__.split("\n")[0])
+        ap = argparse.ArgumentParser(prog="rlfuse bench", description=__doc__,
+                                     formatter_class=_Help)
         _common(ap, "all")
         ap.add_argument("--list", action="store_true", help="list ops and providers, then exit")
         args = ap.parse_args(argv)

@@ -1,38 +1,50 @@
 """The `rlfuse` command.
 
-    rlfuse demo [--quick] [key=value ...]                 SFT -> GRPO -> DPO -> eval, tiny model
     rlfuse train {sft,grpo,dpo,ppo} [--config f.yaml] [key=value | --key value ...] [--resume]
-    rlfuse bench engine [key=value ...]                   full GRPO / DPO step timings
-    rlfuse bench ...                                      op benchmarks (rlfuse.benches.cli)
+    rlfuse demo [--quick] [key=value ...]     SFT -> GRPO -> DPO -> eval, tiny model, no downloads
+    rlfuse bench engine [key=value ...]       full GRPO / DPO training steps, rlfuse vs TRL
+    rlfuse bench [op] [--shape ...] ...       op benchmarks (time, memory, correctness)
+
+`rlfuse <command> --help` lists every key with its type, default and meaning. Keys nest with dots
+(`grpo.loss.beta=0.04`); `--config f.yaml` holds the same keys nested by section, and the
+arguments after it override it. A user error (an unknown key, a bad value, a missing or
+malformed file) prints one line and exits with status 2.
 """
 from __future__ import annotations
 
+import os
 import sys
+import textwrap
 
-from .config import ConfigError
+from .config import ALGORITHMS, TrainConfig, UserError, parse, to_dict
+
+
+def train_usage() -> str:
+    algos = "\n".join(f"  {name:<6}{a.summary} (keys under {a.section}.)"
+                      for name, a in ALGORITHMS.items())
+    return (f"usage: rlfuse train {{{','.join(ALGORITHMS)}}} [--config file.yaml] "
+            f"[key=value | --key value ...] [--resume]\n\n{algos}\n\n"
+            "`rlfuse train <algo> --help` lists every key.")
 
 
 def train(argv: list[str]) -> int:
     from . import trainer_for
-    from .config import load_config, to_dict
+    from .data import check_data
 
-    if not argv or argv[0] not in ("sft", "grpo", "dpo", "ppo"):
-        print("usage: rlfuse train {sft,grpo,dpo,ppo} [--config file.yaml] [key=value ...] "
-              "[--resume]", file=sys.stderr)
-        return 2
-    algo, rest, path = argv[0], [], None
-    it = iter(argv[1:])
-    for a in it:
-        if a == "--config":
-            path = next(it, None)
-        elif a.startswith("--config="):
-            path = a.split("=", 1)[1]
-        elif a == "--resume":
-            rest.append("resume=true")
-        else:
-            rest.append(a)
-    cfg = load_config(path, rest, defaults={"algo": algo, "out_dir": f"runs/{algo}"})
-    import os
+    if not argv or argv[0] not in ALGORITHMS:
+        print(train_usage(), file=sys.stdout if argv[:1] in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    algo = argv[0]
+    desc = textwrap.fill(f"Train with {algo}: {ALGORITHMS[algo].summary}. Its own keys are "
+                         f"under {ALGORITHMS[algo].section}.; `--resume` continues from "
+                         "out_dir/checkpoints/latest.", 79)
+    cfg = parse(TrainConfig, argv[1:], f"rlfuse train {algo}", desc,
+                defaults={"algo": algo, "out_dir": f"runs/{algo}"})
+    if cfg is None:  # --help
+        return 0
+    if cfg.algo != algo:
+        raise UserError(f"config key 'algo' is {cfg.algo!r}, but the command trains {algo!r}")
+    check_data(cfg)  # before the model loads
 
     import yaml
 
@@ -49,25 +61,22 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd, rest = (argv[0], argv[1:]) if argv else ("", [])
     try:
+        if cmd == "train":
+            return train(rest)
         if cmd == "demo":
             from .demo import main as demo_main
 
             return demo_main(rest)
-        if cmd == "train":
-            return train(rest)
-        if cmd == "bench" and rest[:1] == ["engine"]:
-            from .bench import main as engine_bench_main
-
-            return engine_bench_main(rest[1:])
         if cmd == "bench":
             from rlfuse.benches.cli import main as bench_main
 
             return bench_main(rest)
-    except ConfigError as err:
-        print(f"rlfuse: config error: {err}", file=sys.stderr)
+    except UserError as err:
+        print(f"rlfuse: error: {err}", file=sys.stderr)
         return 2
-    print(__doc__, file=sys.stderr)
-    return 0 if cmd in ("-h", "--help") else 2
+    helped = cmd in ("-h", "--help")
+    print(__doc__, file=sys.stdout if helped else sys.stderr)
+    return 0 if helped else 2
 
 
 if __name__ == "__main__":

@@ -1,26 +1,44 @@
-"""Training configuration: frozen dataclasses, loaded from YAML and overridden from the CLI.
+"""Training configuration: frozen dataclasses, read from YAML and the command line.
 
 A config is a tree of dataclasses (`TrainConfig` at the root; the loss options are the op
-layer's own `PolicyLossConfig` / `PreferenceLossConfig`). `load_config(path, overrides)`
-reads a YAML mapping with the same nesting, applies `key.sub=value` overrides (values parsed
-as YAML scalars), coerces each value to the field's type and validates it; an unknown key or a
-bad value raises `ConfigError` naming the dotted key and what is allowed.
+layer's own `PolicyLossConfig` / `PreferenceLossConfig`). `parse(cls, argv, prog)` reads
+`[--config f.yaml] [key=value | --key value ...]` with jsonargparse (YAML nested like the
+dataclasses, dotted keys for nested sections, `--help` listing every key with its type, default
+and the comment on its field's line) and builds the dataclasses, whose __post_init__ validate
+the values; an unknown key or a bad value raises `ConfigError` naming the dotted key (and the
+file and line) and what is allowed. `ALGORITHMS` is the one list of trainers.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
-import types
+import functools
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import typing
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, Namespace
 
 from rlfuse import PolicyLossConfig, PreferenceLossConfig
+from rlfuse.advantages import ESTIMATORS as ADVANTAGE_ESTIMATORS, SCALES as ADVANTAGE_SCALES
 from rlfuse.dpo_family import LOSS_TYPES as PREFERENCE_LOSS_TYPES
 
+from .rewards import BUILTINS as REWARDS
 
-class ConfigError(ValueError):
+
+class UserError(ValueError):
+    """A mistake in the user's input (config, data, paths): the CLI prints the message alone, as
+    one line, and exits 2; anything else is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError):
     """A config key or value that cannot be used; the message names the dotted key."""
 
 
@@ -38,15 +56,15 @@ def _choice(key: str, value, allowed) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     path: Optional[str] = None           # local HF checkpoint; None -> tiny model from the fields below
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 256
+    hidden_size: int = 128             # the tiny model's width (used when path is None)
+    num_layers: int = 4                # the tiny model's decoder layers
+    num_heads: int = 4                 # the tiny model's attention heads
+    num_kv_heads: int = 2              # the tiny model's key/value heads (GQA)
+    intermediate_size: int = 256       # the tiny model's MLP width
     dtype: str = "float32"               # float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory
     lora_r: int = 0                      # > 0: LoRA policy (needs peft); reference = adapter off
-    lora_alpha: int = 16
+    lora_alpha: int = 16                # LoRA scale numerator (scale = lora_alpha / lora_r)
     attn_implementation: Optional[str] = None  # None: flash_attention_2 on CUDA if installed, else sdpa
 
     def __post_init__(self):
@@ -58,11 +76,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    warmup_steps: int = 0
+    lr: float = 1e-4                     # AdamW learning rate
+    weight_decay: float = 0.0            # AdamW decoupled weight decay
+    beta1: float = 0.9                   # AdamW first-moment decay
+    beta2: float = 0.99                  # AdamW second-moment decay
+    warmup_steps: int = 0                # linear warmup from lr / (warmup_steps + 1)
     schedule: str = "constant"           # constant | linear | cosine (decay to 0 at the last step)
     max_grad_norm: float = 1.0           # <= 0 disables clipping (grad_norm is still reported)
 
@@ -76,7 +94,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class SFTConfig:
     data: Optional[str] = None           # JSONL with "prompt" and "completion" fields
-    batch_size: int = 32
+    batch_size: int = 32                 # demonstrations per optimizer step
 
     def __post_init__(self):
         _check("sft.batch_size", self.batch_size >= 1, "must be >= 1")
@@ -85,8 +103,12 @@ class SFTConfig:
 @dataclass(frozen=True)
 class RewardSpec:
     name: str = "exact_answer"           # see rlfuse.engine.rewards.BUILTINS
-    weight: float = 1.0
-    kwargs: dict = field(default_factory=dict)
+    weight: float = 1.0                  # the term's factor in the summed reward
+    kwargs: dict = field(default_factory=dict)  # keyword arguments of the reward function
+
+    def __post_init__(self):
+        if self.name not in REWARDS:
+            raise ValueError(f"unknown reward {self.name!r}; built-ins: {sorted(REWARDS)}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +122,7 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 32
     decoder: str = "rlfuse"              # rlfuse (KV-cache loop, fast sampler) | hf (generate)
-    rewards: tuple = (RewardSpec(),)
+    rewards: tuple[RewardSpec, ...] = (RewardSpec(),)
 
     def check(self, section: str, min_samples: int) -> None:
         _check(f"{section}.samples_per_prompt", self.samples_per_prompt >= min_samples,
@@ -132,8 +154,8 @@ class GRPOConfig:
         self.rollout.check("grpo.rollout", min_samples=2)  # advantages compare a group
         for k in ("passes", "mini_batches"):
             _check(f"grpo.{k}", getattr(self, k) >= 1, "must be >= 1")
-        _choice("grpo.advantage_estimator", self.advantage_estimator, ("grpo", "rloo", "dr_grpo"))
-        _choice("grpo.advantage_scale", self.advantage_scale, ("group", "batch", "none"))
+        _choice("grpo.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        _choice("grpo.advantage_scale", self.advantage_scale, ADVANTAGE_SCALES)
         _check("grpo.sft_coef", self.sft_coef >= 0, "must be >= 0")
         _check("grpo.reference", self.reference or self.loss.beta == 0,
                "must be true when grpo.loss.beta > 0 (the KL term needs the reference policy)")
@@ -145,7 +167,7 @@ class GRPOConfig:
 class DPOConfig:
     data: Optional[str] = None           # JSONL with "prompt", "chosen", "rejected"
     batch_size: int = 16                 # pairs per optimizer step
-    epochs: int = 1
+    epochs: int = 1                      # passes over the pairs (when steps is 0)
     loss: PreferenceLossConfig = PreferenceLossConfig()
 
     def __post_init__(self):
@@ -222,11 +244,11 @@ class PPOConfig:
 class TrainConfig:
     algo: str = "sft"                    # sft | grpo | dpo | ppo
     steps: int = 100                     # optimizer steps (GRPO: rollout steps); DPO: 0 -> epochs
-    seed: int = 0
-    out_dir: str = "runs/train"
+    seed: int = 0                        # torch / python / sampler seed
+    out_dir: str = "runs/train"          # metrics, plots, checkpoints; `rlfuse train`: runs/<algo>
     device: str = "auto"                 # auto | cpu | cuda
     max_length: int = 512                # prompt + completion tokens, longer sequences are cut
-    log_every: int = 1
+    log_every: int = 1                   # steps between metrics rows
     save_every: int = 0                  # 0: only at the end (and on SIGINT/SIGTERM)
     keep_checkpoints: int = 2            # 0: no final checkpoint (still saves on SIGINT/SIGTERM)
     resume: bool = False                 # continue from out_dir/checkpoints/latest
@@ -240,7 +262,7 @@ class TrainConfig:
     ppo: PPOConfig = PPOConfig()
 
     def __post_init__(self):
-        _choice("algo", self.algo, ("sft", "grpo", "dpo", "ppo"))
+        _choice("algo", self.algo, ALGORITHMS)
         _check("steps", self.steps >= 0, "must be >= 0")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _check("max_length", self.max_length >= 2, "must be >= 2")
@@ -249,110 +271,280 @@ class TrainConfig:
         _check("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0")
 
 
+# ----------------------------------------------------------------------------- algorithms
+@dataclass(frozen=True)
+class Algorithm:
+    """One trainer: `rlfuse train <name>`, `TrainConfig.algo` and `trainer_for(name)` read it."""
+    trainer: str                         # "module.Class" inside rlfuse.engine, imported on use
+    section: str                         # the TrainConfig section that holds its options
+    summary: str                         # one line for `rlfuse train --help`
+    data: tuple = ()                     # (config key of a JSONL file, its required string
+                                         # fields), checked before the model loads; first required
+
+
+_PAIRS = ("prompt", "chosen", "rejected")
+ALGORITHMS = {
+    "sft": Algorithm("sft.SFTTrainer", "sft", "supervised fine-tuning on prompt/completion pairs",
+                     (("sft.data", ("prompt", "completion")),)),
+    "grpo": Algorithm("grpo.GRPOTrainer", "grpo",
+                      "GRPO and its variants: sampled groups, verifier rewards, group advantages",
+                      (("grpo.data", ("prompt",)), ("sft.data", ("prompt", "completion")))),
+    "dpo": Algorithm("dpo.DPOTrainer", "dpo", "DPO and its variants on offline preference pairs",
+                     (("dpo.data", _PAIRS),)),
+    "ppo": Algorithm("ppo.PPOTrainer", "ppo",
+                     "classic RLHF PPO: value head, GAE, KL to the reference",
+                     (("ppo.data", ("prompt",)), ("ppo.reward_model.pairs", _PAIRS))),
+}
+
+
 # ----------------------------------------------------------------------------- building
-def build(cls, data: dict, prefix: str = "", base=None):
-    """Dataclass `cls` from a nested mapping, over the defaults of `base` (an instance: a field's
-    own default, such as PPO's rollout sizes) when given; unknown keys and bad types raise
-    ConfigError."""
+def build(cls, data: dict, prefix: str = ""):
+    """Dataclass `cls` from a nested mapping whose keys and value types `parse` has checked;
+    a value its __post_init__ refuses raises ConfigError naming the section."""
+    section = prefix.rstrip(".") or "<root>"
     if not isinstance(data, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(f"config section {section!r} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {names}")
-    defaults = {f.name: f.default if base is None else getattr(base, f.name)
-                for f in dataclasses.fields(cls)}
-    kwargs = {k: _coerce(hints[k], v, prefix + k, defaults[k]) for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        sub, many = _section_type(hints[k])
+        if sub is not None and many:
+            v = tuple(x if isinstance(x, sub) else build(sub, x, f"{prefix}{k}[{i}].")
+                      for i, x in enumerate(v))
+        elif sub is not None and not isinstance(v, sub):
+            v = build(sub, v, f"{prefix}{k}.")
+        kwargs[k] = v
     try:
-        return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
+        return cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:  # the op layer's own config checks
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: {err}") from None
+        raise ConfigError(f"config section {section!r}: {err}") from None
 
 
-def _coerce(tp, value, key: str, default=None):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
+def _section_type(tp) -> tuple[Optional[type], bool]:
+    """(the dataclass a field holds, whether it holds a tuple of them), or (None, False)."""
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return build(tp, value or {}, key + ".", default if isinstance(default, tp) else None)
-    if tp is tuple or origin is tuple:  # only `rewards` is a tuple: of RewardSpec
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
-        return tuple(v if isinstance(v, RewardSpec) else build(RewardSpec, v, f"{key}[{i}].")
-                     for i, v in enumerate(value))
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
-    if tp in (int, float) and isinstance(value, str):  # YAML reads '3e-4' as a string
-        try:
-            value = tp(value)
-        except ValueError:
-            pass
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
-        return value
-    raise ConfigError(f"config key {key!r} must be {tp.__name__}, got {value!r}")
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """['a.b=1', '--c', 'x', '--d=2'] -> {'a': {'b': 1}, 'c': 'x', 'd': 2} (YAML scalars)."""
-    out: dict = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--"):
-            arg = arg[2:]
-            if "=" not in arg:
-                if i + 1 >= len(args):
-                    raise ConfigError(f"option --{arg} needs a value")
-                arg, i = f"{arg}={args[i + 1]}", i + 1
-        if "=" not in arg:
-            raise ConfigError(f"override {arg!r} must look like key=value or --key value")
-        key, raw = arg.split("=", 1)
-        node = out
-        *parents, leaf = key.replace("-", "_").split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw else ""
-        i += 1
-    return out
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+        return tp, False
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and args and dataclasses.is_dataclass(args[0]):
+        return args[0], True
+    return None, False
 
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# ----------------------------------------------------------------------------- command line
+# jsonargparse does the parsing: types, nesting, `--config` files, dotted `--a.b value` keys and
+# the help. Around it: today's `key=value` form, and messages that name the key and the file.
+# Values are read leniently, by the same rule on the command line and in YAML: a value counts as
+# what it reads as, so `1e-6` is a float and '8' an int, while 8.5 for an int or `maybe` for a
+# bool is refused.
+def parse(cls, argv: list[str], prog: str, description: str = "",
+          defaults: Optional[dict] = None):
+    """`cls` from `[--config f.yaml] [key=value | --key value | --key=value ...]` (dotted keys
+    for nested sections; a bare `--flag` sets a bool key to true). Later values override
+    earlier ones; `defaults` ({dotted key: value}) come first. With -h / --help it prints every
+    key with its type, default and meaning and returns None."""
+    parser = arg_parser(cls, prog, description)
+    parser.set_defaults(defaults or {})
+    args = _as_options(cls, argv)
+    if "-h" in args or "--help" in args:
+        print(parser.format_help())
+        return None
+    _check_args(cls, args)
+    try:
+        ns = parser.parse_args(args)
+    except ArgumentError as err:
+        raise ConfigError(_plain_message(str(err))) from None
+    return build(cls, _plain(ns, exclude=("config", "print_config")))
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                defaults: Optional[dict] = None) -> TrainConfig:
+                defaults: Optional[dict] = None, prog: str = "rlfuse train") -> TrainConfig:
     """TrainConfig from defaults <- YAML file <- command-line overrides."""
-    data = dict(defaults or {})
-    if path:
+    return parse(TrainConfig, (["--config", path] if path else []) + list(overrides or []),
+                 prog, defaults=defaults)
+
+
+def arg_parser(cls, prog: str, description: str = "") -> ArgumentParser:
+    """The jsonargparse parser of dataclass `cls`; each key's help is its field's comment."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False,
+                            formatter_class=_HelpFormatter,
+                            usage=f"{prog} [--config f.yaml] [key=value | --key value ...]")
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="YAML file with the keys below, nested by section; the arguments "
+                             "after it override it")
+    parser.add_class_arguments(cls)
+    for key, group in parser.groups.items():  # titled by section, not by class
+        group.title = f"{key}." if key != cls.__name__ else "keys"
+    meanings = {key: meaning for key, _, meaning in _walk(cls) if meaning}
+    for action in parser._actions:
+        if action.dest in meanings:
+            action.help = meanings[action.dest]
+    return parser
+
+
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (type and default after each key) under a description kept as written."""
+
+
+@functools.cache  # a class's source does not change while it runs
+def field_help(cls) -> dict[str, str]:
+    """{field: its meaning} for a dataclass and its dataclass bases: the comment that ends the
+    field's line, joined with the comment lines aligned under it."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_trailing_comments(klass))
+    return out
+
+
+def _trailing_comments(klass) -> dict[str, str]:
+    try:
+        src = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):  # no source (built at run time)
+        return {}
+    comments = {}  # line -> (column, text, alone on its line)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip(),
+                                      tok.line.lstrip().startswith("#"))
+    out = {}
+    for node in ast.parse(src).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        line = next((n for n in range(node.lineno, node.end_lineno + 1)
+                     if n in comments and not comments[n][2]), None)
+        if line is None:
+            continue
+        col, text, _ = comments[line]
+        parts = [text]
+        while (line := line + 1) in comments and comments[line][2] and comments[line][0] == col:
+            parts.append(comments[line][1])
+        out[node.target.id] = " ".join(parts)
+    return out
+
+
+def _walk(cls, prefix: str = ""):
+    """(dotted key, type, meaning or None) of every key of `cls`, each section followed by its
+    keys."""
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, hints[f.name], helps.get(f.name)
+        sub, many = _section_type(hints[f.name])
+        if sub is not None and not many:
+            yield from _walk(sub, f"{prefix}{f.name}.")
+
+
+def _as_options(cls, argv: list[str]) -> list[str]:
+    """Today's forms in jsonargparse's: `key=value` -> `--key=value`, a bare `--flag` of a bool
+    key -> `--flag=true`, and `-` in key names -> `_`."""
+    bools = {key for key, tp, _ in _walk(cls) if tp is bool}
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if out and out[-1].startswith("--") and "=" not in out[-1]:  # the previous option's value
+            out.append(arg)
+            continue
+        if not arg.startswith("-") and "=" in arg:
+            arg = "--" + arg
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            nxt = argv[i + 1] if i + 1 < len(argv) else "--"
+            if not eq and key in bools and (nxt.startswith("-") or "=" in nxt):
+                eq, value = "=", "true"
+            arg = f"--{key}{eq}{value}"
+        out.append(arg)
+    return out
+
+
+def _check_args(cls, args: list[str]) -> None:
+    """Messages jsonargparse would word less clearly: a missing or malformed config file
+    (file:line), a key that does not exist (with the valid keys), a bare word."""
+    known = {key for key, _, _ in _walk(cls)}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if key == "config":
+                path = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+                _check_keys(cls, read_yaml(path), source=path)
+            elif key not in known and key != "print_config":
+                raise _unknown(cls, key)
+        elif not (i and args[i - 1].startswith("--") and "=" not in args[i - 1]):
+            raise ConfigError(f"argument {arg!r} must look like key=value or --key value")
+
+
+def _unknown(cls, key: str) -> ConfigError:
+    """The error for dotted `key` that is not a key of `cls`: names it and the valid keys at
+    the level where it leaves the tree."""
+    node = cls
+    for part in key.split("."):
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            break
+        node, many = _section_type(typing.get_type_hints(node)[part])
+        if node is None or many:
+            return ConfigError(f"config key {key!r}: {part!r} is a value, not a section")
+    return ConfigError(f"unknown config key {key!r}; valid keys here: {names}")
+
+
+def read_yaml(path: str) -> dict:
+    """The mapping in a YAML file; a missing file or a syntax error raises ConfigError."""
+    try:
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the YAML file must hold a mapping at the top level")
-        data = merge(data, loaded)
-    data = merge(data, parse_overrides(overrides or []))
-    return build(TrainConfig, data)
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no such config file: {path}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: YAML syntax error: "
+                          f"{getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the YAML file must hold a mapping at the top level")
+    return data
+
+
+def _check_keys(cls, data, prefix: str = "", source: str = "") -> None:
+    """Unknown keys and non-mapping sections of a nested mapping raise ConfigError."""
+    where = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}config section {prefix.rstrip('.')!r} must be a mapping, "
+                          f"got {data!r}")
+    hints = typing.get_type_hints(cls)
+    for k, v in data.items():
+        if k not in hints:
+            names = [f.name for f in dataclasses.fields(cls)]
+            raise ConfigError(f"{where}unknown config key {prefix + str(k)!r}; valid keys here: "
+                              f"{names}")
+        sub, many = _section_type(hints[k])
+        if sub is not None and many and isinstance(v, (list, tuple)):
+            for j, item in enumerate(v):
+                _check_keys(sub, item, f"{prefix}{k}[{j}].", source)
+        elif sub is not None and not many:
+            _check_keys(sub, v, f"{prefix}{k}.", source)
+
+
+def _plain(value, exclude=()):
+    """A jsonargparse Namespace as nested dicts and lists (dataclass instances kept)."""
+    if isinstance(value, Namespace):
+        return {k: _plain(v) for k, v in vars(value).items() if k not in exclude}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _plain_message(msg: str) -> str:
+    """jsonargparse's 'Parser key "a.b":\\n  Expected a <class 'int'>. Got value: x' on one
+    line, as 'config key 'a.b': expected a int, got value: x'."""
+    msg = re.sub(r"<class '(\w+)'>", r"\1", " ".join(msg.split()))
+    m = re.match(r'Parser key "([^"]+)": (.*)', msg)
+    if m:
+        rest = m.group(2)
+        return f"config key {m.group(1)!r}: {rest[:1].lower()}{rest[1:]}"
+    return msg

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .config import ALGORITHMS, UserError
+
 IGNORE = -100
 
 
@@ -74,24 +76,59 @@ def sft_batch(tokenizer, prompts: list[str], completions: list[str], max_length:
                 tokenizer.pad_token_id, max_length)
 
 
-def read_jsonl(path: str, required: tuple[str, ...]) -> list[dict]:
-    """Records of a JSONL file; each must have the `required` string fields."""
+def read_jsonl(path: str, required: tuple[str, ...], key: str = "") -> list[dict]:
+    """Records of a JSONL file; each must be an object with the `required` string fields. A
+    missing file or a bad line raises UserError naming the file and line (and config `key`)."""
+    via = f" (config key {key})" if key else ""
     rows = []
-    with open(path) as f:
+    try:
+        f = open(path)
+    except FileNotFoundError:
+        raise UserError(f"no such data file: {path}{via}") from None
+    with f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err})") from None
+                raise UserError(f"{path}:{n}: not valid JSON ({err}){via}") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{n}: expected a JSON object with fields {list(required)}, "
+                                f"got {type(row).__name__}{via}")
             missing = [k for k in required if not isinstance(row.get(k), str)]
             if missing:
-                raise ValueError(f"{path}:{n}: missing string field(s) {missing}")
+                raise UserError(f"{path}:{n}: missing string field(s) {missing}{via}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"{path}: no records")
+        raise UserError(f"{path}: no records{via}")
     return rows
+
+
+def check_data(cfg) -> None:
+    """Read every data file `cfg.algo` trains on (see config.ALGORITHMS) before any model
+    loads: the first is required, the others are checked when set."""
+    for i, (key, fields) in enumerate(ALGORITHMS[cfg.algo].data):
+        path = cfg
+        for part in key.split("."):
+            path = getattr(path, part)
+        if path is None and i == 0:
+            raise UserError(f"{cfg.algo} needs data: set {key} to a JSONL file with the string "
+                            f"fields {list(fields)}")
+        if path is not None:
+            read_jsonl(path, fields, key)
+
+
+def check_prompt_lengths(prompt_ids: list[list[int]], max_length: int, path: str) -> None:
+    """Every prompt must leave a completion token within max_length (else its rows have no
+    token to score): UserError naming the records (counted from 1) otherwise."""
+    long = [i + 1 for i, p in enumerate(prompt_ids) if len(p) >= max_length]
+    if long:
+        more = f" and {len(long) - 8} more" if len(long) > 8 else ""
+        raise UserError(f"{path}: the prompts of records {long[:8]}{more} are at least "
+                        f"max_length={max_length} tokens long (the longest "
+                        f"{max(len(prompt_ids[i - 1]) for i in long)}), leaving no completion "
+                        "token to score: raise max_length or shorten them")
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:

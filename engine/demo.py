@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import (GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec, RolloutConfig,
-                     SFTConfig, TrainConfig, build, parse_overrides)
+                     SFTConfig, TrainConfig, parse)
 from .data import write_jsonl
 from .dpo import DPOTrainer
 from .evaluate import EvalConfig, accuracy
@@ -305,15 +305,11 @@ def main(argv=None) -> int:
     """`rlfuse demo [--quick] [key=value | --key value ...]` (keys: DemoConfig fields)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     quick = "--quick" in argv
-    argv = [a for a in argv if a != "--quick"]
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        print("options:", ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(DemoConfig)))
-        return 0
-    data = {**(QUICK if quick else {}), **parse_overrides(argv)}
-    if quick and "out_dir" not in data:
-        data["out_dir"] = "runs/demo-quick"
-    run(build(DemoConfig, data))
+    defaults = {**QUICK, "out_dir": "runs/demo-quick"} if quick else {}
+    d = parse(DemoConfig, [a for a in argv if a != "--quick"], "rlfuse demo",
+              __doc__ + "\n--quick: a smoke-sized run (seconds), into runs/demo-quick", defaults)
+    if d is not None:  # None: --help
+        run(d)
     return 0
 
 

@@ -15,7 +15,7 @@ import torch
 
 import rlfuse
 
-from .data import Sampler, encode, pack, read_jsonl
+from .data import Sampler, check_prompt_lengths, encode, pack, read_jsonl
 from .model import head, scored_hidden, sequence_logprobs
 from .trainer import Trainer
 
@@ -31,6 +31,8 @@ class DPOTrainer(Trainer):
                              "'chosen' and 'rejected' fields")
         self.pairs = read_jsonl(cfg.dpo.data, ("prompt", "chosen", "rejected"))
         super().__init__(cfg, model, tokenizer)
+        check_prompt_lengths(encode(self.tok, [r["prompt"] for r in self.pairs]), cfg.max_length,
+                             cfg.dpo.data)
         self.sampler = Sampler(len(self.pairs), cfg.dpo.batch_size, cfg.seed)
         self.loss_cfg = head(self.model).loss_config(cfg.dpo.loss, "dpo.loss")
         self.ref = None  # [n, 2] reference sums (chosen, rejected), computed at the first step

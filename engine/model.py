@@ -13,14 +13,16 @@ import copy
 import dataclasses
 import importlib.util
 import logging
+import os
 import string
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHARS = string.digits + "+-*=() " + string.ascii_lowercase + ".,:?"
@@ -67,15 +69,37 @@ def attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
     return "sdpa"
 
 
+def check_local_path(path: str) -> bool:
+    """Whether `path` names a local folder rather than a Hub id; one that looks local (starts
+    with `.`, `~` or `/`, has two separators, or its first part exists here) but is not a model
+    folder raises UserError."""
+    full = os.path.expanduser(path)
+    parts = path.replace(os.sep, "/").split("/")
+    if not (path.startswith((".", "~", "/")) or len(parts) > 2 or os.path.exists(full)
+            or (len(parts) == 2 and os.path.isdir(parts[0]))):
+        return False
+    if not os.path.isdir(full):
+        raise UserError(f"no such folder: {path} (config key model.path)")
+    if not os.path.isfile(os.path.join(full, "config.json")):
+        raise UserError(f"{path} has no config.json, so it is not a transformers model folder "
+                        "(config key model.path)")
+    return True
+
+
 def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
     """(model, tokenizer): a local checkpoint (`cfg.path`) or the tiny model; LoRA if asked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.path:
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.path, padding_side="left")
+        local = check_local_path(cfg.path)  # local folders never go to the Hub
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.path, padding_side="left",
+                                                               local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation(cfg, device))
+            cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation(cfg, device),
+            local_files_only=local)
     else:
+        print("rlfuse: WARNING: model.path is not set, so this trains a randomly initialized tiny "
+              "model; set model.path to a local checkpoint folder", file=sys.stderr, flush=True)
         tokenizer = tokenizer or char_tokenizer()
         model = tiny_model(cfg, tokenizer).to(DTYPES[cfg.dtype])
     if tokenizer.pad_token is None:

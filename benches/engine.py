@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from rlfuse.engine.config import ConfigError, parse
+
 SYSTEMS = ("rlfuse", "rlfuse-reference", "trl")
 
 
@@ -59,8 +61,6 @@ class EngineBench:
     threads: int = 0                 # torch CPU threads in each run; 0 keeps torch's default
 
     def __post_init__(self):
-        from .config import ConfigError
-
         for name in self.systems.split(","):
             if name not in SYSTEMS:
                 raise ConfigError(f"systems: unknown {name!r}; choose from {', '.join(SYSTEMS)}")
@@ -75,8 +75,8 @@ class EngineBench:
 
 # ----------------------------------------------------------------------------- setup
 def _write_model(b: EngineBench, path: str) -> None:
-    from .config import ModelConfig
-    from .model import char_tokenizer, tiny_model
+    from rlfuse.engine.config import ModelConfig
+    from rlfuse.engine.model import char_tokenizer, tiny_model
 
     tok = char_tokenizer(vocab_size=b.vocab_size)
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def _write_model(b: EngineBench, path: str) -> None:
 
 def _write_data(b: EngineBench, tmp: str) -> dict:
     """GRPO prompts ("a+b=" with the answer) and DPO pairs of exactly `dpo_tokens` characters."""
-    from .data import write_jsonl
+    from rlfuse.engine.data import write_jsonl
 
     rng = random.Random(0)
     n = b.warmup + b.steps
@@ -112,10 +112,10 @@ def _write_data(b: EngineBench, tmp: str) -> dict:
 def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str) -> dict:
     import rlfuse
 
-    from .config import (DPOConfig, GRPOConfig, ModelConfig, OptimConfig, RewardSpec,
-                         RolloutConfig, TrainConfig)
-    from .dpo import DPOTrainer
-    from .grpo import GRPOTrainer
+    from rlfuse.engine.config import (DPOConfig, GRPOConfig, ModelConfig, OptimConfig, RewardSpec,
+                                      RolloutConfig, TrainConfig)
+    from rlfuse.engine.dpo import DPOTrainer
+    from rlfuse.engine.grpo import GRPOTrainer
 
     common = dict(steps=b.warmup + b.steps, out_dir=os.path.dirname(data["prompts"]),
                   device=b.device, progress=False, keep_checkpoints=0,
@@ -152,8 +152,8 @@ def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict) -> dict:
     import trl
     from transformers import AutoTokenizer
 
-    from .data import read_jsonl
-    from .rewards import exact_answer
+    from rlfuse.engine.data import read_jsonl
+    from rlfuse.engine.rewards import exact_answer
 
     class Timer(transformers.TrainerCallback):
         def __init__(self):
@@ -208,7 +208,7 @@ def _worker(spec: dict) -> dict:
     b = EngineBench(**spec["bench"])
     if b.threads:
         torch.set_num_threads(b.threads)
-    from .model import quiet_transformers
+    from rlfuse.engine.model import quiet_transformers
 
     quiet_transformers()
     if spec["system"] == "trl":
@@ -216,14 +216,14 @@ def _worker(spec: dict) -> dict:
     else:
         impl = "reference" if spec["system"] == "rlfuse-reference" else "auto"
         res = _rlfuse(b, spec["trainer"], spec["model_dir"], spec["data"], impl)
-    from .monitor import peak_memory_mb
+    from rlfuse.engine.monitor import peak_memory_mb
 
     return {**res, "peak_rss_mb": peak_memory_mb()}
 
 
 # ----------------------------------------------------------------------------- driver
 def _run_one(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "rlfuse.engine.bench", "--worker",
+    proc = subprocess.run([sys.executable, "-m", "rlfuse.benches.engine", "--worker",
                            json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {spec['system']}/{spec['trainer']} failed:\n"
@@ -261,7 +261,7 @@ def run(b: EngineBench) -> dict:
         if peer:
             r["speedup_vs_trl"] = r["tokens_per_s"] / peer["tokens_per_s"]
             r["rss_vs_trl"] = r["peak_rss_mb"] / peer["peak_rss_mb"]
-    from rlfuse.benches.report import machine_info
+    from .report import machine_info
 
     if b.threads:
         torch.set_num_threads(b.threads)  # so the record shows the workers' thread count
@@ -286,14 +286,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["--worker"]:
         print(json.dumps(_worker(json.loads(argv[1]))))
         return 0
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        print("options:", ", ".join(f"{f.name}={f.default!r}"
-                                    for f in dataclasses.fields(EngineBench)))
-        return 0
-    from .config import build, parse_overrides
-
-    run(build(EngineBench, parse_overrides(argv)))
+    b = parse(EngineBench, argv, "rlfuse bench engine", __doc__)
+    if b is not None:  # None: --help
+        run(b)
     return 0
 
 
