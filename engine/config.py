@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from rlfuse import PolicyLossConfig, PreferenceLossConfig
-from rlfuse.dpo_family import LOSS_TYPES as PREFERENCE_LOSS_TYPES
+from rlfuse.preference import LOSS_TYPES as PREFERENCE_LOSS_TYPES
 
 
 class ConfigError(ValueError):

@@ -7,9 +7,9 @@ visible as a bare `kernels` package, which transformers imports while probing fo
 if __name__ == "rlfuse":
     from ._chunked import LogitTransform
     from .advantages import gae, group_advantages, value_loss
-    from .dpo_family import PreferenceLossConfig, PreferenceLossOutput, preference_loss
+    from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
     from .logprobs import linear_logprobs, linear_logprobs_reference
-    from .ppo_family import PolicyLossConfig, PolicyLossOutput, policy_loss
+    from .policy import PolicyLossConfig, PolicyLossOutput, policy_loss
 
     __version__ = "0.1.0"
     __all__ = [
