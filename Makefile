@@ -17,3 +17,7 @@ test: install
 
 bench: install
 	$(PY) -m rlfuse.engine.cli bench linear_logprobs --shape qwen-0.5b
+
+# >= 10,000 property-based cases of every op against the fp64 reference; prints the worst errors.
+fuzz: install
+	RLFUSE_FUZZ=1 $(PY) -m pytest tests/test_fuzz.py -q

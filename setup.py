@@ -54,7 +54,7 @@ setup(
     # let pip pull a multi-GB CUDA build.
     install_requires=["transformers>=4.56", "safetensors", "pyyaml", "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton", "peft"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton", "peft"],
         "gpu": ["triton", "flash-attn"],
         "lora": ["peft"],
         "peers": ["trl==1.16.0", "liger-kernel"],
