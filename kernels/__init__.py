@@ -5,6 +5,7 @@ visible as a bare `kernels` package, which transformers imports while probing fo
 `kernels` library: that import stays empty, so the custom ops are never registered twice.
 """
 if __name__ == "rlfuse":
+    from ._backend import IMPLS
     from ._chunked import LogitTransform
     from .advantages import gae, group_advantages, value_loss
     from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
@@ -13,7 +14,7 @@ if __name__ == "rlfuse":
 
     __version__ = "0.1.0"
     __all__ = [
-        "linear_logprobs", "linear_logprobs_reference", "LogitTransform",
+        "linear_logprobs", "linear_logprobs_reference", "LogitTransform", "IMPLS",
         "policy_loss", "PolicyLossConfig", "PolicyLossOutput",
         "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
         "group_advantages", "gae", "value_loss",

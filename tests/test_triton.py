@@ -5,6 +5,7 @@ the rest of the suite: in a normal run this file only spawns itself in a fresh i
 with TRITON_INTERPRET=1 and asserts that sub-run passed (its output is shown on failure).
 Run the cases directly with `TRITON_INTERPRET=1 pytest tests/test_triton.py`.
 """
+import math
 import os
 import subprocess
 import sys
@@ -208,6 +209,23 @@ else:
         out = _triton.logits_stats(torch.empty(0, 7), torch.empty(0, dtype=torch.long),
                                    1.0, 0.0, 1.0, -100)
         assert [x.shape for x in out] == [(0,)] * 3
+
+    @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN
+    def test_non_finite_logits_give_nan_rows_like_cpp_and_reference():
+        z, t, a, e = _chunk(5, 31, torch.float32)
+        t[:] = torch.tensor([1, 2, 3, -100, 4])
+        z[0, 7], z[1, 8], z[2, 9], z[3, 5] = math.nan, math.inf, -math.inf, math.nan
+        lse, logp, ent = _triton.logits_stats(z, t, 1.0, 0.0, 1.0, -100)
+        assert logp[:3].isnan().all() and ent[:3].isnan().all()
+        assert logp[3] == 0 and ent[3] == 0 and logp[4].isfinite() and ent[4].isfinite()
+        ref_lp, ref_ent = linear_logprobs_reference(z, torch.eye(31), t)
+        assert torch.equal(logp.isnan(), ref_lp.isnan()) and torch.equal(ent.isnan(),
+                                                                         ref_ent.isnan())
+        if CPP is not None:
+            for g, c in zip((logp, ent), CPP.logits_stats(z, t, 1.0, 0.0, 1.0, -100)[1:]):
+                assert torch.equal(g.isnan(), c.isnan())
+        _triton.logits_grad_(z, t, lse, ent, a, e, 1.0, 0.0, 1.0, -100)
+        assert z[:3].isnan().all() and (z[3] == 0).all() and z[4].isfinite().all()
 
     def test_out_of_range_target_is_nan_not_a_bad_read():
         z, t, a, e = _chunk(3, 31, torch.float32)
