@@ -8,9 +8,9 @@ if __name__ == "rlfuse":
     from ._backend import IMPLS
     from ._chunked import LogitTransform
     from .advantages import gae, group_advantages, value_loss
-    from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
     from .logprobs import linear_logprobs, linear_logprobs_reference
     from .policy import PolicyLossConfig, PolicyLossOutput, policy_loss
+    from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
 
     __version__ = "0.1.0"
     __all__ = [
