@@ -14,7 +14,7 @@ STAMP := $(ENV)/.rlfuse-installed$(subst /,-,$(CURDIR))
 # kernels/ would also be importable as a bare `kernels`).
 BIN := $(ENV)/bin
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench fuzz
 
 $(PY):
 	$(PYTHON) -m venv $(ENV) || { echo "rlfuse: '$(PYTHON) -m venv' failed; on Debian/Ubuntu: apt-get install python3-venv" >&2; exit 1; }
@@ -36,3 +36,7 @@ test: install
 
 bench: install
 	$(BIN)/rlfuse bench linear_logprobs --shape qwen-0.5b
+
+# >= 10,000 property-based cases of every op against the fp64 reference; prints the worst errors.
+fuzz: install
+	RLFUSE_FUZZ=1 $(BIN)/pytest tests/test_fuzz.py -q

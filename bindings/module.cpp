@@ -22,11 +22,12 @@ void check_chunk(const at::Tensor& z, const at::Tensor& targets, int64_t ignore_
               op, ": targets must be in [0, ", v, ") or ignore_index=", ignore_index);
 }
 
-void check_row(const at::Tensor& x, int64_t c, const char* name, const char* op) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 1 &&
+void check_row(const at::Tensor& x, int64_t c, const char* name, const char* op,
+               at::ScalarType dtype = at::kFloat) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype && x.dim() == 1 &&
                   x.size(0) == c && x.is_contiguous(),
-              op, ": ", name, " must be a contiguous CPU float32 tensor of shape [", c,
-              "], got ", x.scalar_type(), " ", x.sizes());
+              op, ": ", name, " must be a contiguous CPU ", c10::toString(dtype),
+              " tensor of shape [", c, "], got ", x.scalar_type(), " ", x.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_stats(
@@ -35,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_stats(
   check_chunk(z, targets, ignore_index, "logits_stats");
   auto t = targets.contiguous();
   auto opts = z.options().dtype(at::kFloat);
-  auto lse = at::empty({z.size(0)}, opts), logp = at::empty({z.size(0)}, opts),
+  auto lse = at::empty({z.size(0)}, opts.dtype(at::kDouble)), logp = at::empty({z.size(0)}, opts),
        ent = at::empty({z.size(0)}, opts);
   rlfuse::cpu::logits_stats(z, t, {float(scale), float(softcap), float(inv_temp)},
                             ignore_index, lse, logp, ent);
@@ -47,7 +48,7 @@ void logits_grad_(at::Tensor z, const at::Tensor& targets, const at::Tensor& lse
                   double scale, double softcap, double inv_temp, int64_t ignore_index) {
   check_chunk(z, targets, ignore_index, "logits_grad_");
   const int64_t c = z.size(0);
-  check_row(lse, c, "lse", "logits_grad_");
+  check_row(lse, c, "lse", "logits_grad_", at::kDouble);
   check_row(entropy, c, "entropy", "logits_grad_");
   check_row(a, c, "grad_logp", "logits_grad_");
   check_row(e, c, "grad_entropy", "logits_grad_");
@@ -60,7 +61,7 @@ void logits_grad_(at::Tensor z, const at::Tensor& targets, const at::Tensor& lse
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rlfuse CPU epilogue kernels";
   m.def("logits_stats", &logits_stats,
-        "lse, logp, entropy [C] fp32 of a chunk of raw logits [C, V] fp32",
+        "lse [C] fp64, logp, entropy [C] fp32 of a chunk of raw logits [C, V] fp32",
         py::arg("z"), py::arg("targets"), py::arg("scale"), py::arg("softcap"),
         py::arg("inv_temp"), py::arg("ignore_index"));
   m.def("logits_grad_", &logits_grad_, "overwrite raw logits [C, V] with dL/dlogits",

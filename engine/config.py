@@ -28,7 +28,6 @@ from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter,
 
 from rlfuse import PolicyLossConfig, PreferenceLossConfig
 from rlfuse.advantages import ESTIMATORS as ADVANTAGE_ESTIMATORS, SCALES as ADVANTAGE_SCALES
-from rlfuse.dpo_family import LOSS_TYPES as PREFERENCE_LOSS_TYPES
 
 from .rewards import BUILTINS as REWARDS
 
@@ -173,8 +172,6 @@ class DPOConfig:
     def __post_init__(self):
         _check("dpo.batch_size", self.batch_size >= 1, "must be >= 1")
         _check("dpo.epochs", self.epochs >= 1, "must be >= 1")
-        _choice("dpo.loss.loss_type", self.loss.loss_type, PREFERENCE_LOSS_TYPES)
-        _check("dpo.loss.beta", self.loss.beta > 0, "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,11 @@ import time
 import torch
 
 import rlfuse
+from rlfuse.preference import REFERENCE_FREE
 
 from .data import Sampler, check_prompt_lengths, encode, pack, read_jsonl
 from .model import head, scored_hidden, sequence_logprobs
 from .trainer import Trainer
-
-REFERENCE_FREE = ("simpo", "orpo")
-
 
 class DPOTrainer(Trainer):
     name = "dpo"

@@ -4,15 +4,16 @@ This folder is installed as the package `rlfuse` (pyproject.toml maps it); run t
 the CLI through their entry points (`pytest`, `rlfuse`) so that it is never also importable as a
 bare `kernels`, the name transformers probes for Hugging Face's kernels library.
 """
+from ._backend import IMPLS
 from ._chunked import LogitTransform
 from .advantages import gae, group_advantages, value_loss
-from .dpo_family import PreferenceLossConfig, PreferenceLossOutput, preference_loss
 from .logprobs import linear_logprobs, linear_logprobs_reference
-from .ppo_family import PolicyLossConfig, PolicyLossOutput, kl_estimate, policy_loss
+from .policy import PolicyLossConfig, PolicyLossOutput, kl_estimate, policy_loss
+from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
 
 __version__ = "0.1.0"
 __all__ = [
-    "linear_logprobs", "linear_logprobs_reference", "LogitTransform",
+    "linear_logprobs", "linear_logprobs_reference", "LogitTransform", "IMPLS",
     "policy_loss", "PolicyLossConfig", "PolicyLossOutput", "kl_estimate",
     "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
     "group_advantages", "gae", "value_loss",

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._backend import epilogues
+from ._checks import check_number
 
 # The [C, V] logits buffer when chunk_size is not given: 256 rows, as fast as one big GEMM
 # (MKL loses ~2x below ~128 rows at H=896; 256 rows ran as fast as 576 at H=256, V=32k), and
@@ -30,20 +31,32 @@ CHUNK_BYTES = 160 * 2**20
 
 @dataclass(frozen=True)
 class LogitTransform:
-    """z = softcap(logit_scale * (x @ W^T + b)) / temperature, softcap(u) = c * tanh(u / c)."""
+    """z = softcap(logit_scale * (x @ W^T + b)) / temperature, softcap(u) = c * tanh(u / c) with
+    c = final_logit_softcapping (None: no cap). The names are transformers' config keys.
+    Validated on construction."""
 
     logit_scale: float = 1.0
-    softcap: float = 0.0  # 0 disables the cap
+    final_logit_softcapping: Optional[float] = None
     temperature: float = 1.0
+
+    def __post_init__(self):
+        check_number("temperature", self.temperature, positive=True)
+        check_number("logit_scale", self.logit_scale, positive=True)
+        if self.final_logit_softcapping is not None:
+            check_number("final_logit_softcapping (None or a number)",
+                         self.final_logit_softcapping, positive=True)
 
     def apply(self, logits: Tensor) -> Tensor:
         u = logits * self.logit_scale if self.logit_scale != 1.0 else logits
-        if self.softcap:
-            u = self.softcap * torch.tanh(u / self.softcap)
+        if self.final_logit_softcapping is not None:
+            cap = self.final_logit_softcapping
+            u = cap * torch.tanh(u / cap)
         return u / self.temperature if self.temperature != 1.0 else u
 
     def kernel_args(self) -> tuple[float, float, float]:
-        return float(self.logit_scale), float(self.softcap), 1.0 / float(self.temperature)
+        """The kernels' (scale, softcap, inv_temp) scalars; softcap 0 means none."""
+        return (float(self.logit_scale), float(self.final_logit_softcapping or 0.0),
+                1.0 / float(self.temperature))
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -86,10 +99,12 @@ class _Gemms:
 
 def forward_stats(hidden, weight, bias, targets, tf: LogitTransform, ignore_index: int,
                   chunk: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """lse, logp, entropy, each [N] fp32, from one GEMM pass."""
+    """lse [N] fp64 (the gradient kernels recover z - lse from it to fp32 accuracy), logp and
+    entropy [N] fp32, from one GEMM pass."""
     stats, _ = epilogues(impl)
     n = hidden.shape[0]
-    out = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+    out = [torch.empty(n, dtype=dt, device=hidden.device)
+           for dt in (torch.float64, torch.float32, torch.float32)]
     if n == 0:
         return tuple(out)
     g = _Gemms(hidden, weight, bias, chunk)

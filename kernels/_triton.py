@@ -5,17 +5,19 @@ Z [C, V] (fp32, bf16, fp16 or fp64; upcast to fp32 in registers), looping over V
 tiles, with z = softcap * tanh(scale * raw / softcap) * inv_temp (softcap 0: z = k * raw,
 k = scale * inv_temp):
   logits_stats: one sweep with an online max m, s = sum exp(z - m) and t = sum exp(z - m)(z - m),
-      both rescaled when m grows -> lse = m + log s, logp = z[target] - lse,
-      entropy = log s - t / s (shifted by m, so no cancellation against large logits).
+      both rescaled when m grows -> lse = m + log s (stored in fp64), logp = (z[target] - m)
+      - log s, entropy = log s - t / s (shifted by m, so no cancellation against large logits).
   logits_grad_: one sweep writing, in Z's dtype,
-      dL/draw_j = dz_j/draw_j * (a (onehot_j - p_j) - e p_j (z_j - sum_k p_k z_k)),
-      with sum_k p_k z_k = lse - entropy recovered from the forward's row stats.
+      dL/draw_j = dz_j/draw_j * (a (onehot_j - p_j) - e p_j (log p_j + entropy)),
+      log p_j = (z_j - c) - r with c + r = lse split into two fp32 values (fp32-accurate
+      whatever lse's magnitude), log p_j + entropy = z_j - sum_k p_k z_k.
 Each kernel reads Z once (the gradient also writes it once): memory-bound, ~4 flops/element
 (plus a tanh with softcap). Memory: O(BLOCK) registers per program; no buffers beyond the [C]
 row statistics. Rows whose target is ignore_index get logp = entropy = 0 and a zero gradient
-row; a target outside [0, V) gives NaN (no out-of-bounds read; the public ops reject such
-targets up front). Runs under TRITON_INTERPRET=1 on CPU tensors (read when this module is
-imported), which is how the CPU-only test suite checks it.
+row; a row with a non-finite logit gets NaN log-prob and entropy; a target outside [0, V) gives
+NaN (no out-of-bounds read; the public ops reject such targets up front). Runs under
+TRITON_INTERPRET=1 on CPU tensors (read when this module is imported), which is how the CPU-only
+test suite checks it.
 """
 from __future__ import annotations
 
@@ -81,16 +83,18 @@ def _stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, k, cap_in, cap_
         t = t + tl.sum(p * tl.where(mask, z - m_new, 0.0), axis=0)
         m = m_new
     log_s = tl.log(s)
-    lse = m + log_s
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_ptr + row, m.to(tl.float64) + log_s.to(tl.float64))
 
     tgt = tl.load(tgt_ptr + row)
     in_range = (tgt >= 0) & (tgt < V)
     raw_t = tl.load(z_row + tl.where(in_range, tgt, 0)).to(tl.float32)
-    logp = _transformed(raw_t, k, cap_in, cap_out, HAS_CAP) - lse
+    logp = (_transformed(raw_t, k, cap_in, cap_out, HAS_CAP) - m) - log_s
     ent = log_s - t / s
-    logp = tl.where(in_range, logp, float("nan"))
-    ent = tl.where(in_range, ent, float("nan"))
+    # t is finite exactly when every logit is (NaN or inf makes some term NaN): else NaN, as on
+    # the reference path.
+    ok = in_range & (tl.abs(t) < float("inf"))
+    logp = tl.where(ok, logp, float("nan"))
+    ent = tl.where(ok, ent, float("nan"))
     keep = tgt != ignore_index
     tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
     tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
@@ -105,8 +109,10 @@ def _grad_kernel(z_ptr, tgt_ptr, lse_ptr, ent_ptr, a_ptr, e_ptr, V, k, cap_in, c
     tgt = tl.load(tgt_ptr + row)
     keep = tgt != ignore_index
     bad = keep & ((tgt < 0) | (tgt >= V))
-    lse = tl.load(lse_ptr + row)
-    mean_z = lse - tl.load(ent_ptr + row)  # sum_k p_k z_k
+    lse = tl.load(lse_ptr + row)  # fp64
+    c = lse.to(tl.float32)
+    r = (lse - c.to(tl.float64)).to(tl.float32)
+    h = tl.load(ent_ptr + row)
     a = tl.load(a_ptr + row)
     e = tl.load(e_ptr + row)
     for start in range(0, V, BLOCK):
@@ -120,8 +126,8 @@ def _grad_kernel(z_ptr, tgt_ptr, lse_ptr, ent_ptr, a_ptr, e_ptr, V, k, cap_in, c
         else:
             z = k * raw
             dz = k
-        p = tl.exp(z - lse)
-        g = dz * (tl.where(idx == tgt, a, 0.0) - p * (a + e * (z - mean_z)))
+        logp = (z - c) - r
+        g = dz * (tl.where(idx == tgt, a, 0.0) - tl.exp(logp) * (a + e * (logp + h)))
         g = tl.where(bad, float("nan"), tl.where(keep, g, 0.0))
         tl.store(z_row + idx, g.to(z_ptr.dtype.element_ty), mask=mask)
 
@@ -151,13 +157,14 @@ def _check_chunk(z: Tensor, targets: Tensor, op: str) -> None:
                          f"got {got}")
 
 
-def _check_row(x: Tensor, c: int, device: torch.device, name: str, op: str) -> None:
-    if (not isinstance(x, Tensor) or x.dtype != torch.float32 or tuple(x.shape) != (c,)
+def _check_row(x: Tensor, c: int, device: torch.device, name: str, op: str,
+               dtype: torch.dtype = torch.float32) -> None:
+    if (not isinstance(x, Tensor) or x.dtype != dtype or tuple(x.shape) != (c,)
             or x.device != device or not x.is_contiguous()):
         got = (f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, Tensor)
                else type(x).__name__)
-        raise ValueError(f"{op}: {name} must be a contiguous float32 tensor of shape [{c}] on "
-                         f"{device}, got {got}")
+        raise ValueError(f"{op}: {name} must be a contiguous {str(dtype)[6:]} tensor of shape "
+                         f"[{c}] on {device}, got {got}")
 
 
 def _on_device(z: Tensor):
@@ -179,10 +186,11 @@ def _launch_args(v: int, scale: float, softcap: float, inv_temp: float) -> dict:
 
 def logits_stats(z: Tensor, targets: Tensor, scale: float, softcap: float, inv_temp: float,
                  ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """lse, logp, entropy, each [C] fp32, of the transformed rows of raw logits z [C, V]."""
+    """lse [C] fp64, logp and entropy [C] fp32 of the transformed rows of raw logits z [C, V]."""
     _check_chunk(z, targets, "logits_stats")
     c, v = z.shape
-    lse, logp, ent = (torch.empty(c, dtype=torch.float32, device=z.device) for _ in range(3))
+    lse, logp, ent = (torch.empty(c, dtype=dt, device=z.device)
+                      for dt in (torch.float64, torch.float32, torch.float32))
     if c:
         with _on_device(z):
             _stats_kernel[(c,)](z, targets.contiguous(), lse, logp, ent, v,
@@ -195,11 +203,12 @@ def logits_grad_(z: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, a: Te
                  e: Tensor, scale: float, softcap: float, inv_temp: float,
                  ignore_index: int) -> None:
     """Overwrite raw logits z [C, V] with dL/d(raw logits), given a = dL/dlogp and
-    e = dL/dentropy per row ([C] fp32) and the forward's lse / entropy."""
+    e = dL/dentropy per row ([C] fp32) and the forward's lse ([C] fp64) / entropy."""
     op = "logits_grad_"
     _check_chunk(z, targets, op)
     c, v = z.shape
-    for name, x in (("lse", lse), ("entropy", entropy), ("grad_logp", a), ("grad_entropy", e)):
+    _check_row(lse, c, z.device, "lse", op, torch.float64)
+    for name, x in (("entropy", entropy), ("grad_logp", a), ("grad_entropy", e)):
         _check_row(x, c, z.device, name, op)
     if c:
         with _on_device(z):

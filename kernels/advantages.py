@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import check_choice, check_number, check_tensor
+
 SCALES = ("group", "batch", "none")
 ESTIMATORS = ("grpo", "rloo", "dr_grpo")
 
@@ -41,23 +43,15 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group",
     ~0 (no learning signal; TRL's frac_reward_zero_std); frac_unscored counts the NaNs.
     Returns advantages [B] fp32 (fp64 for fp64) and the metrics (0-d tensors).
     """
-    if not isinstance(rewards, Tensor) or rewards.dim() != 1 or not rewards.is_floating_point():
-        got = (f"{rewards.dtype} {tuple(rewards.shape)}" if isinstance(rewards, Tensor)
-               else type(rewards).__name__)
-        raise ValueError(f"rewards must be a 1-D floating tensor [B], got {got}")
+    check_tensor("rewards", rewards, dim=1, layout="[B]", finite=True, allow_nan=True)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     b = rewards.shape[0]
     if b == 0 or b % group_size:
         raise ValueError(f"group_size={group_size} must divide the batch size B={b} (> 0)")
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if bool(torch.isinf(rewards).any()):
-        raise ValueError("rewards must be finite or NaN (unscored); found inf")
+    check_choice("scale", scale, SCALES)
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_number("eps", eps, non_negative=True)
 
     dt = torch.promote_types(rewards.dtype, torch.float32)
     raw = rewards.to(dt)
@@ -90,31 +84,19 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "group",
     return adv.reshape(b), metrics
 
 
-def _check_bt(name: str, t: Tensor, shape) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if shape is None:
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be [B, T], got shape {tuple(t.shape)}")
-    elif tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} (like values), got "
-                         f"{tuple(t.shape)}")
-
-
-def _check_mask(mask: Tensor, shape) -> Tensor:
-    _check_bt("mask", mask, shape)
+def _check_bt(mask: Tensor, values: Tensor, **others: Tensor) -> Tensor:
+    """values and `others`: floating [B, T] tensors of one shape, finite where mask is set;
+    mask: 0/1 of that shape with a valid position in every row. Returns mask != 0."""
+    check_tensor("values", values, dim=2, layout="[B, T]")
+    like = {"values.shape": values.shape}
+    check_tensor("mask", mask, "mask", shape=like, device=values.device)
     m = mask != 0
     if m.numel() and not bool(m.any(-1).all()):
         rows = (~m.any(-1)).nonzero().flatten().tolist()[:8]
         raise ValueError(f"mask: rows {rows} have no valid position; every row needs one")
+    for name, t in {"values": values, **others}.items():
+        check_tensor(name, t, shape=like, device=values.device, finite=True, where=m)
     return m
-
-
-def _check_finite(name: str, t: Tensor) -> None:
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite")
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -141,16 +123,12 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: 
     zero-filled padding. returns = A + V (before whitening); whiten=True whitens the advantages
     with the masked mean and unbiased var (TRL). Masked positions are 0 in both outputs.
     """
-    _check_bt("values", values, None)
-    _check_bt("rewards", rewards, values.shape)
-    m = _check_mask(mask, values.shape)
-    _check_finite("rewards", rewards)
-    _check_finite("values", values)
+    m = _check_bt(mask, values, rewards=rewards)
     for name, val in (("gamma", gamma), ("lam", lam)):
         if not isinstance(val, (int, float)) or not 0.0 <= val <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {val!r}")
     dt = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
-    r, v = rewards.detach().to(dt), values.detach().to(dt)
+    r, v = (torch.where(m, x.detach().to(dt), 0) for x in (rewards, values))  # [B, T] each
     zero = torch.zeros(values.shape[0], dtype=dt, device=values.device)  # [B]
     next_v, next_a = zero, zero
     adv = torch.zeros_like(v)  # [B, T]
@@ -174,18 +152,12 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     error is the larger one), explained_variance = 1 - Var(R - V) / Var(R) over masked tokens
     (with the current V; NaN when the returns are constant, as in SB3 / CleanRL).
     """
-    _check_bt("values", values, None)
-    _check_bt("old_values", old_values, values.shape)
-    _check_bt("returns", returns, values.shape)
-    m = _check_mask(mask, values.shape)
-    for name, t in (("values", values), ("old_values", old_values), ("returns", returns)):
-        _check_finite(name, t)
-    if clip is not None and (not isinstance(clip, (int, float)) or not clip > 0
-                             or not math.isfinite(clip)):
-        raise ValueError(f"clip must be None or a finite positive number, got {clip!r}")
+    m = _check_bt(mask, values, old_values=old_values, returns=returns)
+    if clip is not None:
+        check_number("clip (None or a number)", clip, positive=True)
     dt = torch.promote_types(values.dtype, torch.float32)
-    v = values.to(dt)
-    old, ret = old_values.detach().to(dt), returns.detach().to(dt)
+    v = torch.where(m, values.to(dt), 0)  # masked positions may hold anything
+    old, ret = (torch.where(m, x.detach().to(dt), 0) for x in (old_values, returns))
     mf = m.to(dt)
     err = (v - ret) ** 2  # [B, T]
     if clip is None:

@@ -9,7 +9,6 @@ FLOPs: 2NHV (forward), 6NHV (backward). Extra memory: one [C, V] fp32 buffer + O
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from . import _chunked
 from ._backend import IMPLS, resolve
+from ._checks import check_tensor
 from ._chunked import LogitTransform
 
 
@@ -25,30 +25,18 @@ from ._chunked import LogitTransform
 def check_linear_inputs(hidden: Tensor, weight: Tensor, targets: Tensor,
                         bias: Optional[Tensor] = None, ignore_index: int = -100) -> None:
     """Clear errors, naming the argument, for everything the fused ops rely on."""
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight, dim=2)
     v, h = weight.shape
     if v == 0:
         raise ValueError("weight has V = 0 rows: the vocabulary must not be empty")
     if hidden.dim() < 1 or hidden.shape[-1] != h:
         raise ValueError(f"hidden must have shape [..., H] with H = weight.shape[1] = {h}, "
                          f"got {tuple(hidden.shape)}")
-    if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
-        got = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
-        raise TypeError(f"targets must be an int64 (or int32) tensor of token ids, got {got}")
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])},"
-                         f" got {tuple(targets.shape)}")
-    devices = {hidden.device, weight.device, targets.device}
+    check_tensor("targets", targets, "index", shape={"hidden.shape[:-1]": hidden.shape[:-1]})
     if bias is not None:
-        if bias.shape != (v,):
-            raise ValueError(f"bias must have shape [V] = [{v}], got {tuple(bias.shape)}")
-        devices.add(bias.device)
+        check_tensor("bias", bias, shape={"[V]": (v,)})
+    devices = {t.device for t in (hidden, weight, targets, bias) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"hidden, weight, targets (and bias) must be on one device, got "
                          f"{sorted(str(d) for d in devices)}")
@@ -59,18 +47,6 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, targets: Tensor,
             ex = targets[bad][0].item()
             raise ValueError(f"targets must be in [0, {v}) or ignore_index={ignore_index}; "
                              f"found {ex}")
-
-
-def make_transform(temperature: float, logit_scale: float,
-                   final_logit_softcapping: Optional[float]) -> LogitTransform:
-    for name, val in (("temperature", temperature), ("logit_scale", logit_scale)):
-        if not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
-            raise ValueError(f"{name} must be a finite positive number, got {val!r}")
-    cap = final_logit_softcapping or 0.0
-    if not math.isfinite(cap) or cap < 0:
-        raise ValueError(f"final_logit_softcapping must be None or a finite positive number, "
-                         f"got {final_logit_softcapping!r}")
-    return LogitTransform(float(logit_scale), float(cap), float(temperature))
 
 
 def check_chunk_size(chunk_size) -> None:
@@ -97,7 +73,7 @@ class HeadOptions:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 
     def transform(self) -> LogitTransform:
-        return make_transform(self.temperature, self.logit_scale, self.final_logit_softcapping)
+        return LogitTransform(self.logit_scale, self.final_logit_softcapping, self.temperature)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -114,6 +90,9 @@ def linear_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
     valid = targets != ignore_index
     logp = logz.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logz.exp() * logz).sum(-1)
+    # A non-finite logit makes the entropy NaN (0 * -inf at worst); its log-prob is NaN too,
+    # in every impl.
+    logp = torch.where(torch.isnan(entropy), entropy, logp)
     zero = torch.zeros((), dtype=dt, device=logp.device)
     return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
 
@@ -121,29 +100,31 @@ def linear_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
 # ----------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("rlfuse::linear_logprobs", mutates_args=())
 def _linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                        logit_scale: float, softcap: float, temperature: float,
-                        ignore_index: int, chunk_size: int, impl: str
+                        logit_scale: float, final_logit_softcapping: Optional[float],
+                        temperature: float, ignore_index: int, chunk_size: int, impl: str
                         ) -> tuple[Tensor, Tensor, Tensor]:
-    tf = LogitTransform(logit_scale, softcap, temperature)
+    tf = LogitTransform(logit_scale, final_logit_softcapping, temperature)
     lse, logp, ent = _chunked.forward_stats(hidden, weight, bias, targets, tf, ignore_index,
                                             chunk_size, impl)
     return logp, ent, lse
 
 
 @_linear_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, logit_scale, softcap, temperature, ignore_index,
-      chunk_size, impl):
+def _(hidden, weight, bias, targets, logit_scale, final_logit_softcapping, temperature,
+      ignore_index, chunk_size, impl):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    return tuple(hidden.new_empty(n, dtype=dt)
+                 for dt in (torch.float32, torch.float32, torch.float64))
 
 
 @torch.library.custom_op("rlfuse::linear_logprobs_backward", mutates_args=())
 def _linear_logprobs_backward_op(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor,
                                  weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                                  lse: Tensor, entropy: Tensor, logit_scale: float,
-                                 softcap: float, temperature: float, ignore_index: int,
-                                 chunk_size: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    tf = LogitTransform(logit_scale, softcap, temperature)
+                                 final_logit_softcapping: Optional[float], temperature: float,
+                                 ignore_index: int, chunk_size: int, impl: str
+                                 ) -> tuple[Tensor, Tensor, Tensor]:
+    tf = LogitTransform(logit_scale, final_logit_softcapping, temperature)
     dx, dw, db = _chunked.backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse,
                                    entropy, tf, ignore_index, chunk_size, impl)
     return dx, dw, (db if db is not None else weight.new_empty(0))
@@ -191,7 +172,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     hidden, weight and bias through both outputs; the [N, V] logits are never held.
     """
     check_linear_inputs(hidden, weight, targets, bias, ignore_index)
-    tf = make_transform(temperature, logit_scale, final_logit_softcapping)
+    tf = LogitTransform(logit_scale, final_logit_softcapping, temperature)
     check_chunk_size(chunk_size)
     impl = resolve(impl, hidden.device)
     if impl == "reference":
@@ -201,7 +182,8 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         x = hidden.reshape(-1, h)
         t = targets.reshape(-1).long()
         chunk = chunk_size or _chunked.default_chunk_size(x.shape[0], v)
-        logp, ent, _ = _linear_logprobs_op(x, weight, bias, t, tf.logit_scale, tf.softcap,
-                                           tf.temperature, ignore_index, chunk, impl)
+        logp, ent, _ = _linear_logprobs_op(x, weight, bias, t, tf.logit_scale,
+                                           tf.final_logit_softcapping, tf.temperature,
+                                           ignore_index, chunk, impl)
         logp, ent = logp.view(lead), ent.view(lead)
     return (logp, ent) if return_entropy else logp

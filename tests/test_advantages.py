@@ -207,3 +207,31 @@ def test_value_loss_errors():
 def test_exported():
     assert rlfuse.group_advantages is group_advantages and rlfuse.gae is gae
     assert rlfuse.value_loss is value_loss
+
+
+def test_one_nan_and_dtype_rule():
+    """gae / value_loss follow the ops' rule: finite where the mask is set (masked positions
+    are never read), floating dtypes, errors naming the argument."""
+    r, v, m = torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 4)
+    m[1, 3] = 0
+    bad = r.clone()
+    bad[0, 1] = math.nan
+    with pytest.raises(ValueError, match=r"rewards must be finite at valid tokens; found nan at "
+                                         r"index \[0, 1\]"):
+        gae(bad, v, m)
+    bad = r.clone()
+    bad[1, 3] = math.nan  # masked
+    adv, ret = gae(bad, v, m)
+    torch.testing.assert_close(adv, gae(r, v, m)[0])
+    assert torch.isfinite(ret).all()
+    with pytest.raises(TypeError, match="rewards must be a floating-point tensor, got dtype"):
+        gae(r.long(), v, m)
+    old = v.clone()
+    old[1, 3] = math.inf  # masked
+    loss, _ = value_loss(v, old, r, m)
+    assert torch.isfinite(loss)
+    old[0, 0] = math.inf
+    with pytest.raises(ValueError, match="old_values must be finite at valid tokens"):
+        value_loss(v, old, r, m)
+    with pytest.raises(TypeError, match="rewards must be a floating-point tensor"):
+        group_advantages(torch.ones(4, dtype=torch.long), 2)

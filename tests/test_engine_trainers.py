@@ -216,7 +216,7 @@ def test_grpo_steps_with_loss_options(tmp_path, tok):
 
 def test_dpo_steps_every_loss_type(tmp_path, tok):
     t = DPOTrainer(make_cfg(tmp_path, "dpo"), model_for(tok), tok)
-    for loss_type in rlfuse.dpo_family.LOSS_TYPES:
+    for loss_type in rlfuse.preference.LOSS_TYPES:
         extra = {"label_smoothing": 0.1} if loss_type == "exo_pair" else {}
         t.loss_cfg = rlfuse.PreferenceLossConfig(loss_type=loss_type, **extra)
         m = t.train_step()

@@ -1,4 +1,5 @@
 """linear_logprobs: every impl against an fp64 reference, gradients, custom-op checks, errors."""
+import math
 import os
 import shutil
 
@@ -41,8 +42,7 @@ def _inputs(shape, h, v, dtype, bias=True, ignore_frac=0.2):
 
 def _naive(x, w, b, t, kw):
     """PyTorch in the inputs' own dtype: the error budget the impls are held to."""
-    tf = LogitTransform(kw.get("logit_scale", 1.0), kw.get("final_logit_softcapping") or 0.0,
-                        kw.get("temperature", 1.0))
+    tf = LogitTransform(**kw)
     logits = x @ w.T + (b if b is not None else 0)
     logz = tf.apply(logits).log_softmax(-1)
     valid = t != -100
@@ -79,8 +79,7 @@ def test_matches_fp64_reference(impl, dtype, n, h, v, chunk, tfname):
     gl, ge = torch.randn(n), torch.randn(n)
     truth = _run(lambda a, c, d, e: linear_logprobs_reference(
         a.double(), c.double(), e, d.double(),
-        LogitTransform(kw.get("logit_scale", 1.0), kw.get("final_logit_softcapping") or 0.0,
-                       kw.get("temperature", 1.0))), x, w, b, t, gl.double(), ge.double())
+        LogitTransform(**kw)), x, w, b, t, gl.double(), ge.double())
     naive = _run(lambda a, c, d, e: _naive(a, c, d, e, kw), x, w, b, t, gl, ge)
     got = _run(lambda a, c, d, e: rlfuse.linear_logprobs(
         a, c, e, bias=d, return_entropy=True, chunk_size=chunk, impl=impl, **kw),
@@ -163,7 +162,7 @@ def test_opcheck():
     x, w, b, t = _inputs((13,), 24, 31, torch.float32)
     op = torch.ops.rlfuse.linear_logprobs.default
     for bias in (b, None):
-        args = (x.requires_grad_(), w.requires_grad_(), bias, t, 1.0, 0.0, 1.0, -100, 5, "cpp")
+        args = (x.requires_grad_(), w.requires_grad_(), bias, t, 1.0, None, 1.0, -100, 5, "cpp")
         torch.library.opcheck(op, args)
 
 
@@ -214,3 +213,76 @@ def test_bad_options(kw, match):
     x, w, _, t = _inputs((6,), 24, 31, torch.float32)
     with pytest.raises((ValueError, TypeError), match=match):
         rlfuse.linear_logprobs(x, w, t, **kw)
+
+
+# ----------------------------------------------------------------------------- peaked rows
+def _peaked(n, h, v, peak, offset, dtype=torch.float32):
+    """Rows whose logit at one of four tokens sits `peak` above the rest (each of the four has
+    a hidden dimension of its own), all shifted by `offset` through the bias: entropies down to
+    ~1e-6, logits up to ~1e4."""
+    x = torch.randn(n, h, dtype=torch.float64)
+    w = torch.randn(v, h, dtype=torch.float64) * 0.1
+    peaks = torch.randperm(v)[:4]
+    w[:, -4:] = 0
+    w[peaks, -4:] = torch.eye(4, dtype=torch.float64)
+    j = torch.randint(0, 4, (n,))
+    x[:, -4:] = 0
+    x[torch.arange(n), h - 4 + j] = peak
+    b = torch.randn(v, dtype=torch.float64) * 0.1 + offset
+    t = torch.where(torch.arange(n) % 2 == 0, peaks[j], torch.randint(0, v, (n,)))  # peak or not
+    return x.to(dtype), w.to(dtype), b.to(dtype), t
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("peak,offset", [(8.0, 0.0), (20.0, 0.0), (30.0, 0.0), (12.0, 1e3),
+                                         (12.0, 1e4), (0.0, 1e4)])
+@pytest.mark.parametrize("tfname", ["plain", "temp"])
+def test_peaked_rows_and_large_offsets(impl, peak, offset, tfname):
+    """Entropy as lse - sum p z cancels on peaked rows (an entropy of 1.3e-3 was off by 3e-6
+    where fp32 PyTorch is exact to 1e-8); every impl is held to fp32 PyTorch's own error, with a
+    small absolute allowance, for values and gradients."""
+    kw = TRANSFORMS[tfname]
+    x, w, b, t = _peaked(16, 24, 507, peak, offset)
+    gl, ge = torch.randn(16), torch.randn(16)
+    truth = _run(lambda a, c, d, e: linear_logprobs_reference(
+        a.double(), c.double(), e, d.double(), LogitTransform(**kw)), x, w, b, t,
+        gl.double(), ge.double())
+    naive = _run(lambda a, c, d, e: _naive(a, c, d, e, kw), x, w, b, t, gl, ge)
+    got = _run(lambda a, c, d, e: rlfuse.linear_logprobs(
+        a, c, e, bias=d, return_entropy=True, chunk_size=5, impl=impl, **kw),
+        x, w, b, t, gl, ge)
+    if peak >= 20 and offset == 0:
+        assert truth[1].max() < 1e-3  # the rows are peaked
+    for got_, naive_, want in zip(got, naive, truth):
+        err = (got_.double() - want).abs().max().item()
+        budget = (naive_.double() - want).abs().max().item()
+        assert err <= 2 * budget + 2e-7 * max(1.0, want.abs().max().item()), (err, budget)
+
+
+# ----------------------------------------------------------------------------- non-finite inputs
+@pytest.mark.parametrize("tfname", ["plain", "all"])
+@pytest.mark.parametrize("where", ["nan_weight_row", "inf_hidden", "neg_inf_bias", "nan_bias"])
+def test_non_finite_head_gives_nan_rows_in_every_impl(where, tfname):
+    """hidden / weight / bias are not scanned: a non-finite value there makes the affected rows'
+    log-prob and entropy NaN (ignored rows stay 0), identically in every impl."""
+    kw = TRANSFORMS[tfname]
+    x, w, b, t = _inputs((12,), 24, 31, torch.float32)
+    if where == "nan_weight_row":
+        w[3] = math.nan  # every row's logit 3
+    elif where == "inf_hidden":
+        x[2, 0] = math.inf  # row 2
+    elif where == "neg_inf_bias":
+        b[5] = -math.inf
+    else:
+        b[5] = math.nan
+    outs = {impl: rlfuse.linear_logprobs(x, w, t, bias=b, return_entropy=True, impl=impl,
+                                         chunk_size=5, **kw) for impl in IMPLS}
+    want_lp, want_ent = outs["reference"]
+    assert want_lp.isnan().any() or tfname == "all"  # softcap turns +-inf logits finite
+    assert not want_lp[t == -100].isnan().any()
+    for impl, (lp, ent) in outs.items():
+        assert torch.equal(lp.isnan(), want_lp.isnan()), impl
+        assert torch.equal(ent.isnan(), want_ent.isnan()), impl
+        assert torch.equal(lp.isnan(), ent.isnan() & (t != -100)), impl
+        ok = ~want_lp.isnan()
+        torch.testing.assert_close(lp[ok], want_lp[ok], atol=2e-5, rtol=1e-5)

@@ -12,7 +12,7 @@ import torch
 
 import rlfuse
 from rlfuse import PolicyLossConfig, policy_loss
-from rlfuse import ppo_family
+from rlfuse import policy
 from rlfuse.logprobs import linear_logprobs_reference
 
 from conftest import CHUNKED_IMPLS
@@ -80,7 +80,7 @@ def _assert_matches(inp, cfg, dtype, atol, **kw):
         budget = (n.double() - want).abs().max().item()
         scale = want.abs().max().item()
         assert err <= 2 * budget + atol * max(1.0, scale), (name, err, budget, scale)
-    assert set(out.metrics) == set(ppo_family.METRICS)
+    assert set(out.metrics) == set(policy.METRICS)
     for k, val in out.metrics.items():
         assert val.dim() == 0 and val.dtype == torch.float32
         torch.testing.assert_close(val.double(), tout.metrics[k].double(), atol=1e-5, rtol=1e-4,
@@ -294,13 +294,13 @@ def test_top_entropy_mask_follows_trl():
     """Keep tokens with entropy >= torch.quantile(valid entropies, 1 - q)."""
     ent = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7, 2.0, 0.2, 0.8, 1.1, 0.4])
     valid = torch.tensor([1, 1, 1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
-    keep = ppo_family._top_entropy_mask(ent, valid, 0.25)
+    keep = policy._top_entropy_mask(ent, valid, 0.25)
     thr = torch.quantile(ent[valid], 0.75)
     assert torch.equal(keep, (ent >= thr) & valid) and keep.sum() == 3
     x = torch.randn(1001)
     for q in (0.0, 0.13, 0.5, 0.8, 1.0):
-        assert ppo_family._quantile(x, q) == pytest.approx(torch.quantile(x, q).item(), abs=1e-6)
-    assert not ppo_family._top_entropy_mask(ent, torch.zeros_like(valid), 0.5).any()
+        assert policy._quantile(x, q) == pytest.approx(torch.quantile(x, q).item(), abs=1e-6)
+    assert not policy._top_entropy_mask(ent, torch.zeros_like(valid), 0.5).any()
 
 
 # ----------------------------------------------------------------------------- masks, dapo
@@ -352,13 +352,13 @@ def test_global_token_count_splits_into_micro_batches(loss_type, level, impl):
 def test_frozen_head_gets_no_gradient(impl, monkeypatch):
     # a LoRA policy's LM head is frozen: no dW (its GEMM and fp32 buffer are skipped)
     allocated = []
-    orig = ppo_family._chunked._GradAccumulator.__init__
+    orig = policy._chunked._GradAccumulator.__init__
 
     def spy(self, *a, **k):
         orig(self, *a, **k)
         allocated.append(self.dw is not None)
 
-    monkeypatch.setattr(ppo_family._chunked._GradAccumulator, "__init__", spy)
+    monkeypatch.setattr(policy._chunked._GradAccumulator, "__init__", spy)
     inp = _inputs(torch.float32, bias=False)
     cfg = PolicyLossConfig(impl=impl, beta=0.1)
     x = inp["x"].clone().requires_grad_()
@@ -379,13 +379,13 @@ def test_fused_only_when_token_separable(case, fused, monkeypatch):
     calls = {"fused": 0, "stats": 0, "backward": 0}
     for name, key in (("fused_rowloss", "fused"), ("forward_stats", "stats"),
                       ("backward", "backward")):
-        orig = getattr(ppo_family._chunked, name)
+        orig = getattr(policy._chunked, name)
 
         def spy(*a, _orig=orig, _key=key, **k):
             calls[_key] += 1
             return _orig(*a, **k)
 
-        monkeypatch.setattr(ppo_family._chunked, name, spy)
+        monkeypatch.setattr(policy._chunked, name, spy)
     inp = _inputs(torch.float32, v=31)
     cfg = PolicyLossConfig(impl="cpp", **case)
     got, _ = _run(inp, cfg)
@@ -411,15 +411,15 @@ def _call(inp, cfg=PolicyLossConfig(), **kw):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(hidden=torch.randn(B * T, H)), r"hidden must be a \[B, T, H\]"),
+    (dict(hidden=torch.randn(B * T, H)), r"hidden must be 3-D \[B, T, H\]"),
     (dict(targets=torch.zeros(B, T + 1, dtype=torch.long)), "targets must have shape"),
     (dict(mask=torch.ones(B, T - 1)), r"mask must have shape \[B, T\]"),
     (dict(mask=torch.full((B, T), 0.5)), "mask must hold 0/1"),
-    (dict(advantages=torch.randn(B + 1)), "advantages must be"),
-    (dict(advantages=torch.randn(B, T, 1)), "advantages must be"),
-    (dict(advantages=torch.ones(B, dtype=torch.long)), "advantages must be"),
-    (dict(old_logp=torch.randn(B, T + 2)), "old_logp must be"),
-    (dict(ref_logp=torch.randn(B)), "ref_logp must be"),
+    (dict(advantages=torch.randn(B + 1)), r"advantages must have shape \[B\] = \(5,\) or"),
+    (dict(advantages=torch.randn(B, T, 1)), "advantages must have shape"),
+    (dict(advantages=torch.ones(B, dtype=torch.long)), "advantages must be a floating-point"),
+    (dict(old_logp=torch.randn(B, T + 2)), r"old_logp must have shape \[B, T\] = \(5, 7\)"),
+    (dict(ref_logp=torch.randn(B)), "ref_logp must have shape"),
     (dict(config=PolicyLossConfig(beta=0.1)), "ref_logp is required"),
     (dict(config=PolicyLossConfig(rollout_correction="tis")), "rollout_logp is required"),
     (dict(rollout_logp=torch.randn(B, T)), "rollout_correction is None"),
@@ -461,7 +461,7 @@ def test_bad_config(kw, match):
 
 
 # ----------------------------------------------------------------------------- triton
-@pytest.mark.skipif(not (Path(ppo_family.__file__).parent / "_triton.py").exists(),
+@pytest.mark.skipif(not (Path(policy.__file__).parent / "_triton.py").exists(),
                     reason="kernels/_triton.py not present")
 def test_triton_interpreter_matches_reference():
     """The fused (token-level) dapo loss through the Triton epilogues, on CPU tensors."""
@@ -486,3 +486,41 @@ print("ok")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- one NaN / dtype rule
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["advantages", "old_logp", "ref_logp", "rollout_logp"])
+def test_side_inputs_must_be_finite_at_valid_tokens(name, impl):
+    """The rule shared with preference_loss and gae / value_loss: a NaN or inf that the loss
+    would read is an error naming the argument; one at a masked position is never read."""
+    inp = _inputs(torch.float32, adv_2d=True, v=31)
+    cfg = PolicyLossConfig(beta=0.1, rollout_correction="tis", impl=impl)
+    side = dict(advantages=inp["adv"], old_logp=inp["old"], ref_logp=inp["ref"],
+                rollout_logp=inp["rollout"])
+    valid = (inp["m"] != 0) & (inp["t"] != -100)
+    for bad in (math.nan, math.inf, -math.inf):
+        ten = side[name].clone()
+        ten[tuple(valid.nonzero()[0].tolist())] = bad
+        with pytest.raises(ValueError, match=f"{name} must be finite at valid tokens"):
+            _call(inp, cfg, **{**side, name: ten})
+        ten = side[name].clone()
+        ten[~valid] = bad  # never read
+        loss, _ = _call(inp, cfg, **{**side, name: ten})
+        assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["advantages", "old_logp", "ref_logp"])
+def test_integer_side_inputs_name_the_dtype(name):
+    inp = _inputs(torch.float32, v=31)
+    kw = {"advantages": inp["adv"], "old_logp": inp["old"], "ref_logp": inp["ref"]}
+    kw[name] = kw[name].long()
+    with pytest.raises(TypeError, match=f"{name} must be a floating-point tensor, got dtype "
+                                        "torch.int64"):
+        _call(inp, PolicyLossConfig(beta=0.1), **kw)
+
+
+def test_choice_tuples_are_exported():
+    assert policy.LOSS_TYPES == tuple(LOSS_TYPES)
+    for name in ("IMPORTANCE_LEVELS", "KL_ESTIMATORS", "ROLLOUT_CORRECTIONS", "METRICS"):
+        assert isinstance(getattr(policy, name), tuple)

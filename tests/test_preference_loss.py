@@ -7,7 +7,7 @@ import torch
 
 import rlfuse
 from rlfuse import PreferenceLossConfig, preference_loss
-from rlfuse.dpo_family import LOSS_TYPES, METRIC_KEYS, _pair_loss
+from rlfuse.preference import LOSS_TYPES, METRIC_KEYS, _pair_loss
 
 from conftest import CHUNKED_IMPLS
 
@@ -290,3 +290,33 @@ def test_frozen_head_gets_no_gradient(impl, chunk_size):
     assert w.grad is None
     want = _run(_rlfuse(_cfg("sigmoid", impl="reference"), tg, mask, ref), x, w, None)
     torch.testing.assert_close(xg.grad, want[3], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- one NaN / dtype rule
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ref_logp_rule_matches_policy_loss(impl):
+    x, w, bb, tg, mask = _inputs(2, 5, 8, 11, torch.float32)
+    cfg = PreferenceLossConfig(impl=impl)
+    for bad in (math.nan, math.inf):
+        ref = torch.zeros(4)
+        ref[1] = bad
+        with pytest.raises(ValueError, match="ref_logp must be finite; found .* at index \\[1\\]"):
+            preference_loss(x, w, tg, mask, ref_logp=ref, config=cfg)
+    with pytest.raises(TypeError, match="ref_logp must be a floating-point tensor, got dtype "
+                                        "torch.int64"):
+        preference_loss(x, w, tg, mask, ref_logp=torch.zeros(4, dtype=torch.long), config=cfg)
+    with pytest.raises(ValueError, match="mask must hold 0/1"):
+        preference_loss(x, w, tg, mask.float() * 0.5 + 0.5, config=cfg)
+
+
+def test_config_validates_on_construction():
+    for kw, match in ((dict(loss_type="kto"), "loss_type must be one of"),
+                      (dict(beta=0.0), "beta"), (dict(beta=math.nan), "beta"),
+                      (dict(discopop_tau=0.0), "discopop_tau"),
+                      (dict(simpo_gamma=math.inf), "simpo_gamma"),
+                      (dict(temperature=-1.0), "temperature")):
+        with pytest.raises(ValueError, match=match):
+            PreferenceLossConfig(**kw)
+    from rlfuse import preference
+    assert "sigmoid" in preference.LOSS_TYPES and set(preference.REFERENCE_FREE) <= set(
+        preference.LOSS_TYPES) and set(preference.SMOOTHED) <= set(preference.LOSS_TYPES)

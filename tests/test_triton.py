@@ -5,6 +5,7 @@ the rest of the suite: in a normal run this file only spawns itself in a fresh i
 with TRITON_INTERPRET=1 and asserts that sub-run passed (its output is shown on failure).
 Run the cases directly with `TRITON_INTERPRET=1 pytest tests/test_triton.py`.
 """
+import math
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ TRANSFORMS = {  # (scale, softcap, temperature)
 def _torch_stats_and_grad(z, t, a, e, scale, cap, temp, ignore_index):
     """fp64 autograd of L = sum a*logp + e*entropy through the same transform: the spec."""
     raw = z.double().requires_grad_()
-    zz = LogitTransform(scale, cap, temp).apply(raw)  # [C, V] fp64
+    zz = LogitTransform(scale, cap or None, temp).apply(raw)  # [C, V] fp64
     logz = zz.log_softmax(-1)
     valid = t != ignore_index
     logp = logz.gather(1, torch.where(valid, t, 0)[:, None])[:, 0] * valid
@@ -70,8 +71,8 @@ if not INTERPRETED:
 
         if "nvidia" not in triton.backends.backends:
             pytest.skip("triton built without the NVIDIA backend")
-        rows = {"lse_ptr": "*fp32", "logp_ptr": "*fp32", "ent_ptr": "*fp32"}
-        grads = {"lse_ptr": "*fp32", "ent_ptr": "*fp32", "a_ptr": "*fp32", "e_ptr": "*fp32"}
+        rows = {"lse_ptr": "*fp64", "logp_ptr": "*fp32", "ent_ptr": "*fp32"}
+        grads = {"lse_ptr": "*fp64", "ent_ptr": "*fp32", "a_ptr": "*fp32", "e_ptr": "*fp32"}
         scalars = {"V": "i32", "k": "fp32", "cap_in": "fp32", "cap_out": "fp32",
                    "ignore_index": "i32", "HAS_CAP": "constexpr", "BLOCK": "constexpr"}
         for kernel, row_args in ((_triton._stats_kernel, rows), (_triton._grad_kernel, grads)):
@@ -117,7 +118,8 @@ else:
         z, t, a, e = _chunk(6, v, dtype, ignore_index)
         lse, logp, ent = _triton.logits_stats(z, t, scale, cap, 1 / temp, ignore_index)
         want = _torch_stats_and_grad(z, t, a, e, scale, cap, temp, ignore_index)
-        assert all(x.dtype == torch.float32 and x.shape == (6,) for x in (lse, logp, ent))
+        assert lse.dtype == torch.float64 and lse.shape == (6,)
+        assert all(x.dtype == torch.float32 and x.shape == (6,) for x in (logp, ent))
         # The stats see z's exact values, upcast: fp32 accuracy whatever z's dtype.
         for got, ref in zip((lse, logp, ent), want):
             _close(got, ref)
@@ -152,6 +154,40 @@ else:
         CPP.logits_grad_(zc, t, *ref[::2], a, e, *args)
         torch.testing.assert_close(zg, zc, atol=1e-5, rtol=1e-4)
 
+    def _torch_fp32(z, t, a, e, scale, cap, temp, ignore_index):
+        """The same autograd in fp32: the error budget of the peaked-row test."""
+        raw = z.float().requires_grad_()
+        logz = LogitTransform(scale, cap or None, temp).apply(raw).log_softmax(-1)
+        valid = t != ignore_index
+        logp = logz.gather(1, torch.where(valid, t, 0)[:, None])[:, 0] * valid
+        ent = -(logz.exp() * logz).sum(-1) * valid
+        (g,) = torch.autograd.grad((logp * a).sum() + (ent * e).sum(), raw)
+        return logp.detach(), ent.detach(), g
+
+    @pytest.mark.parametrize("peak,offset", [(20.0, 0.0), (30.0, 0.0), (12.0, 1e3),
+                                             (12.0, 1e4)])
+    @pytest.mark.parametrize("tfname", ["plain", "temp"])
+    def test_peaked_rows_and_large_offsets(peak, offset, tfname, monkeypatch):
+        """Entropy and its gradient on shifted values: held to fp32 PyTorch's own error on rows
+        where one logit dominates (entropy ~1e-6) and on logits offset by up to 1e4."""
+        _tiles(monkeypatch, 507)
+        scale, cap, temp = TRANSFORMS[tfname]
+        z = torch.randn(6, 507) * 0.3 + offset
+        k = torch.randint(0, 507, (6,))
+        z[torch.arange(6), k] += peak
+        t = torch.where(torch.arange(6) % 2 == 0, k, torch.randint(0, 507, (6,)))
+        a, e = torch.randn(6), torch.randn(6)
+        args = (scale, cap, 1 / temp, -100)
+        lse, logp, ent = _triton.logits_stats(z, t, *args)
+        zg = z.clone()
+        _triton.logits_grad_(zg, t, lse, ent, a, e, *args)
+        want = _torch_stats_and_grad(z, t, a, e, scale, cap, temp, -100)[1:]
+        budget = _torch_fp32(z, t, a, e, scale, cap, temp, -100)
+        for got, n, w in zip((logp, ent, zg), budget, want):
+            err = (got.double() - w).abs().max().item()
+            allowed = 2 * (n.double() - w).abs().max().item() + 2e-7 * max(1.0, w.abs().max())
+            assert err <= allowed, (err, allowed)
+
     def test_extreme_logits_and_tiny_rows():
         # |z| ~ 1e4: the online max keeps exp finite; softcap saturates tanh cleanly.
         z, t, a, e = _chunk(5, 123, torch.float32, mag=1e4)
@@ -167,12 +203,29 @@ else:
         # V = 1: logp = 0, entropy = 0, gradient 0.
         z1, t1 = torch.randn(3, 1), torch.zeros(3, dtype=torch.long)
         lse, logp, ent = _triton.logits_stats(z1, t1, 1.0, 0.0, 1.0, -100)
-        torch.testing.assert_close(lse, z1[:, 0])
+        torch.testing.assert_close(lse, z1[:, 0].double())
         assert (logp == 0).all() and (ent.abs() < 1e-7).all()
         # C = 0: empty outputs, no launch.
         out = _triton.logits_stats(torch.empty(0, 7), torch.empty(0, dtype=torch.long),
                                    1.0, 0.0, 1.0, -100)
         assert [x.shape for x in out] == [(0,)] * 3
+
+    @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN
+    def test_non_finite_logits_give_nan_rows_like_cpp_and_reference():
+        z, t, a, e = _chunk(5, 31, torch.float32)
+        t[:] = torch.tensor([1, 2, 3, -100, 4])
+        z[0, 7], z[1, 8], z[2, 9], z[3, 5] = math.nan, math.inf, -math.inf, math.nan
+        lse, logp, ent = _triton.logits_stats(z, t, 1.0, 0.0, 1.0, -100)
+        assert logp[:3].isnan().all() and ent[:3].isnan().all()
+        assert logp[3] == 0 and ent[3] == 0 and logp[4].isfinite() and ent[4].isfinite()
+        ref_lp, ref_ent = linear_logprobs_reference(z, torch.eye(31), t)
+        assert torch.equal(logp.isnan(), ref_lp.isnan()) and torch.equal(ent.isnan(),
+                                                                         ref_ent.isnan())
+        if CPP is not None:
+            for g, c in zip((logp, ent), CPP.logits_stats(z, t, 1.0, 0.0, 1.0, -100)[1:]):
+                assert torch.equal(g.isnan(), c.isnan())
+        _triton.logits_grad_(z, t, lse, ent, a, e, 1.0, 0.0, 1.0, -100)
+        assert z[:3].isnan().all() and (z[3] == 0).all() and z[4].isfinite().all()
 
     def test_out_of_range_target_is_nan_not_a_bad_read():
         z, t, a, e = _chunk(3, 31, torch.float32)
@@ -205,7 +258,7 @@ else:
                                         + (ent * ge.to(ent.dtype)).sum(), leaves)
             return [lp, ent, *grads]
 
-        tf = LogitTransform(scale, cap, temp)
+        tf = LogitTransform(scale, cap or None, temp)
         truth = run(lambda x_, w_, b_: linear_logprobs_reference(x_, w_, t, b_, tf), torch.float64)
         ref = run(lambda x_, w_, b_: rlfuse.linear_logprobs(
             x_, w_, t, bias=b_, return_entropy=True, impl="reference", **kw), dtype)
@@ -248,17 +301,17 @@ else:
         (lambda z, t, r: (z[:, :0], t, r), "V >= 1"),
         (lambda z, t, r: (z, t.int(), r), "targets must be an int64 tensor of shape"),
         (lambda z, t, r: (z, t[:2], r), "targets must be an int64 tensor of shape"),
-        (lambda z, t, r: (z, t, r.double()), "lse must be a contiguous float32"),
-        (lambda z, t, r: (z, t, r[:2]), "lse must be a contiguous float32"),
+        (lambda z, t, r: (z, t, r.float()), "lse must be a contiguous float64"),
+        (lambda z, t, r: (z, t, r[:2]), "lse must be a contiguous float64"),
     ])
     def test_bad_input(bad, match):
         z, t, a, e = _chunk(4, 31, torch.float32)
-        zz, tt, lse = bad(z, t, torch.zeros(4))
+        zz, tt, lse = bad(z, t, torch.zeros(4, dtype=torch.float64))
         with pytest.raises((ValueError, TypeError), match=match):
-            _triton.logits_grad_(zz, tt, lse, torch.zeros_like(lse), a[:lse.shape[0]],
+            _triton.logits_grad_(zz, tt, lse, torch.zeros(lse.shape[0]), a[:lse.shape[0]],
                                  e[:lse.shape[0]], 1.0, 0.0, 1.0, -100)
         if "lse" not in match:
             with pytest.raises((ValueError, TypeError), match=match):
                 _triton.logits_stats(zz, tt, 1.0, 0.0, 1.0, -100)
         with pytest.raises(ValueError, match="grad_entropy must be"):
-            _triton.logits_grad_(z, t, a, a, a, e.double(), 1.0, 0.0, 1.0, -100)
+            _triton.logits_grad_(z, t, a.double(), a, a, e.double(), 1.0, 0.0, 1.0, -100)

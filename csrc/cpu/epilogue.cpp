@@ -62,21 +62,22 @@ inline float row_max(const float* z, int64_t v) {
   return out;
 }
 
-// sum exp(k z - mk) and sum exp(k z - mk) * k z.
+// s = sum exp(k z - mk) and t = sum exp(k z - mk) * (k z - mk): shifted by the row max, so
+// entropy = log s - t / s never cancels against large logits (lse - sum p z would).
 inline void row_sums(const float* z, int64_t v, float k, float mk, float& s_out, float& t_out) {
   const Vec kv(k), mv(mk);
   Vec s(0.f), t(0.f);
   int64_t j = 0;
   for (; j + kW <= v; j += kW) {
-    Vec x = Vec::loadu(z + j) * kv;
-    Vec p = (x - mv).exp_u20();
+    Vec x = Vec::loadu(z + j) * kv - mv;
+    Vec p = x.exp_u20();
     s = s + p;
     t = at::vec::fmadd(p, x, t);
   }
   if (j < v) {
     const int64_t r = v - j;
-    Vec x = Vec::loadu(z + j, r) * kv;
-    Vec p = Vec::set(Vec(0.f), (x - mv).exp_u20(), r);
+    Vec x = Vec::loadu(z + j, r) * kv - mv;
+    Vec p = Vec::set(Vec(0.f), x.exp_u20(), r);
     s = s + p;
     t = at::vec::fmadd(p, Vec::set(Vec(0.f), x, r), t);
   }
@@ -91,7 +92,7 @@ void logits_stats(const at::Tensor& z, const at::Tensor& targets, Transform t,
   const int64_t c = z.size(0), v = z.size(1);
   const float* zp = z.data_ptr<float>();
   const int64_t* tp = targets.data_ptr<int64_t>();
-  float* lp = lse.data_ptr<float>();
+  double* lp = lse.data_ptr<double>();
   float* op = logp.data_ptr<float>();
   float* ep = entropy.data_ptr<float>();
   at::parallel_for(0, c, 1, [&](int64_t b, int64_t e) {
@@ -101,15 +102,19 @@ void logits_stats(const at::Tensor& z, const at::Tensor& targets, Transform t,
       const float mk = row.k * row_max(row.z, v);  // k > 0
       float s, sz;
       row_sums(row.z, v, row.k, mk, s, sz);
-      const float l = mk + std::log(s);
-      lp[i] = l;
+      const float log_s = std::log(s);
+      lp[i] = double(mk) + double(log_s);
       const int64_t tgt = tp[i];
       if (tgt == ignore_index) {
         op[i] = 0.f;
         ep[i] = 0.f;
+      } else if (!std::isfinite(sz)) {
+        // A non-finite logit (NaN, or inf from the inputs) leaves sz non-finite: the row's
+        // log-prob and entropy are NaN, as on the reference path.
+        lp[i] = op[i] = ep[i] = std::numeric_limits<float>::quiet_NaN();
       } else {
-        op[i] = row.k * row.z[tgt] - l;
-        ep[i] = l - sz / s;
+        op[i] = (row.k * row.z[tgt] - mk) - log_s;
+        ep[i] = log_s - sz / s;
       }
     }
   });
@@ -121,7 +126,7 @@ void logits_grad_(at::Tensor& z, const at::Tensor& targets, const at::Tensor& ls
   const int64_t c = z.size(0), v = z.size(1);
   float* zp = z.data_ptr<float>();
   const int64_t* tp = targets.data_ptr<int64_t>();
-  const float* lp = lse.data_ptr<float>();
+  const double* lp = lse.data_ptr<double>();
   const float* hp = entropy.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
   const float* gp = e.data_ptr<float>();
@@ -136,16 +141,17 @@ void logits_grad_(at::Tensor& z, const at::Tensor& targets, const at::Tensor& ls
         std::fill(row, row + v, 0.f);
         continue;
       }
-      const float l = lp[i], ai = ap[i], ei = gp[i];
-      const float mean_z = l - hp[i];  // sum_k p_k z_k
+      // log p_j = (z_j - c) - r with c + r = lse (fp64 split into two floats): accurate to
+      // fp32 however large lse is; z_j - sum_k p_k z_k = log p_j + entropy.
+      const float c = float(lp[i]), r = float(lp[i] - double(c));
+      const float ai = ap[i], ei = gp[i], hi = hp[i];
       float grad_target;
       if (!cap) {
-        // g_j = k * p_j * (-a - e (z_j - mean_z))
-        const Vec kv(k), lv(l), na(-ai), ev(ei), mz(mean_z);
+        // g_j = k * p_j * (-a - e (log p_j + H))
+        const Vec kv(k), cv(c), rv(r), na(-ai), ev(ei), hv(hi);
         auto f = [&](Vec x) {
-          Vec zz = x * kv;
-          Vec p = (zz - lv).exp_u20();
-          return kv * p * (na - ev * (zz - mz));
+          Vec lpj = (x * kv - cv) - rv;
+          return kv * lpj.exp_u20() * (na - ev * (lpj + hv));
         };
         grad_target = k * ai;
         int64_t j = 0;
@@ -156,10 +162,9 @@ void logits_grad_(at::Tensor& z, const at::Tensor& targets, const at::Tensor& ls
         float dt = 0.f;
         for (int64_t j = 0; j < v; ++j) {
           const float th = std::tanh(tanh_in * row[j]);
-          const float zz = zc * th, d = k * (1.f - th * th);
-          const float p = std::exp(zz - l);
+          const float lpj = (zc * th - c) - r, d = k * (1.f - th * th);
           if (j == tgt) dt = d;
-          row[j] = d * p * (-ai - ei * (zz - mean_z));
+          row[j] = d * std::exp(lpj) * (-ai - ei * (lpj + hi));
         }
         grad_target = dt * ai;
       }

@@ -9,13 +9,16 @@ struct Transform {
   float scale, softcap, inv_temp;
 };
 
-// Sweep over each row: max, sum exp, sum p*z, z[target]. Z is not modified.
-// Writes lse, logp, entropy [C] fp32; rows whose target == ignore_index get logp = entropy = 0.
+// Sweeps over each row: max m, then sum exp(z - m), sum p*(z - m), z[target]. Z is not modified.
+// Writes lse [C] fp64 (so that the gradient recovers z - lse to fp32 accuracy whatever lse's
+// magnitude) and logp, entropy [C] fp32; rows whose target == ignore_index get logp = entropy
+// = 0; rows with a non-finite logit get NaN.
 void logits_stats(const at::Tensor& z, const at::Tensor& targets, Transform t,
                   int64_t ignore_index, at::Tensor& lse, at::Tensor& logp, at::Tensor& entropy);
 
 // Overwrites Z in place with dL/d(raw logits) given a = dL/dlogp and e = dL/dentropy per row:
-//   dL/dz_j = a (onehot_j - p_j) - e p_j (z_j - sum_k p_k z_k), times dz/draw_j.
+//   dL/dz_j = a (onehot_j - p_j) - e p_j (log p_j + entropy), times dz/draw_j
+// (log p_j + entropy = z_j - sum_k p_k z_k, without the cancellation).
 void logits_grad_(at::Tensor& z, const at::Tensor& targets, const at::Tensor& lse,
                   const at::Tensor& entropy, const at::Tensor& a, const at::Tensor& e,
                   Transform t, int64_t ignore_index);

@@ -38,21 +38,23 @@ from torch import Tensor
 
 from . import _chunked
 from ._backend import resolve
+from ._checks import check_choice, check_number, check_tensor
 from ._chunked import LogitTransform
 from .logprobs import HeadOptions, check_linear_inputs, linear_logprobs_reference
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
               "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "orpo")
 # Reference-free by definition: score = length-averaged policy log-prob (CPO / ORPO trainers).
-_POLICY_ONLY = ("simpo", "orpo")
-_SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the ones that read label_smoothing
+REFERENCE_FREE = ("simpo", "orpo")
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")  # the ones that read label_smoothing
 METRIC_KEYS = ("rewards_chosen", "rewards_rejected", "rewards_accuracy", "rewards_margin",
                "logps_chosen", "logps_rejected", "nll")
 
 
 @dataclass(frozen=True)
 class PreferenceLossConfig(HeadOptions):
-    """Options of `preference_loss` (plus the shared LM-head options)."""
+    """Options of `preference_loss` (plus the shared LM-head options), validated on
+    construction."""
 
     loss_type: str = "sigmoid"
     beta: float = 0.1
@@ -60,6 +62,24 @@ class PreferenceLossConfig(HeadOptions):
     sft_coef: float = 0.0  # NLL on chosen tokens (RPO; CPO's cpo_alpha; 1.0 for ORPO)
     simpo_gamma: float = 0.5  # SimPO margin: loss = -logsig(beta*(avg_c - avg_r) - simpo_gamma)
     discopop_tau: float = 0.05
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_number("beta", self.beta, positive=True)
+        ls = self.label_smoothing
+        check_number("label_smoothing", ls, non_negative=True)
+        if ls >= 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {ls!r}")
+        if ls > 0 and self.loss_type not in SMOOTHED:
+            raise ValueError(f"label_smoothing={ls} has no effect on loss_type "
+                             f"{self.loss_type!r}; it is read by {SMOOTHED}")
+        if self.loss_type == "exo_pair" and ls == 0:
+            raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the target "
+                             "probability of the rejected answer; 1e-3 is the usual value)")
+        check_number("sft_coef", self.sft_coef, non_negative=True)
+        check_number("simpo_gamma", self.simpo_gamma)
+        check_number("discopop_tau", self.discopop_tau, positive=True)
 
 
 @dataclass
@@ -95,7 +115,7 @@ def _pair_loss(logp: Tensor, valid: Tensor, ref_logp: Optional[Tensor],
     beta, ls, lt = cfg.beta, cfg.label_smoothing, cfg.loss_type
     logsig = F.logsigmoid
 
-    if lt in _POLICY_ONLY:
+    if lt in REFERENCE_FREE:
         avg = seq / n_tok  # [2B] length-averaged log-probs
         c, r = avg[:b], avg[b:]
         if lt == "simpo":
@@ -239,56 +259,22 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_config(cfg: PreferenceLossConfig) -> None:
-    if not isinstance(cfg, PreferenceLossConfig):
-        raise TypeError(f"config must be a PreferenceLossConfig, got {type(cfg).__name__}")
-    if cfg.loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
-    if not math.isfinite(cfg.beta) or cfg.beta <= 0:
-        raise ValueError(f"beta must be a finite positive number, got {cfg.beta!r}")
-    ls = cfg.label_smoothing
-    if not 0.0 <= ls < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {ls!r}")
-    if ls > 0 and cfg.loss_type not in _SMOOTHED:
-        raise ValueError(f"label_smoothing={ls} has no effect on loss_type {cfg.loss_type!r}; "
-                         f"it is read by {_SMOOTHED}")
-    if cfg.loss_type == "exo_pair" and ls == 0:
-        raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the target "
-                         "probability of the rejected answer; 1e-3 is the usual value)")
-    if not math.isfinite(cfg.sft_coef) or cfg.sft_coef < 0:
-        raise ValueError(f"sft_coef must be a finite number >= 0, got {cfg.sft_coef!r}")
-    if not math.isfinite(cfg.simpo_gamma):
-        raise ValueError(f"simpo_gamma must be finite, got {cfg.simpo_gamma!r}")
-    if not math.isfinite(cfg.discopop_tau) or cfg.discopop_tau <= 0:
-        raise ValueError(f"discopop_tau must be a finite positive number, got {cfg.discopop_tau!r}")
-
-
 def _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg) -> Tensor:
     """Validates everything; returns the valid-token mask [2B, T] bool."""
+    if not isinstance(cfg, PreferenceLossConfig):
+        raise TypeError(f"config must be a PreferenceLossConfig, got {type(cfg).__name__}")
+    check_tensor("hidden", hidden, dim=3, layout="[2B, T, H] (chosen rows, then rejected)")
     check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got "
-                         f"shape {tuple(hidden.shape)}")
     rows, steps = targets.shape
     if rows == 0 or rows % 2:
         raise ValueError(f"hidden.shape[0] must be even and > 0 (rows [:B] chosen, [B:] "
                          f"rejected), got {rows}")
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != (rows, steps):
-        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask must have shape [2B, T] = {(rows, steps)}, got {got}")
-    if mask.device != hidden.device:
-        raise ValueError(f"mask must be on {hidden.device}, got {mask.device}")
+    check_tensor("mask", mask, "mask", shape={"[2B, T]": (rows, steps)}, device=hidden.device)
     if ref_logp is not None:
-        if cfg.loss_type in _POLICY_ONLY:
+        if cfg.loss_type in REFERENCE_FREE:
             raise ValueError(f"loss_type {cfg.loss_type!r} is reference-free: pass ref_logp=None")
-        if not isinstance(ref_logp, Tensor) or tuple(ref_logp.shape) != (rows,):
-            got = tuple(ref_logp.shape) if isinstance(ref_logp, Tensor) else type(ref_logp)
-            raise ValueError(f"ref_logp must be [2B] = [{rows}] sequence log-prob sums, got {got}")
-        if not ref_logp.is_floating_point() or ref_logp.device != hidden.device:
-            raise ValueError(f"ref_logp must be a floating tensor on {hidden.device}, got "
-                             f"{ref_logp.dtype} on {ref_logp.device}")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(ref_logp).all()):
-            raise ValueError("ref_logp must be finite")
+        check_tensor("ref_logp", ref_logp, shape={"[2B] (sequence log-prob sums)": (rows,)},
+                     device=hidden.device, finite=True)
     valid = (mask != 0) & (targets != cfg.ignore_index)  # [2B, T]
     if not torch.compiler.is_compiling():
         empty = (~valid.any(-1)).nonzero().flatten()
@@ -314,7 +300,6 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tenso
     nll is the token-mean NLL of the chosen completions.
     """
     cfg = config
-    _check_config(cfg)
     valid = _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg)
     tf = cfg.transform()
     impl = resolve(cfg.impl, hidden.device)

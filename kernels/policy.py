@@ -45,6 +45,7 @@ from torch import Tensor
 
 from . import _chunked
 from ._backend import resolve
+from ._checks import check_choice, check_number, check_tensor
 from .logprobs import (HeadOptions, check_linear_inputs, linear_logprobs,
                        linear_logprobs_reference)
 
@@ -58,14 +59,6 @@ METRICS = ("kl", "entropy", "clip_fraction_low", "clip_fraction_high", "clip_fra
 
 
 # ----------------------------------------------------------------------------- config / output
-def _positive(name: str, val, allow_zero: bool = False) -> None:
-    ok = (isinstance(val, (int, float)) and math.isfinite(val)
-          and (val >= 0 if allow_zero else val > 0))
-    if not ok:
-        raise ValueError(f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} "
-                         f"number, got {val!r}")
-
-
 @dataclass(frozen=True)
 class PolicyLossConfig(HeadOptions):
     """Options of `policy_loss` (plus the shared LM-head options), validated on construction;
@@ -92,24 +85,22 @@ class PolicyLossConfig(HeadOptions):
         for name, allowed in (("loss_type", LOSS_TYPES), ("importance_level", IMPORTANCE_LEVELS),
                               ("kl_estimator", KL_ESTIMATORS),
                               ("rollout_correction", ROLLOUT_CORRECTIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        _positive("eps_low", self.eps_low, allow_zero=True)
+            check_choice(name, getattr(self, name), allowed)
+        check_number("eps_low", self.eps_low, non_negative=True)
         if self.eps_high is not None:
-            _positive("eps_high", self.eps_high, allow_zero=True)
+            check_number("eps_high", self.eps_high, non_negative=True)
         for name in ("delta", "dual_clip"):
             val = getattr(self, name)
             if val is None:
                 continue
-            _positive(name, val)
+            check_number(name, val, positive=True)
             if val <= 1:
                 raise ValueError(f"{name} must be > 1, got {val!r}")
             if self.loss_type not in CLIPPED:
                 raise ValueError(f"{name} applies to the clipped loss types {CLIPPED}, "
                                  f"not loss_type={self.loss_type!r}")
-        _positive("beta", self.beta, allow_zero=True)
-        if not math.isfinite(self.entropy_coef):
-            raise ValueError(f"entropy_coef must be finite, got {self.entropy_coef!r}")
+        check_number("beta", self.beta, non_negative=True)
+        check_number("entropy_coef", self.entropy_coef)
         q = self.top_entropy_quantile
         if not (isinstance(q, (int, float)) and 0 < q <= 1):
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {q!r}")
@@ -119,9 +110,8 @@ class PolicyLossConfig(HeadOptions):
         if self.loss_type == "dr_grpo" and m is None:
             raise ValueError("max_completion_length is required for loss_type='dr_grpo' "
                              "(its normalizer is B * max_completion_length)")
-        _positive("rollout_correction_cap", self.rollout_correction_cap)
-        _positive("sapo_temperature_pos", self.sapo_temperature_pos)
-        _positive("sapo_temperature_neg", self.sapo_temperature_neg)
+        for name in ("rollout_correction_cap", "sapo_temperature_pos", "sapo_temperature_neg"):
+            check_number(name, getattr(self, name), positive=True)
 
     @property
     def eps_high_effective(self) -> float:
@@ -149,7 +139,8 @@ class _Rows:
     valid: Tensor                 # [N] bool: mask != 0 and target != ignore_index
     weight: Tensor                # [N] normalizer w_n, 0 where not valid
     adv: Tensor                   # [N]
-    old: Optional[Tensor]         # [N], 0 where not valid (so padding never overflows exp)
+    old: Optional[Tensor]         # [N], 0 where not valid (padding is never read: no NaN, no
+                                  # overflow of exp)
     ref: Optional[Tensor]
     rollout: Optional[Tensor]
     shape: Optional[tuple] = None  # (B, T) on the full rows, None on a slice
@@ -187,7 +178,7 @@ def _rows(cfg, targets, mask, advantages, old_logp, ref_logp, rollout_logp, num_
 
     return _Rows(valid=valid.reshape(-1),
                  weight=_normalizer(cfg, valid, num_items_in_batch).to(dtype).reshape(-1),
-                 adv=adv.to(dtype).expand(valid.shape).reshape(-1),
+                 adv=flat(adv.expand(valid.shape)),
                  old=flat(old_logp), ref=flat(ref_logp), rollout=flat(rollout_logp),
                  shape=tuple(valid.shape))
 
@@ -333,37 +324,21 @@ def _check(hidden, weight, targets, mask, advantages, logps: dict, bias, num_ite
            cfg) -> None:
     if not isinstance(cfg, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
-    if not isinstance(hidden, Tensor) or hidden.dim() != 3:
-        got = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
-        raise ValueError(f"hidden must be a [B, T, H] tensor, got {got}")
+    check_tensor("hidden", hidden, dim=3, layout="[B, T, H]")
     check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index)
     b, t = targets.shape
     if b * t == 0:
         raise ValueError(f"hidden must hold at least one position, got shape {tuple(hidden.shape)}")
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != (b, t):
-        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-        raise ValueError(f"mask must have shape [B, T] = {(b, t)}, got {got}")
-    if mask.is_floating_point() and not torch.compiler.is_compiling():
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must hold 0/1 (or bool) values")
-    if (not isinstance(advantages, Tensor) or not advantages.is_floating_point()
-            or tuple(advantages.shape) not in ((b,), (b, t))):
-        got = (tuple(advantages.shape) if isinstance(advantages, Tensor)
-               else type(advantages).__name__)
-        raise ValueError(f"advantages must be a floating tensor of shape [B] = ({b},) or "
-                         f"[B, T] = {(b, t)}, got {got}")
+    dev = hidden.device
+    check_tensor("mask", mask, "mask", shape={"[B, T]": (b, t)}, device=dev)
+    valid = (mask != 0) & (targets != cfg.ignore_index)  # [B, T]
+    per_token = isinstance(advantages, Tensor) and advantages.dim() == 2
+    check_tensor("advantages", advantages, shape={"[B]": (b,), "[B, T]": (b, t)}, device=dev,
+                 finite=True, where=valid if per_token else valid.any(-1))
     for name, lp in logps.items():
-        if lp is None:
-            continue
-        if not isinstance(lp, Tensor) or not lp.is_floating_point() or tuple(lp.shape) != (b, t):
-            got = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
-            raise ValueError(f"{name} must be a floating tensor of shape [B, T] = {(b, t)}, "
-                             f"got {got}")
-    tensors = [("mask", mask), ("advantages", advantages)] + [(k, v) for k, v in logps.items()
-                                                              if v is not None]
-    for name, ten in tensors:
-        if ten.device != hidden.device:
-            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {ten.device}")
+        if lp is not None:
+            check_tensor(name, lp, shape={"[B, T]": (b, t)}, device=dev, finite=True,
+                         where=valid)
     if cfg.beta > 0 and logps["ref_logp"] is None:
         raise ValueError("ref_logp is required when config.beta > 0")
     if cfg.rollout_correction is not None and logps["rollout_logp"] is None:
@@ -378,8 +353,7 @@ def _check(hidden, weight, targets, mask, advantages, logps: dict, bias, num_ite
             if n.numel() != 1:
                 raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(n.shape)}")
             n = n.item() if not torch.compiler.is_compiling() else 1
-        if not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
-            raise ValueError(f"num_items_in_batch must be a positive token count, got {n!r}")
+        check_number("num_items_in_batch (a token count)", n, positive=True)
 
 
 def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
