@@ -11,7 +11,9 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import os
 import string
+import warnings
 
 import torch
 from torch import Tensor
@@ -65,12 +67,11 @@ def attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
 
 def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
     """(model, tokenizer): a local checkpoint (`cfg.path`) or the tiny model; LoRA if asked."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if cfg.path:
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.path, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation(cfg, device))
+        model = _from_pretrained(cfg, device)
     else:
         tokenizer = tokenizer or char_tokenizer()
         model = tiny_model(cfg, tokenizer).to(DTYPES[cfg.dtype])
@@ -79,11 +80,32 @@ def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
     tokenizer.padding_side = "left"  # generation needs the prompts flush right
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it (gradient_checkpointing_enable warns); non-reentrant by default
+        model.activation_checkpointing_enable()
         model.config.use_cache = False
     if cfg.lora_r > 0:
         model = _add_lora(model, cfg)
     return model, tokenizer
+
+
+def _from_pretrained(cfg: ModelConfig, device: torch.device):
+    """A saved model, or a LoRA checkpoint's base with its adapter merged (a checkpoint saved with
+    model.lora_merge_on_save=false holds only the adapter, in `adapter/`)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation(cfg, device))
+    adapter = os.path.join(cfg.path, "adapter")
+    if os.path.exists(os.path.join(cfg.path, "config.json")) or not os.path.isdir(adapter):
+        return AutoModelForCausalLM.from_pretrained(cfg.path, **kw)
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    if not base:
+        raise ValueError(f"model.path {cfg.path} holds only a LoRA adapter of a model built in "
+                         "code (no base path); save it with model.lora_merge_on_save=true")
+    with _peft_quiet():
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kw),
+                                         adapter).merge_and_unload()
 
 
 def _add_lora(model, cfg: ModelConfig):
@@ -93,7 +115,16 @@ def _add_lora(model, cfg: ModelConfig):
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
                       task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    with _peft_quiet():
+        return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def _peft_quiet():
+    with warnings.catch_warnings():  # peft reads transformers 5's deprecated property
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
+        yield
 
 
 def is_lora(model) -> bool:
@@ -168,4 +199,7 @@ class Reference:
 
 
 def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()  # a bar per checkpoint save ("Writing model shards")
