@@ -195,6 +195,9 @@ def read(path: str) -> dict:
         weights = {}
         for f in files:
             weights.update(load_file(f))
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:  # older versions could save NaN weights; never resume from them
+            raise ValueError(f"non-finite weights ({', '.join(bad[:3])})")
         f = os.path.join(path, "trainer.pt")
         trainer = torch.load(f, weights_only=True, map_location="cpu")
     except Exception as err:  # any unreadable file: JSON, safetensors, unpickling refused ...
