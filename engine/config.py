@@ -48,7 +48,7 @@ class ModelConfig:
     lora_r: int = 0                      # > 0: LoRA policy (needs peft); reference = adapter off
     lora_alpha: int = 16
     attn_implementation: Optional[str] = None  # None: flash_attention_2 on CUDA if installed, else sdpa
-    lora_merge_on_save: bool = True      # LoRA checkpoints also hold the merged model (a plain model.path)
+    lora_merge_on_save: bool = True      # LoRA: also save the merged model (a plain model.path)
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -219,14 +219,14 @@ class TrainConfig:
     max_length: int = 512                # prompt + completion tokens, longer sequences are cut
     log_every: int = 1
     save_every: int = 0                  # steps; 0: only at the end (and on SIGINT/SIGTERM)
-    save_every_minutes: float = 10.0     # also save once this long has passed since the last save; 0: off
+    save_every_minutes: float = 10.0     # also save this long after the last save; 0: off
     keep_checkpoints: int = 2            # 0: no final checkpoint (still saves on SIGINT/SIGTERM)
-    resume: bool = False                 # continue from the newest readable out_dir/checkpoints/step-*
+    resume: bool = False                 # continue from the newest readable checkpoint
     overwrite: bool = False              # replace a previous run's checkpoints and logs in out_dir
     nonfinite: str = "skip"              # NaN/inf loss or grad norm: skip the update | stop the run
     max_nonfinite_skips: int = 5         # nonfinite=skip: stop after this many such steps in a row
     progress: bool = True                # tqdm bar on a terminal
-    print_every: int = 10                # no terminal or progress=false: a plain line every N steps; 0: none
+    print_every: int = 10                # no terminal/progress=false: a line every N steps
     alerts: dict = field(default_factory=dict)  # threshold overrides, see monitor.ALERT_DEFAULTS
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
