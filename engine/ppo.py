@@ -200,6 +200,9 @@ class PPOTrainer(Trainer):
         # 2. score
         columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
         scores = torch.tensor(self.reward_fn(prompts, roll.texts, **columns), dtype=torch.float32)
+        if not bool(scores.isfinite().all()):  # GAE has no "unscored": NaN would reach the critic
+            raise ValueError(f"PPO needs a finite score for every completion; the reward gave "
+                             f"{int((~scores.isfinite()).sum())} of {len(scores)} NaN/inf")
         if p.missing_eos_penalty is not None:
             eos = self.tok.eos_token_id
             stopped = torch.tensor([bool(c) and c[-1] == eos for c in roll.completion_ids])

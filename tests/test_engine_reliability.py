@@ -274,6 +274,19 @@ def test_grpo_reward_mean_is_over_scored_completions(tmp_path, tok):
     assert m["frac_unscored"] == 0.5 and math.isfinite(m["loss"])
 
 
+def test_ppo_refuses_unscored_completions(tmp_path, tok):
+    from rlfuse.engine.config import PPOConfig
+    from rlfuse.engine.ppo import PPOTrainer
+
+    cfg = make_cfg(tmp_path, "ppo", steps=1)
+    cfg = dataclasses.replace(cfg, ppo=PPOConfig(data=cfg.grpo.data, prompts_per_step=2,
+                                                 max_new_tokens=3, epochs=1, mini_batches=1))
+    t = PPOTrainer(cfg, model_for(tok), tok,
+                   reward_fn=lambda p, c, **kw: [math.nan] + [1.0] * (len(c) - 1))
+    with pytest.raises(ValueError, match="finite score for every completion.*1 of 2"):
+        t.train_step()
+
+
 def test_metrics_jsonl_is_strict_json(tmp_path):
     mon = Monitor(str(tmp_path), 2, progress=False, print_every=0)
     mon.log(1, {"loss": math.nan, "kl": math.inf, "reward_mean": 1.0})
