@@ -118,7 +118,8 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
     from rlfuse.engine.grpo import GRPOTrainer
 
     common = dict(steps=b.warmup + b.steps, out_dir=os.path.dirname(data["prompts"]),
-                  device=b.device, progress=False, keep_checkpoints=0,
+                  device=b.device, progress=False, keep_checkpoints=0, save_every_minutes=0,
+                  overwrite=True,
                   model=ModelConfig(path=model_dir, lora_r=b.lora_r),
                   optim=OptimConfig(lr=1e-6))
     if trainer == "grpo":

@@ -13,10 +13,14 @@ malformed file) prints one line and exits with status 2.
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 import textwrap
 
+from .checkpoint import CheckpointError
 from .config import ALGORITHMS, TrainConfig, UserError, parse, to_dict
+from .trainer import NonFiniteError
 
 
 def train_usage() -> str:
@@ -48,13 +52,33 @@ def train(argv: list[str]) -> int:
 
     import yaml
 
+    trainer = trainer_for(algo)(cfg)  # first: it refuses an out_dir that holds another run
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    trainer = trainer_for(algo)(cfg)
     trainer.fit()
-    print(f"rlfuse: {algo} finished at step {trainer.step}; logs and checkpoints in {cfg.out_dir}")
+    if trainer.interrupted:
+        again = " ".join(shlex.quote(a) for a in _without_resume(argv))
+        print(f"rlfuse: interrupted by {signal.Signals(trainer.interrupted).name} at step "
+              f"{trainer.step}, saved {trainer.last_checkpoint}; resume with: rlfuse train "
+              f"{again} resume=true", file=sys.stderr)
+        return 128 + trainer.interrupted
+    print(f"rlfuse: {algo} finished at step {trainer.step}; logs in {cfg.out_dir}, last "
+          f"checkpoint {trainer.last_checkpoint or '(none: keep_checkpoints=0)'}")
     return 0
+
+
+def _without_resume(argv: list[str]) -> list[str]:
+    """argv less its resume / overwrite settings (the resume command adds resume=true)."""
+    out, it = [], iter(argv)
+    for a in it:
+        key = a.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if key in ("resume", "overwrite"):
+            if a == "--overwrite":  # `--key value`; `--resume` is a flag
+                next(it, None)
+            continue
+        out.append(a)
+    return out
 
 
 def main(argv=None) -> int:
@@ -74,6 +98,9 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"rlfuse: error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteError) as err:  # the run's state, not its input
+        print(f"rlfuse: error: {err}", file=sys.stderr)
+        return 1
     helped = cmd in ("-h", "--help")
     print(__doc__, file=sys.stdout if helped else sys.stderr)
     return 0 if helped else 2

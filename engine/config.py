@@ -65,6 +65,7 @@ class ModelConfig:
     lora_r: int = 0                      # > 0: LoRA policy (needs peft); reference = adapter off
     lora_alpha: int = 16                # LoRA scale numerator (scale = lora_alpha / lora_r)
     attn_implementation: Optional[str] = None  # None: flash_attention_2 on CUDA if installed, else sdpa
+    lora_merge_on_save: bool = True      # LoRA: also save the merged model (a plain model.path)
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -246,10 +247,15 @@ class TrainConfig:
     device: str = "auto"                 # auto | cpu | cuda
     max_length: int = 512                # prompt + completion tokens, longer sequences are cut
     log_every: int = 1                   # steps between metrics rows
-    save_every: int = 0                  # 0: only at the end (and on SIGINT/SIGTERM)
+    save_every: int = 0                  # steps; 0: only at the end (and on SIGINT/SIGTERM)
+    save_every_minutes: float = 10.0     # also save this long after the last save; 0: off
     keep_checkpoints: int = 2            # 0: no final checkpoint (still saves on SIGINT/SIGTERM)
-    resume: bool = False                 # continue from out_dir/checkpoints/latest
-    progress: bool = True                # tqdm bar
+    resume: bool = False                 # continue from the newest readable checkpoint
+    overwrite: bool = False              # replace a previous run's checkpoints and logs in out_dir
+    nonfinite: str = "skip"              # NaN/inf loss or grad norm: skip the update | stop the run
+    max_nonfinite_skips: int = 5         # nonfinite=skip: stop after this many such steps in a row
+    progress: bool = True                # tqdm bar on a terminal
+    print_every: int = 10                # no terminal/progress=false: a line every N steps
     alerts: dict = field(default_factory=dict)  # threshold overrides, see monitor.ALERT_DEFAULTS
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -266,6 +272,12 @@ class TrainConfig:
         _check("log_every", self.log_every >= 1, "must be >= 1")
         _check("save_every", self.save_every >= 0, "must be >= 0")
         _check("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0")
+        _check("save_every_minutes", self.save_every_minutes >= 0, "must be >= 0")
+        _choice("nonfinite", self.nonfinite, ("skip", "stop"))
+        _check("max_nonfinite_skips", self.max_nonfinite_skips >= 1, "must be >= 1")
+        _check("print_every", self.print_every >= 0, "must be >= 0")
+        _check("overwrite", not (self.overwrite and self.resume),
+               "and resume cannot both be true (resume keeps the old run, overwrite replaces it)")
 
 
 # ----------------------------------------------------------------------------- algorithms

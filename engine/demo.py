@@ -160,6 +160,7 @@ def stage_config(d: DemoConfig, out: str, algo: str, steps: int, lr: float, **se
                         num_kv_heads=2, intermediate_size=2 * d.hidden_size)
     return TrainConfig(algo=algo, steps=steps, seed=d.seed, out_dir=os.path.join(out, algo),
                        device="cpu", max_length=4 * d.digits + 8, keep_checkpoints=0,
+                       save_every_minutes=0, overwrite=True,  # a re-run replaces the stages
                        progress=d.progress, model=model,
                        optim=OptimConfig(lr=lr, warmup_steps=min(10, steps // 5),
                                          schedule="cosine" if algo == "sft" else "constant"),

@@ -68,8 +68,9 @@ class GRPOTrainer(Trainer):
 
         n_tokens = batch.attention_mask.sum().item()
         return {**stats,
-                "reward_mean": rewards.mean().item(),
-                "reward_std": rewards.std().item(),
+                "reward_mean": adv_stats["reward_mean"].item(),  # over scored completions
+                "reward_std": adv_stats["reward_std"].item(),
+                "frac_unscored": adv_stats["frac_unscored"].item(),
                 "frac_zero_std_groups": float(adv_stats.get("frac_zero_std", 0.0)),
                 **getattr(self.reward_fn, "last", {}),
                 **scored.metrics(),

@@ -16,6 +16,7 @@ import logging
 import os
 import string
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -80,23 +81,22 @@ def check_local_path(path: str) -> bool:
         return False
     if not os.path.isdir(full):
         raise UserError(f"no such folder: {path} (config key model.path)")
-    if not os.path.isfile(os.path.join(full, "config.json")):
-        raise UserError(f"{path} has no config.json, so it is not a transformers model folder "
-                        "(config key model.path)")
+    if not (os.path.isfile(os.path.join(full, "config.json"))
+            or os.path.isfile(os.path.join(full, "adapter", "adapter_config.json"))):
+        raise UserError(f"{path} has no config.json (nor a LoRA adapter/), so it is not a "
+                        "transformers model folder (config key model.path)")
     return True
 
 
 def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
     """(model, tokenizer): a local checkpoint (`cfg.path`) or the tiny model; LoRA if asked."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if cfg.path:
         local = check_local_path(cfg.path)  # local folders never go to the Hub
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(cfg.path, padding_side="left",
                                                                local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation(cfg, device),
-            local_files_only=local)
+        model = _from_pretrained(cfg, device, local)
     else:
         print("rlfuse: WARNING: model.path is not set, so this trains a randomly initialized tiny "
               "model; set model.path to a local checkpoint folder", file=sys.stderr, flush=True)
@@ -107,11 +107,34 @@ def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
     tokenizer.padding_side = "left"  # generation needs the prompts flush right
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it (gradient_checkpointing_enable warns); non-reentrant by default
+        model.activation_checkpointing_enable()
         model.config.use_cache = False
     if cfg.lora_r > 0:
         model = _add_lora(model, cfg)
     return model, tokenizer
+
+
+def _from_pretrained(cfg: ModelConfig, device: torch.device, local: bool):
+    """A saved model, or a LoRA checkpoint's base with its adapter merged (a checkpoint saved with
+    model.lora_merge_on_save=false holds only the adapter, in `adapter/`)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attn_implementation(cfg, device),
+              local_files_only=local)
+    adapter = os.path.join(cfg.path, "adapter")
+    if os.path.exists(os.path.join(cfg.path, "config.json")) or not os.path.isdir(adapter):
+        return AutoModelForCausalLM.from_pretrained(cfg.path, **kw)
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    if not base:
+        raise UserError(f"model.path {cfg.path} holds only a LoRA adapter of a model built in "
+                         "code (no base path); save it with model.lora_merge_on_save=true")
+    kw["local_files_only"] = check_local_path(base)
+    with _peft_quiet():
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kw),
+                                         adapter).merge_and_unload()
 
 
 def _add_lora(model, cfg: ModelConfig):
@@ -121,7 +144,16 @@ def _add_lora(model, cfg: ModelConfig):
 
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
                       task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    with _peft_quiet():
+        return get_peft_model(model, lora)
+
+
+@contextlib.contextmanager
+def _peft_quiet():
+    with warnings.catch_warnings():  # peft reads transformers 5's deprecated property
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
+        yield
 
 
 def is_lora(model) -> bool:
@@ -228,4 +260,7 @@ class Reference:
 
 
 def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()  # a bar per checkpoint save ("Writing model shards")

@@ -1,14 +1,18 @@
-"""Per-step monitoring: JSONL log, alerts, progress bar, TensorBoard (if installed), PNG plots.
+"""Per-step monitoring: JSONL log, alerts, progress output, TensorBoard (if installed), PNG plots.
 
-`Monitor.log(step, metrics)` appends one JSON line to `<run>/metrics.jsonl`, checks the alert
-rules and prints (and appends to `<run>/alerts.jsonl`) any that fire:
+`Monitor.log(step, metrics)` appends one line of strict JSON to `<run>/metrics.jsonl` (NaN/inf
+become null), checks the alert rules and prints (and appends to `<run>/alerts.jsonl`) any that
+fire:
   kl > 10, clip_fraction > 0.3, entropy in steady decline, grad_norm > 10x its running
-  median, reward_std near 0.
-`close()` draws every metric against step into `<run>/plots/metrics.png`.
+  median, reward_std near 0 or NaN, reward_mean NaN (no completion scored).
+Progress: a tqdm bar on a terminal; otherwise (a log file, or progress=false) one plain line
+every `print_every` steps. `close()` draws every metric against step into
+`<run>/plots/metrics.png`.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import statistics
@@ -55,7 +59,7 @@ class Alerts:
         if m.get("clip_fraction", 0.0) > t["clip_fraction_max"]:
             out.append(f"clip fraction {m['clip_fraction']:.3g} > {t['clip_fraction_max']}: "
                        "learning rate or passes per batch may be too high")
-        if "entropy" in m:
+        if "entropy" in m and math.isfinite(m["entropy"]):
             self.entropy.append(m["entropy"])
             e = list(self.entropy)
             if len(e) == self.entropy.maxlen:
@@ -63,7 +67,7 @@ class Alerts:
                 if falls >= 0.8 * (len(e) - 1) and e[-1] < (1 - t["entropy_drop"]) * e[0]:
                     out.append(f"entropy in steady decline ({e[0]:.3g} -> {e[-1]:.3g} over "
                                f"{len(e) - 1} steps): possible collapse")
-        if "grad_norm" in m:
+        if "grad_norm" in m and math.isfinite(m["grad_norm"]):  # the trainer flags NaN/inf
             g = m["grad_norm"]
             if len(self.grad_norms) >= 5:
                 med = statistics.median(self.grad_norms)
@@ -71,15 +75,19 @@ class Alerts:
                     out.append(f"grad_norm {g:.3g} > {t['grad_norm_spike']}x running median "
                                f"{med:.3g}: instability")
             self.grad_norms.append(g)
-        if "reward_std" in m and m["reward_std"] < t["reward_std_min"]:
+        if "reward_mean" in m and math.isnan(m["reward_mean"]):
+            out.append("reward_mean is NaN: no completion in the batch was scored")
+        elif "reward_std" in m and not m["reward_std"] >= t["reward_std_min"]:  # NaN fires too
             out.append(f"reward std {m['reward_std']:.3g} ~ 0: no learning signal in the batch")
         return out
 
 
 class Monitor:
     def __init__(self, out_dir: str, total_steps: int, start_step: int = 0, alerts: dict = None,
-                 progress: bool = True, desc: str = "train"):
+                 progress: bool = True, desc: str = "train", print_every: int = 10):
         self.dir = out_dir
+        self.desc, self.total, self.print_every = desc, total_steps, print_every
+        self.printed = self.start = start_step
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.alerts = Alerts(**(alerts or {}))
@@ -87,7 +95,7 @@ class Monitor:
         self.file = open(self.path, "a")
         self.t0 = time.time()
         self.bar = None
-        if progress:
+        if progress and sys.stderr.isatty():  # in a log file, a bar is a run of \r lines
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
@@ -115,26 +123,38 @@ class Monitor:
         m = {k: float(v) for k, v in metrics.items()}
         m["peak_memory_mb"] = peak_memory_mb()
         fired = self.alerts.check(m)
+        for a in fired:
+            self.alert(step, a)
+        m = {k: v if math.isfinite(v) else None for k, v in m.items()}  # JSON has no NaN
         row = {"step": step, "time": round(time.time() - self.t0, 3), **m}
         if fired:
             row["alerts"] = fired
-            with open(os.path.join(self.dir, "alerts.jsonl"), "a") as f:
-                for a in fired:
-                    f.write(json.dumps({"step": step, "alert": a}) + "\n")
-            for a in fired:
-                self.write(f"[alert] step {step}: {a}")
         self.history.append(row)
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps(row, allow_nan=False) + "\n")
         self.file.flush()
         if self.tb is not None:
             for k, v in m.items():
-                self.tb.add_scalar(k, v, step)
+                if v is not None:
+                    self.tb.add_scalar(k, v, step)
+        shown = {k: "nan" if m[k] is None else f"{m[k]:.3g}"
+                 for k in ("loss", "reward_mean", "kl", "grad_norm") if k in m}
         if self.bar is not None:
             self.bar.n = step
-            keys = [k for k in ("loss", "reward_mean", "kl", "grad_norm") if k in m]
-            self.bar.set_postfix({k: f"{m[k]:.3g}" for k in keys}, refresh=False)
+            self.bar.set_postfix(shown, refresh=False)
             self.bar.refresh()
+        elif self.print_every and (step - self.printed >= self.print_every or step == self.total):
+            self.printed = step
+            rate = (time.time() - self.t0) / max(1, step - self.start)
+            self.write(f"{self.desc} step {step}/{self.total} "
+                       + " ".join(f"{k} {v}" for k, v in shown.items())
+                       + f" | {rate:.2f} s/step, eta {rate * (self.total - step) / 60:.1f} min")
         return fired
+
+    def alert(self, step: int, msg: str) -> None:
+        """Print an alert and append it to alerts.jsonl."""
+        with open(os.path.join(self.dir, "alerts.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "alert": msg}) + "\n")
+        self.write(f"[alert] step {step}: {msg}")
 
     def write(self, msg: str) -> None:
         if self.bar is not None:
@@ -166,7 +186,7 @@ def plot_metrics(rows: list[dict], out_dir: str) -> str:
     nrows = -(-len(keys) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.2 * nrows), squeeze=False)
     for ax, k in zip(axes.flat, keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
+        pts = [(r["step"], r[k]) for r in rows if r.get(k) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
         ax.set_title(k, fontsize=8)
         ax.tick_params(labelsize=7)

@@ -170,6 +170,9 @@ class PPOTrainer(Trainer):
         scored = rollout_and_score(self.model, self.tok, rows, p.rollout, self.reward_fn,
                                    self.cfg.max_length)
         scores, batch = scored.rewards, scored.batch
+        if not bool(scores.isfinite().all()):  # GAE has no "unscored": NaN would reach the critic
+            raise ValueError(f"PPO needs a finite score for every completion; the reward gave "
+                             f"{int((~scores.isfinite()).sum())} of {len(scores)} NaN/inf")
         if p.missing_eos_penalty is not None:
             eos = self.tok.eos_token_id
             stopped = torch.tensor([bool(c) and c[-1] == eos

@@ -7,6 +7,7 @@ n-gram penalty. `Weighted` sums several of them and reports each one's mean.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -93,7 +94,8 @@ class Weighted:
             if len(scores) != len(completions):
                 raise ValueError(f"reward {name!r} returned {len(scores)} scores for "
                                  f"{len(completions)} completions")
-            self.last[f"reward/{name}"] = sum(scores) / max(1, len(scores))
+            scored = [s for s in scores if not math.isnan(s)]  # NaN: unscored completion
+            self.last[f"reward/{name}"] = sum(scored) / len(scored) if scored else math.nan
             total = [t + w * s for t, s in zip(total, scores)]
         return total
 

@@ -2,21 +2,31 @@
 
 A trainer subclass sets up its data in `__init__` and implements `train_step()` (one
 optimizer step, or one rollout step for GRPO) returning its metrics; `fit()` runs
-`train_step` `total_steps` times with logging, alerts, periodic and final checkpoints,
-`--resume`, and a save on SIGINT/SIGTERM.
+`train_step` `total_steps` times with logging, alerts, periodic (every `save_every` steps and
+`save_every_minutes`) and final checkpoints, `resume`, and a save on SIGINT/SIGTERM
+(`interrupted` then names the signal).
+
+No work is lost silently: an out_dir that holds a previous run is refused unless resume=true
+(continue it) or overwrite=true (replace it); resume takes the newest readable checkpoint and
+refuses settings it cannot honour; a NaN/inf gradient never reaches the weights (the update
+is skipped, and the run stops by the `nonfinite` policy).
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import os
 import random
+import shutil
 import sys
+import time
+from typing import Optional
 
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, to_dict
+from .config import ConfigError, TrainConfig, to_dict
 from .model import load_policy, quiet_transformers
 from .monitor import Monitor
 
@@ -54,6 +64,43 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+# What a run writes into out_dir (overwrite=true removes exactly these).
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "alerts.jsonl", "plots", "tb")
+# Settings a resumed run cannot change: the checkpoint's state would be wrong for them (data
+# order, group shapes, the model), or would silently override them (the optimizer's
+# hyper-parameters live in its state). To change them, start a new run from the checkpoint
+# (model.path=<checkpoint folder>).
+RESUME_FIXED = ("algo", "model.path", "model.hidden_size", "model.num_layers",
+                "model.num_heads", "model.num_kv_heads", "model.intermediate_size",
+                "model.dtype", "model.lora_r", "model.lora_alpha", "sft.data", "sft.batch_size",
+                "grpo.data", "grpo.rollout.samples_per_prompt", "grpo.rollout.prompts_per_step",
+                "dpo.data", "dpo.batch_size", "dpo.loss.loss_type", "ppo.data",
+                "ppo.rollout.prompts_per_step", "ppo.rollout.samples_per_prompt", "ppo.critic",
+                "optim.lr", "optim.weight_decay",
+                "optim.beta1", "optim.beta2")
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped on NaN/inf losses or gradients (by the `nonfinite` policy)."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "alerts":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(dotted key, old, new) for every setting that differs (resume/overwrite excepted)."""
+    a, b = _flat(old), _flat(json.loads(json.dumps(new)))  # tuples -> lists, as meta.json
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in ("resume", "overwrite") and a.get(k) != b.get(k)]
+
+
 class Trainer:
     name = "train"
 
@@ -61,6 +108,7 @@ class Trainer:
         quiet_transformers()
         return_freed_memory()
         self.cfg = cfg
+        self.prepare_out_dir()
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -79,6 +127,8 @@ class Trainer:
             self.opt, lr_lambda(o.schedule, o.warmup_steps, max(1, self.total_steps)))
         self.step = 0
         self.monitor = None
+        self.last_checkpoint: Optional[str] = None  # the newest checkpoint of this run
+        self.interrupted: Optional[int] = None      # the signal that stopped fit(), if any
 
     # -- per-trainer hooks
     @property
@@ -96,11 +146,13 @@ class Trainer:
 
     # -- shared
     def optimizer_step(self) -> float:
-        """Clip (if max_grad_norm > 0), step, schedule; returns the pre-clip grad norm."""
+        """Clip (if max_grad_norm > 0), step, schedule; returns the pre-clip grad norm. A NaN/inf
+        gradient skips the update: it would poison the weights and Adam's moments."""
         max_norm = self.cfg.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else math.inf)
-        self.opt.step()
-        self.sched.step()
+        if bool(torch.isfinite(norm)):
+            self.opt.step()
+            self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return float(norm)
 
@@ -108,39 +160,101 @@ class Trainer:
     def ckpt_dir(self) -> str:
         return os.path.join(self.cfg.out_dir, "checkpoints")
 
-    def save(self) -> str:
-        return checkpoint.save(self.ckpt_dir, self.step, self.model, self.opt, self.sched,
-                               self.state_dict(), to_dict(self.cfg), self.cfg.keep_checkpoints)
+    def prepare_out_dir(self) -> None:
+        """Refuse to mix this run with a previous one in out_dir (see the module docstring)."""
+        cfg = self.cfg
+        ckpts = checkpoint.checkpoints(self.ckpt_dir)
+        if cfg.resume:
+            if not ckpts:
+                raise checkpoint.CheckpointError(
+                    f"resume=true but {self.ckpt_dir} holds no checkpoint; run without "
+                    "resume=true to start (with overwrite=true to replace the old run's logs)")
+            return
+        metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+        logged = os.path.exists(metrics) and os.path.getsize(metrics) > 0
+        if not (ckpts or logged):
+            return
+        if not cfg.overwrite:
+            raise ConfigError(
+                f"config key 'out_dir': {cfg.out_dir} holds a previous run ({len(ckpts)} "
+                f"checkpoint(s){', metrics.jsonl' if logged else ''}); set resume=true to "
+                "continue it, overwrite=true to replace it, or choose another out_dir")
+        for name in RUN_OUTPUTS:
+            path = os.path.join(cfg.out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        print(f"rlfuse: overwrite=true: removed the previous run's checkpoints and logs in "
+              f"{cfg.out_dir}", file=sys.stderr, flush=True)
 
-    def resume(self) -> bool:
-        path = checkpoint.latest(self.ckpt_dir)
-        if path is None:
-            return False
-        self.step, extra = checkpoint.load(path, self.model, self.opt, self.sched)
+    def save(self) -> str:
+        self.last_checkpoint = checkpoint.save(
+            self.ckpt_dir, self.step, self.model, self.tok, self.opt, self.sched,
+            self.state_dict(), to_dict(self.cfg), self.cfg.keep_checkpoints,
+            merge_lora=self.cfg.model.lora_merge_on_save)
+        return self.last_checkpoint
+
+    def resume(self) -> str:
+        """Restore the newest readable checkpoint; returns its folder."""
+        path, ckpt = checkpoint.read_newest(self.ckpt_dir)
+        self.check_resume_config(ckpt["config"] or {}, path)
+        self.step, extra = checkpoint.apply(ckpt, self.model, self.opt, self.sched)
         self.load_state_dict(extra)
-        return True
+        self.last_checkpoint = path
+        print(f"rlfuse: resumed {self.name} at step {self.step} from {path}", file=sys.stderr,
+              flush=True)
+        return path
+
+    def check_resume_config(self, old: dict, path: str) -> None:
+        """Warn on every setting that differs from the checkpoint's; refuse RESUME_FIXED ones."""
+        changes = config_changes(old, to_dict(self.cfg))
+        for key, a, b in changes:
+            print(f"rlfuse: warning: resuming with {key} changed: {a!r} -> {b!r}",
+                  file=sys.stderr, flush=True)
+        fixed = [k for k, _, _ in changes if k in RESUME_FIXED]
+        if fixed:
+            raise ConfigError(
+                f"config key(s) {', '.join(repr(k) for k in fixed)} differ from the checkpoint "
+                f"{path}; a resumed run cannot change them: restore the old value(s), or start "
+                f"a new run from the checkpoint with model.path={path}")
 
     def fit(self, plot: bool = True) -> list[dict]:
         """Run to total_steps; returns the logged metrics rows."""
         cfg = self.cfg
-        if cfg.resume and self.resume():
-            print(f"rlfuse: resumed {self.name} at step {self.step} from {self.ckpt_dir}",
-                  flush=True)
+        if cfg.resume:
+            self.resume()
         mon = self.monitor = Monitor(cfg.out_dir, self.total_steps, self.step, cfg.alerts,
-                                     cfg.progress, desc=self.name)
-        saved = -1
-        with checkpoint.GracefulExit() as stop:
-            while self.step < self.total_steps and not stop.requested:
-                metrics = self.train_step()
-                self.step += 1
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    mon.log(self.step, {**metrics, "lr": self.sched.get_last_lr()[0]})
-                if cfg.save_every and self.step % cfg.save_every == 0:
+                                     cfg.progress, desc=self.name, print_every=cfg.print_every)
+        saved, saved_at, bad_run = self.step if cfg.resume else -1, time.monotonic(), 0
+        try:
+            with checkpoint.GracefulExit() as stop:
+                while self.step < self.total_steps and not stop.requested:
+                    metrics = self.train_step()
+                    self.step += 1
+                    bad = [k for k in ("loss", "grad_norm", "grad_norm_max")
+                           if k in metrics and not math.isfinite(metrics[k])]
+                    bad_run = bad_run + 1 if bad else 0
+                    if bad:
+                        mon.alert(self.step, f"non-finite {', '.join(bad)}: update skipped "
+                                             f"({bad_run} step(s) in a row)")
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps or bad:
+                        mon.log(self.step, {**metrics, "lr": self.sched.get_last_lr()[0]})
+                    if bad and (cfg.nonfinite == "stop" or bad_run >= cfg.max_nonfinite_skips):
+                        raise NonFiniteError(
+                            f"stopped at step {self.step}: non-finite {', '.join(bad)} in "
+                            f"{bad_run} step(s) in a row (nonfinite={cfg.nonfinite}, "
+                            f"max_nonfinite_skips={cfg.max_nonfinite_skips}); those updates "
+                            f"were skipped; last checkpoint: {self.last_checkpoint or '(none)'}."
+                            " Lower optim.lr or check the data and rewards, then resume")
+                    minutes = (time.monotonic() - saved_at) / 60
+                    if not bad and ((cfg.save_every and self.step % cfg.save_every == 0) or
+                                    (cfg.save_every_minutes and minutes >= cfg.save_every_minutes)):
+                        self.save()
+                        saved, saved_at = self.step, time.monotonic()
+                if saved != self.step and (stop.requested or cfg.keep_checkpoints > 0):
                     self.save()
-                    saved = self.step
-            if saved != self.step and (stop.requested or cfg.keep_checkpoints > 0):
-                path = self.save()
-                if stop.requested:
-                    mon.write(f"rlfuse: saved {path}; resume with resume=true")
-        mon.close(plot=plot)
+                self.interrupted = stop.signal
+        finally:
+            mon.close(plot=plot)
         return mon.history
