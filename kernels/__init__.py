@@ -5,6 +5,7 @@ visible as a bare `kernels` package, which transformers imports while probing fo
 `kernels` library: that import stays empty, so the custom ops are never registered twice.
 """
 if __name__ == "rlfuse":
+    from ._backend import set_lowp_gemm
     from ._chunked import LogitTransform
     from .advantages import gae, group_advantages, value_loss
     from .dpo_family import PreferenceLossConfig, PreferenceLossOutput, preference_loss
@@ -17,4 +18,5 @@ if __name__ == "rlfuse":
         "policy_loss", "PolicyLossConfig", "PolicyLossOutput",
         "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
         "group_advantages", "gae", "value_loss",
+        "set_lowp_gemm",
     ]

@@ -4,11 +4,12 @@
 `reference`; CUDA tensors go to `triton`. `auto` never raises for a missing backend; an
 explicit impl that is unavailable raises a clear error.
 
-`lowp_gemm_native(device, dtype)` decides, once per call site, whether bf16/fp16 inputs run
-their GEMMs in their own dtype (fp32 accumulation) or in fp32 on chunk-wise upcasts: native on
-CUDA and on CPUs whose matmul units take that dtype (AMX / AVX512-BF16 for bf16, AMX-FP16 for
-fp16); upcast elsewhere, where a bf16 GEMM runs several times slower than fp32. The user
-overrides it with RLFUSE_LOWP_GEMM=auto|native|upcast or `set_lowp_gemm`.
+`lowp_gemm_native(device, dtype)` is the one place that decides whether bf16/fp16 inputs run
+their GEMMs in their own dtype (fp32 accumulation) or in fp32 on chunk-wise upcasts. `auto`:
+native on CUDA and on CPUs whose matmul units take that dtype (AMX / AVX512-BF16 for bf16,
+AMX-FP16 for fp16; their flags as torch's cpuinfo reports them), upcast on other CPUs (AVX2,
+where torch's bf16 GEMM runs several times slower than fp32). The user overrides it with the
+environment variable RLFUSE_LOWP_GEMM=auto|native|upcast or `rlfuse.set_lowp_gemm(mode)`.
 """
 from __future__ import annotations
 

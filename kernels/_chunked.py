@@ -66,18 +66,27 @@ def logits_dtype(device: torch.device, gemm_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else gemm_dtype
 
 
-def _mm_into(a: Tensor, b: Tensor, out: Tensor, accumulate: bool) -> None:
-    """out = a @ b (+ out if accumulate), products summed in fp32 at least; bf16 / fp16 operands
-    may write an fp32 out, which is then never rounded to their dtype."""
-    if out.dtype == a.dtype:
-        if accumulate:
-            out.addmm_(a, b)
-        else:
-            torch.mm(a, b, out=out)
-    elif out.device.type == "cpu":
-        cpp_ext().gemm_f32_(a, b, out, accumulate)  # torch has no CPU mm with out_dtype
+def _mm_into(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> None:
+    """out = a @ b (+ out if accumulate: out fp32 or in a's dtype), the products summed in fp32
+    at least and rounded once, to out's dtype.
+
+    bf16 / fp16 operands on CPU go through MKL's GEMM with an fp32 output (`rlfuse._C`): torch has
+    no CPU mm with out_dtype, and its own CPU bf16 GEMM on a CPU without bf16 units ran ~150x
+    slower than fp32 at the dX shape [C, V] @ [V, H]. On CUDA, cuBLAS writes fp32 via out_dtype.
+    """
+    if a.dtype in LOWP and a.device.type == "cpu":
+        f32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
+        cpp_ext().gemm_f32_(a, b, f32, accumulate)
+        if f32 is not out:
+            out.copy_(f32)  # dX: [c, H], rounded once
+    elif out.dtype != a.dtype and a.dtype in LOWP:
+        torch.addmm(out, a, b, out_dtype=out.dtype, beta=int(accumulate), out=out)
+    elif out.dtype != a.dtype:
+        out.copy_(a @ b)  # an fp32 GEMM's dX into bf16 / fp16 / fp64
+    elif accumulate:
+        out.addmm_(a, b)
     else:
-        torch.addmm(out, a, b, out_dtype=out.dtype, beta=1 if accumulate else 0, out=out)
+        torch.mm(a, b, out=out)
 
 
 def default_chunk_size(n: int, v: int, elem_bytes: int = 4) -> int:
@@ -164,10 +173,7 @@ class _GradAccumulator:
     def add(self, s: int, e: int, x: Tensor, dz: Tensor):
         dz_op = self.g.gemm_operand(dz) if self.dx is not None or self.dw is not None else None
         if self.dx is not None:
-            if self.dx.dtype == dz_op.dtype:
-                torch.mm(dz_op, self.g.w, out=self.dx[s:e])  # [c, H]
-            else:
-                self.dx[s:e] = dz_op @ self.g.w
+            _mm_into(dz_op, self.g.w, self.dx[s:e])  # [c, H]
         if self.dw is not None:
             _mm_into(dz_op.t(), x, self.dw, accumulate=True)  # [V, H] fp32
         if self.db is not None:
