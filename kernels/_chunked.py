@@ -79,7 +79,7 @@ def _mm_into(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> Non
         cpp_ext().gemm_f32_(a, b, f32, accumulate)
         if f32 is not out:
             out.copy_(f32)  # dX: [c, H], rounded once
-    elif out.dtype != a.dtype and a.dtype in LOWP:
+    elif out.dtype != a.dtype and a.dtype in LOWP:  # CUDA
         torch.addmm(out, a, b, out_dtype=out.dtype, beta=int(accumulate), out=out)
     elif out.dtype != a.dtype:
         out.copy_(a @ b)  # an fp32 GEMM's dX into bf16 / fp16 / fp64

@@ -64,8 +64,8 @@ void gemm_f32_(const at::Tensor& a_in, const at::Tensor& b_in, at::Tensor& c, bo
   const auto* pa = reinterpret_cast<const uint16_t*>(a.const_data_ptr());
   const auto* pb = reinterpret_cast<const uint16_t*>(b.const_data_ptr());
   auto fn = a.scalar_type() == at::kBFloat16 ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
-  fn(kRowMajor, ta, tb, m, n, k, 1.f, pa, lda, pb, ldb, beta, c.data_ptr<float>(),
-     static_cast<int>(c.stride(0)));
+  const int ldc = static_cast<int>(std::max<int64_t>(c.stride(0), n));  // any stride if m == 1
+  fn(kRowMajor, ta, tb, m, n, k, 1.f, pa, lda, pb, ldb, beta, c.data_ptr<float>(), ldc);
 }
 
 }  // namespace rlfuse::cpu
