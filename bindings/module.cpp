@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "cpu/epilogue.h"
+#include "cpu/gemm.h"
 
 namespace {
 
@@ -56,6 +57,28 @@ void logits_grad_(at::Tensor z, const at::Tensor& targets, const at::Tensor& lse
                             {float(scale), float(softcap), float(inv_temp)}, ignore_index);
 }
 
+void check_gemm_operand(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2, "gemm_f32_: ", name,
+              " must be a 2-D CPU tensor, got ", t.dim(), "-D on ", t.device());
+  TORCH_CHECK(t.numel() < (int64_t{1} << 31), "gemm_f32_: ", name,
+              " is too large for a 32-bit BLAS (", t.sizes(), ")");
+}
+
+void gemm_f32_(const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool accumulate) {
+  check_gemm_operand(a, "a");
+  check_gemm_operand(b, "b");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() && rlfuse::cpu::has_lowp_gemm(a.scalar_type()),
+              "gemm_f32_: a and b must be both bfloat16 or both float16 (with MKL present), got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.size(1) == b.size(0), "gemm_f32_: a ", a.sizes(), " and b ", b.sizes(),
+              " cannot be multiplied");
+  TORCH_CHECK(c.device().is_cpu() && c.scalar_type() == at::kFloat && c.dim() == 2 &&
+                  c.size(0) == a.size(0) && c.size(1) == b.size(1) && c.stride(1) == 1,
+              "gemm_f32_: c must be a row-major CPU float32 tensor of shape [", a.size(0), ", ",
+              b.size(1), "], got ", c.scalar_type(), " ", c.sizes(), " strides ", c.strides());
+  rlfuse::cpu::gemm_f32_(a, b, c, accumulate);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -68,4 +91,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("z"), py::arg("targets"), py::arg("lse"), py::arg("entropy"), py::arg("a"),
         py::arg("e"), py::arg("scale"), py::arg("softcap"), py::arg("inv_temp"),
         py::arg("ignore_index"));
+  m.def("has_lowp_gemm", &rlfuse::cpu::has_lowp_gemm,
+        "whether gemm_f32_ takes operands of this dtype here", py::arg("dtype"));
+  m.def("gemm_f32_", &gemm_f32_,
+        "c [M, N] fp32 = a [M, K] @ b [K, N] (+ c if accumulate), bf16/fp16 a and b, fp32 "
+        "accumulation",
+        py::arg("a"), py::arg("b"), py::arg("c"), py::arg("accumulate"));
 }

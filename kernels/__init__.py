@@ -4,7 +4,7 @@ This folder is installed as the package `rlfuse` (pyproject.toml maps it); run t
 the CLI through their entry points (`pytest`, `rlfuse`) so that it is never also importable as a
 bare `kernels`, the name transformers probes for Hugging Face's kernels library.
 """
-from ._backend import IMPLS
+from ._backend import IMPLS, set_lowp_gemm
 from ._chunked import LogitTransform
 from .advantages import gae, group_advantages, value_loss
 from .logprobs import linear_logprobs, linear_logprobs_reference
@@ -16,5 +16,5 @@ __all__ = [
     "linear_logprobs", "linear_logprobs_reference", "LogitTransform", "IMPLS",
     "policy_loss", "PolicyLossConfig", "PolicyLossOutput", "kl_estimate",
     "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
-    "group_advantages", "gae", "value_loss",
+    "group_advantages", "gae", "value_loss", "set_lowp_gemm",
 ]

@@ -3,12 +3,21 @@
 `impl="auto"` picks `cpp` for CPU tensors when the extension `rlfuse._C` loaded, else
 `reference`; CUDA tensors go to `triton`. `auto` never raises for a missing backend; an
 explicit impl that is unavailable raises a clear error.
+
+`lowp_gemm_native(device, dtype)` is the one place that decides whether bf16/fp16 inputs run
+their GEMMs in their own dtype (fp32 accumulation) or in fp32 on chunk-wise upcasts. `auto`:
+native on CUDA and on CPUs whose matmul units take that dtype (AMX / AVX512-BF16 for bf16,
+AMX-FP16 for fp16; their flags as torch's cpuinfo reports them), upcast on other CPUs (AVX2,
+where torch's bf16 GEMM runs several times slower than fp32). The user overrides it with the
+environment variable RLFUSE_LOWP_GEMM=auto|native|upcast or `rlfuse.set_lowp_gemm(mode)`.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import warnings
+from functools import cache
 
 import torch
 
@@ -65,3 +74,54 @@ def epilogues(impl: str):
 
         return _triton.logits_stats, _triton.logits_grad_
     raise ValueError(f"impl {impl!r} has no chunked epilogue kernels")
+
+
+LOWP_GEMM_MODES = ("auto", "native", "upcast")
+LOWP = (torch.bfloat16, torch.float16)
+
+
+def _check_lowp_mode(mode, where: str) -> str:
+    if mode not in LOWP_GEMM_MODES:
+        raise ValueError(f"{where} must be one of {LOWP_GEMM_MODES}, got {mode!r}")
+    return mode
+
+
+_lowp_mode = _check_lowp_mode(os.environ.get("RLFUSE_LOWP_GEMM", "auto"),
+                              "the environment variable RLFUSE_LOWP_GEMM")
+
+
+def set_lowp_gemm(mode: str) -> None:
+    """How bf16/fp16 inputs run their GEMMs: "native" (in their dtype, fp32 accumulation),
+    "upcast" (fp32 on chunk-wise upcasts) or "auto" (native where the hardware has it).
+    Overrides RLFUSE_LOWP_GEMM for this process."""
+    global _lowp_mode
+    _lowp_mode = _check_lowp_mode(mode, "set_lowp_gemm(mode)")
+
+
+def lowp_gemm_mode() -> str:
+    return _lowp_mode
+
+
+@cache
+def cpu_native_lowp(dtype: torch.dtype) -> bool:
+    """Whether this CPU's matmul units take `dtype` (cpuinfo's flags, as torch reports them)."""
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return torch.cpu._is_amx_fp16_supported()
+
+
+def lowp_gemm_native(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `dtype` inputs on `device` run their GEMMs in their own dtype: the one place
+    that decides it (False for fp32 / fp64, which keep their own GEMMs)."""
+    if dtype not in LOWP or _lowp_mode == "upcast":
+        return False
+    if device.type != "cpu":
+        return True
+    has_gemm = _CPP is not None and _CPP.has_lowp_gemm(dtype)
+    if _lowp_mode == "auto":
+        return has_gemm and cpu_native_lowp(dtype)
+    if not has_gemm:
+        raise RuntimeError(f"RLFUSE_LOWP_GEMM / set_lowp_gemm ask for native {dtype} GEMMs, "
+                           "but rlfuse._C has no bf16/fp16 -> fp32 GEMM here (it calls the MKL "
+                           "that x86-64 torch builds link); use 'auto' or 'upcast'")
+    return True

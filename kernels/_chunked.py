@@ -8,8 +8,14 @@ For N token rows, hidden H, vocab V and C rows at a time:
     dX_c = Z @ W ; dW += Z^T @ X_c ; db += sum_rows Z
 `forward_stats` is one GEMM per chunk, `backward` three (recompute + two), `fused_rowloss`
 three (the gradient is written during the forward). Extra memory: one [C, V] buffer plus O(N)
-row statistics; on CPU the GEMMs run in fp32 on chunk-wise upcasts of bf16/fp16 inputs, and
-weight gradients accumulate in fp32.
+row statistics, and an fp32 dW accumulator.
+
+bf16 / fp16 inputs: where `lowp_gemm_native` says the hardware multiplies them natively, the
+GEMMs take them as they are (no fp32 weight copy) and accumulate in fp32: Z lands in the
+epilogue's buffer (fp32 on CPU, written by MKL's bf16 -> fp32 GEMM, so the logits are not even
+rounded; the operand dtype on CUDA, as PyTorch's own bf16 logits), dL/dZ is rounded to the
+operand dtype once for the two gradient GEMMs, and dW += dZ^T @ X_c accumulates in fp32 across
+chunks and is rounded once at the end. Elsewhere the GEMMs run in fp32 on chunk-wise upcasts.
 """
 from __future__ import annotations
 
@@ -19,14 +25,15 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._backend import epilogues
+from ._backend import LOWP, cpp_ext, epilogues, lowp_gemm_native
 from ._checks import check_number
 
-# The [C, V] logits buffer when chunk_size is not given: 256 rows, as fast as one big GEMM
+# The [C, V] logits buffer when chunk_size is not given. CPU: 256 rows, as fast as one big GEMM
 # (MKL loses ~2x below ~128 rows at H=896; 256 rows ran as fast as 576 at H=256, V=32k), and
-# fewer for vocabularies so large that 256 rows would pass 160 MB.
-CHUNK_ROWS = 256
-CHUNK_BYTES = 160 * 2**20
+# fewer for vocabularies so large that 256 rows would pass 160 MB. CUDA: 2048 rows within 1 GiB
+# (2048 x 131072 bf16 is 512 MiB), so each GEMM fills an H100/H200 (unmeasured: no GPU yet).
+CHUNK_ROWS = {"cpu": 256, "cuda": 2048}
+CHUNK_BYTES = {"cpu": 160 * 2**20, "cuda": 2**30}
 
 
 @dataclass(frozen=True)
@@ -60,12 +67,51 @@ class LogitTransform:
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
-    # CPU bf16/fp16 GEMMs are hundreds of times slower than fp32: upcast chunk-wise.
-    return torch.float32 if t.device.type == "cpu" else t.dtype
+    """The GEMM operand dtype for inputs like `t`."""
+    return compute_dtype_of(t.device, t.dtype)
 
 
-def default_chunk_size(n: int, v: int, elem_bytes: int = 4) -> int:
-    rows = min(CHUNK_ROWS, CHUNK_BYTES // (v * elem_bytes))
+def compute_dtype_of(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    if dtype in LOWP:
+        return dtype if lowp_gemm_native(device, dtype) else torch.float32
+    return torch.float32 if device.type == "cpu" else dtype  # the C++ epilogue reads fp32
+
+
+def logits_dtype(device: torch.device, gemm_dtype: torch.dtype) -> torch.dtype:
+    """The chunk's logits buffer: fp32 for the C++ epilogue (MKL writes bf16 GEMMs' fp32 output
+    straight into it, no extra pass); the GEMM dtype on CUDA, where Triton reads bf16 at half the
+    bytes and the rounded logits are those of PyTorch's own bf16 computation."""
+    return torch.float32 if device.type == "cpu" else gemm_dtype
+
+
+def _mm_into(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> None:
+    """out = a @ b (+ out if accumulate: out fp32 or in a's dtype), the products summed in fp32
+    at least and rounded once, to out's dtype.
+
+    bf16 / fp16 operands on CPU go through MKL's GEMM with an fp32 output (`rlfuse._C`): torch has
+    no CPU mm with out_dtype, and its own CPU bf16 GEMM on a CPU without bf16 units ran ~150x
+    slower than fp32 at the dX shape [C, V] @ [V, H]. On CUDA, cuBLAS writes fp32 via out_dtype.
+    """
+    if a.dtype in LOWP and a.device.type == "cpu":
+        f32 = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
+        cpp_ext().gemm_f32_(a, b, f32, accumulate)
+        if f32 is not out:
+            out.copy_(f32)  # dX: [c, H], rounded once
+    elif out.dtype != a.dtype and a.dtype in LOWP:  # CUDA
+        torch.addmm(out, a, b, out_dtype=out.dtype, beta=int(accumulate), out=out)
+    elif out.dtype != a.dtype:
+        out.copy_(a @ b)  # an fp32 GEMM's dX into bf16 / fp16 / fp64
+    elif accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def default_chunk_size(n: int, v: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Rows per chunk for N rows at vocabulary V, from the device's row and byte budgets."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    elem_bytes = torch.finfo(logits_dtype(device, compute_dtype_of(device, dtype))).bits // 8
+    rows = min(CHUNK_ROWS[kind], CHUNK_BYTES[kind] // (v * elem_bytes))
     rows = rows // 32 * 32 if rows >= 64 else max(16, rows)  # GEMM-friendly multiples of 32
     return max(1, min(n, rows))
 
@@ -77,10 +123,12 @@ class _Gemms:
         self.dtype = compute_dtype(hidden)
         self.hidden = hidden
         self.w = weight.to(self.dtype)  # [V, H], a copy only when upcasting
-        self.b = None if bias is None else bias.to(self.dtype)
         n, v = hidden.shape[0], weight.shape[0]
         self.chunk = chunk
-        self.buf = torch.empty(min(chunk, n), v, dtype=self.dtype, device=hidden.device)
+        self.buf = torch.empty(min(chunk, n), v, device=hidden.device,
+                               dtype=logits_dtype(hidden.device, self.dtype))  # [C, V]
+        self.b = None if bias is None else bias.to(self.buf.dtype)
+        self.dz_buf: Optional[Tensor] = None  # [C, V] GEMM dtype, when the buffer is wider
 
     def ranges(self):
         n = self.hidden.shape[0]
@@ -90,11 +138,18 @@ class _Gemms:
     def logits(self, s: int, e: int) -> tuple[Tensor, Tensor]:
         x = self.hidden[s:e].to(self.dtype)  # [c, H]
         z = self.buf[: e - s]  # [c, V]
-        if self.b is None:
-            torch.mm(x, self.w.t(), out=z)
-        else:
-            torch.addmm(self.b, x, self.w.t(), out=z)
+        if self.b is not None:
+            z.copy_(self.b.expand_as(z))
+        _mm_into(x, self.w.t(), z, accumulate=self.b is not None)
         return x, z
+
+    def gemm_operand(self, dz: Tensor) -> Tensor:
+        """dL/dZ in the GEMM dtype (rounded once when the buffer is wider: bf16 inputs on CPU)."""
+        if dz.dtype == self.dtype:
+            return dz
+        if self.dz_buf is None:
+            self.dz_buf = torch.empty_like(self.buf, dtype=self.dtype)
+        return self.dz_buf[: dz.shape[0]].copy_(dz)
 
 
 def forward_stats(hidden, weight, bias, targets, tf: LogitTransform, ignore_index: int,
@@ -131,25 +186,21 @@ class _GradAccumulator:
         n, h = g.hidden.shape
         v = g.w.shape[0]
         dev = g.hidden.device
+        acc = torch.promote_types(g.dtype, torch.float32)  # never rounded per chunk
         self.g = g
         self.dx = torch.empty(n, h, dtype=hidden_dtype, device=dev) if needs[0] else None
-        self.dw = torch.zeros(v, h, dtype=torch.float32, device=dev) if needs[1] else None
-        self.db = torch.zeros(v, dtype=torch.float32, device=dev) \
+        self.dw = torch.zeros(v, h, dtype=acc, device=dev) if needs[1] else None
+        self.db = torch.zeros(v, dtype=acc, device=dev) \
             if bias is not None and needs[2] else None
 
     def add(self, s: int, e: int, x: Tensor, dz: Tensor):
+        dz_op = self.g.gemm_operand(dz) if self.dx is not None or self.dw is not None else None
         if self.dx is not None:
-            if self.dx.dtype == dz.dtype:
-                torch.mm(dz, self.g.w, out=self.dx[s:e])  # [c, H]
-            else:
-                self.dx[s:e] = dz @ self.g.w
+            _mm_into(dz_op, self.g.w, self.dx[s:e])  # [c, H]
         if self.dw is not None:
-            if dz.dtype == torch.float32:
-                self.dw.addmm_(dz.t(), x)
-            else:
-                self.dw += (dz.t() @ x).float()
+            _mm_into(dz_op.t(), x, self.dw, accumulate=True)  # [V, H] fp32
         if self.db is not None:
-            self.db += dz.sum(0, dtype=torch.float32)
+            self.db += dz.sum(0, dtype=self.db.dtype)
 
     def result(self, weight: Tensor, bias: Optional[Tensor]):
         dw = None if self.dw is None else self.dw.to(weight.dtype)

@@ -181,7 +181,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         lead, (v, h) = targets.shape, weight.shape
         x = hidden.reshape(-1, h)
         t = targets.reshape(-1).long()
-        chunk = chunk_size or _chunked.default_chunk_size(x.shape[0], v)
+        chunk = chunk_size or _chunked.default_chunk_size(x.shape[0], v, x.device, x.dtype)
         logp, ent, _ = _linear_logprobs_op(x, weight, bias, t, tf.logit_scale,
                                            tf.final_logit_softcapping, tf.temperature,
                                            ignore_index, chunk, impl)

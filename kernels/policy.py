@@ -305,7 +305,8 @@ class _FusedPolicyLoss(torch.autograd.Function):
 def _fused(cfg, hidden, weight, bias, targets, tf, rows: _Rows, impl: str):
     x = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     t = targets.reshape(-1).long()             # [N]
-    chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], weight.shape[0])
+    chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], weight.shape[0], x.device,
+                                                          x.dtype)
 
     def row_loss(s, e, logp_c, ent_c):
         r = rows.slice(s, e)

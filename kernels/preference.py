@@ -312,7 +312,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tenso
         v, h = weight.shape
         x = hidden.reshape(-1, h)  # [N, H]
         t = targets.reshape(-1).long()  # [N]
-        chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], v)
+        chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], v, x.device, x.dtype)
         plan = _Plan(cfg, tf, chunk, impl, rows, steps)
         ref = None if ref_logp is None else ref_logp.float()
         needs_grad = torch.is_grad_enabled() and any(
