@@ -183,8 +183,9 @@ def _assert_within_2x_of_torch(got, torch_lowp, truth, atol=1e-3):
 @cpp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("v", [123, 507])
-def test_linear_logprobs_native_within_2x_of_torch(lowp_mode, dtype, v):
-    lowp_mode("native")
+@pytest.mark.parametrize("mode", ["native", "upcast"])  # both paths, whatever this CPU
+def test_linear_logprobs_within_2x_of_torch(mode, lowp_mode, dtype, v):
+    lowp_mode(mode)
     x, w, b, t = _head_inputs(83, 40, v, dtype, big=8.0 if dtype == torch.bfloat16 else 4.0)
     gl, ge = torch.randn(83), torch.randn(83)
 
@@ -214,8 +215,9 @@ def _dapo(lp, old, ref, adv, valid, eps=0.2, beta=0.04):
 
 @cpp
 @pytest.mark.parametrize("v", [123, 507])
-def test_policy_loss_native_within_2x_of_torch(lowp_mode, v):
-    lowp_mode("native")
+@pytest.mark.parametrize("mode", ["native", "upcast"])  # both paths, whatever this CPU
+def test_policy_loss_within_2x_of_torch(mode, lowp_mode, v):
+    lowp_mode(mode)
     bsz, steps, h = 6, 13, 40
     x, w, b, t = _head_inputs(bsz * steps, h, v)
     t = t.view(bsz, steps)
@@ -253,8 +255,9 @@ def test_policy_loss_native_within_2x_of_torch(lowp_mode, v):
 
 
 @cpp
-def test_preference_loss_native_within_2x_of_torch(lowp_mode):
-    lowp_mode("native")
+@pytest.mark.parametrize("mode", ["native", "upcast"])  # both paths, whatever this CPU
+def test_preference_loss_within_2x_of_torch(mode, lowp_mode):
+    lowp_mode(mode)
     pairs, steps, h, v = 3, 11, 40, 123
     x, w, b, t = _head_inputs(2 * pairs * steps, h, v)
     t = t.view(2 * pairs, steps)
