@@ -4,7 +4,7 @@
     rlfuse bench sweep [op] --shape qwen-0.5b --ns 512,1024,4096,16384 --providers rlfuse,naive
     rlfuse bench --list                       ops, modes and which providers run here
     rlfuse bench engine [key=value ...]       full GRPO / DPO training steps (benches/engine.py)
-(also `python -m rlfuse.benches.cli ...`). Per provider: the correctness guard on a small slice
+Per provider: the correctness guard on a small slice
 (a provider that disagrees is reported, not timed), the median time, GFLOP/s (the GEMM FLOPs the op
 must do), the ratio to the floor (those GEMMs alone) and the peak memory over the inputs, measured
 in a fresh subprocess. Results go to the terminal and to <out>/<op>_<shape>_<dtype>_<mode>_<device>

@@ -40,8 +40,8 @@ def train(argv: list[str]) -> int:
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     algo = argv[0]
     desc = textwrap.fill(f"Train with {algo}: {ALGORITHMS[algo].summary}. Its own keys are "
-                         f"under {ALGORITHMS[algo].section}.; `--resume` continues from "
-                         "out_dir/checkpoints/latest.", 79)
+                         f"under {ALGORITHMS[algo].section}.; `--resume` continues from the "
+                         "newest readable checkpoint in out_dir.", 79)
     cfg = parse(TrainConfig, argv[1:], f"rlfuse train {algo}", desc,
                 defaults={"algo": algo, "out_dir": f"runs/{algo}"})
     if cfg is None:  # --help

@@ -116,13 +116,13 @@ class RolloutConfig:
     """One RL step's rollouts, shared by GRPO and PPO (rlfuse.engine.rollout.rollout_and_score):
     `prompts_per_step` prompts x `samples_per_prompt` completions, scored by `rewards`. The
     trainers validate it (`check`), so an error names their section."""
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16           # prompts sampled per RL step
     samples_per_prompt: int = 8          # GRPO: the group size
     temperature: float = 1.0             # sampling; the loss uses the same temperature
-    top_p: float = 1.0
-    max_new_tokens: int = 32
+    top_p: float = 1.0                   # nucleus sampling mass; 1: the full distribution
+    max_new_tokens: int = 32             # completion tokens per sample, at most
     decoder: str = "rlfuse"              # rlfuse (KV-cache loop, fast sampler) | hf (generate)
-    rewards: tuple[RewardSpec, ...] = (RewardSpec(),)
+    rewards: tuple[RewardSpec, ...] = (RewardSpec(),)  # weighted reward terms, summed
 
     def check(self, section: str, min_samples: int) -> None:
         _check(f"{section}.samples_per_prompt", self.samples_per_prompt >= min_samples,
@@ -181,7 +181,7 @@ class RewardModelConfig:
     path: Optional[str] = None           # trained local checkpoint; None -> build one and train it
     pairs: Optional[str] = None          # JSONL "prompt", "chosen", "rejected" for Bradley-Terry
     steps: int = 100                     # Bradley-Terry optimizer steps on `pairs`
-    batch_size: int = 32
+    batch_size: int = 32                 # pairs per Bradley-Terry step
     lr: float = 3e-4                     # at 1e-3 the demo RM's loss stayed at ~log 2
     init_from_policy: bool = True        # a built RM starts from the policy's backbone weights
 
@@ -198,12 +198,12 @@ class PPOConfig:
     rollout: RolloutConfig = RolloutConfig(prompts_per_step=32, samples_per_prompt=1)
     epochs: int = 4                      # PPO epochs over each rollout batch
     mini_batches: int = 2                # optimizer steps per epoch
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
+    gamma: float = 1.0                   # GAE discount
+    lam: float = 0.95                    # GAE lambda
+    whiten_advantages: bool = True       # advantages to zero mean, unit std over the batch
     critic: str = "shared"               # shared: value head on the policy's hidden states |
                                          # separate: own copy of the initial backbone
-    vf_coef: float = 0.1
+    vf_coef: float = 0.1                 # value-loss weight in the summed loss
     value_lr_scale: float = 10.0         # critic lr = value_lr_scale * optim.lr
     value_clip: Optional[float] = 0.2    # None: unclipped value loss
     # clipping, dual clip, entropy bonus; loss.kl_estimator also estimates the KL in the reward;
@@ -212,7 +212,7 @@ class PPOConfig:
     kl_coef: float = 0.05                # initial coefficient of the KL to the reference
     kl_in: str = "reward"                # reward: -kl_coef * KL per token | loss: beta = kl_coef
     kl_target: Optional[float] = None    # adaptive controller target (sequence KL); None: fixed
-    kl_horizon: int = 10000
+    kl_horizon: int = 10000              # adaptive KL controller horizon (steps x batch)
     missing_eos_penalty: Optional[float] = None  # subtracted from the score without an EOS
     reward: str = "verifier"             # verifier (rollout.rewards) | model (reward_model) | both
     reward_model: RewardModelConfig = RewardModelConfig()
