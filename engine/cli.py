@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     except (CheckpointError, NonFiniteError) as err:  # the run's state, not its input
         print(f"rlfuse: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `rlfuse ... --help | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     helped = cmd in ("-h", "--help")
     print(__doc__, file=sys.stdout if helped else sys.stderr)
     return 0 if helped else 2

@@ -190,3 +190,15 @@ def test_installed_entry_point(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"rlfuse: error: no such data file: {tmp_path / 'x.jsonl'} "
                                    "(config key sft.data)")
+
+
+def test_help_into_a_closed_pipe_prints_no_traceback():
+    """`rlfuse train grpo --help | head -1`: the reader has left before the help is written."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    proc = subprocess.run([str(RLFUSE), "train", "grpo", "--help"], stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
