@@ -70,6 +70,8 @@ def _check(op, case, names, got, naive, truth, atol):
         want = want.double()
         err = (g.double() - want).abs().max().item()
         budget = (n.double() - want).abs().max().item()
+        # PyTorch's own computation in this dtype overflowed: no budget to hold the impl to
+        assume(math.isfinite(budget))
         allowed = 2 * budget + atol * max(1.0, want.abs().max().item())
         key = (op, name)
         share = err / allowed
