@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
+from .model import is_lora
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -57,10 +59,6 @@ def set_rng_state(state: dict) -> None:
 
 def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def _is_lora(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
 # ----------------------------------------------------------------------------- listing
@@ -122,7 +120,7 @@ def save(ckpt_dir: str, step: int, model, tokenizer, optimizer, scheduler,
 
 
 def _write_model(model, tokenizer, folder: str, merge_lora: bool) -> None:
-    if _is_lora(model):
+    if is_lora(model):
         model.save_pretrained(os.path.join(folder, "adapter"))
         if merge_lora:  # on a copy: merging in place and back would round the base weights
             merged = copy.deepcopy(model).merge_and_unload()
@@ -229,7 +227,7 @@ def apply(ckpt: dict, model, optimizer=None, scheduler=None) -> tuple[int, dict]
     """Restore contents from `read` into model/optimizer/scheduler and the RNGs; (step, extra)."""
     device = next(model.parameters()).device
     weights = {k: v.to(device) for k, v in ckpt["weights"].items()}
-    if ckpt["lora"] != _is_lora(model):
+    if ckpt["lora"] != is_lora(model):
         raise CheckpointError(f"checkpoint {'has' if ckpt['lora'] else 'has no'} LoRA adapter "
                               f"but the model {'has none' if ckpt['lora'] else 'is LoRA'}")
     if ckpt["lora"]:

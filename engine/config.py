@@ -491,13 +491,18 @@ def _unknown(cls, key: str) -> ConfigError:
     the level where it leaves the tree."""
     node = cls
     for part in key.split("."):
-        names = [f.name for f in dataclasses.fields(node)]
-        if part not in names:
+        if part not in typing.get_type_hints(node):
             break
-        node, many = _section_type(typing.get_type_hints(node)[part])
-        if node is None or many:
+        sub, many = _section_type(typing.get_type_hints(node)[part])
+        if sub is None or many:
             return ConfigError(f"config key {key!r}: {part!r} is a value, not a section")
-    return ConfigError(f"unknown config key {key!r}; valid keys here: {names}")
+        node = sub
+    return _unknown_here(key, node)
+
+
+def _unknown_here(key: str, section, where: str = "") -> ConfigError:
+    names = [f.name for f in dataclasses.fields(section)]
+    return ConfigError(f"{where}unknown config key {key!r}; valid keys here: {names}")
 
 
 def read_yaml(path: str) -> dict:
@@ -528,9 +533,7 @@ def _check_keys(cls, data, prefix: str = "", source: str = "") -> None:
     hints = typing.get_type_hints(cls)
     for k, v in data.items():
         if k not in hints:
-            names = [f.name for f in dataclasses.fields(cls)]
-            raise ConfigError(f"{where}unknown config key {prefix + str(k)!r}; valid keys here: "
-                              f"{names}")
+            raise _unknown_here(prefix + str(k), cls, where)
         sub, many = _section_type(hints[k])
         if sub is not None and many and isinstance(v, (list, tuple)):
             for j, item in enumerate(v):

@@ -66,12 +66,8 @@ class LogitTransform:
                 1.0 / float(self.temperature))
 
 
-def compute_dtype(t: Tensor) -> torch.dtype:
-    """The GEMM operand dtype for inputs like `t`."""
-    return compute_dtype_of(t.device, t.dtype)
-
-
-def compute_dtype_of(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The GEMM operand dtype for `dtype` inputs on `device`."""
     if dtype in LOWP:
         return dtype if lowp_gemm_native(device, dtype) else torch.float32
     return torch.float32 if device.type == "cpu" else dtype  # the C++ epilogue reads fp32
@@ -110,7 +106,7 @@ def _mm_into(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> Non
 def default_chunk_size(n: int, v: int, device: torch.device, dtype: torch.dtype) -> int:
     """Rows per chunk for N rows at vocabulary V, from the device's row and byte budgets."""
     kind = "cuda" if device.type == "cuda" else "cpu"
-    elem_bytes = torch.finfo(logits_dtype(device, compute_dtype_of(device, dtype))).bits // 8
+    elem_bytes = torch.finfo(logits_dtype(device, compute_dtype(device, dtype))).bits // 8
     rows = min(CHUNK_ROWS[kind], CHUNK_BYTES[kind] // (v * elem_bytes))
     rows = rows // 32 * 32 if rows >= 64 else max(16, rows)  # GEMM-friendly multiples of 32
     return max(1, min(n, rows))
@@ -120,7 +116,7 @@ class _Gemms:
     """The three GEMMs of a chunk, on one reused logits buffer."""
 
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int):
-        self.dtype = compute_dtype(hidden)
+        self.dtype = compute_dtype(hidden.device, hidden.dtype)
         self.hidden = hidden
         self.w = weight.to(self.dtype)  # [V, H], a copy only when upcasting
         n, v = hidden.shape[0], weight.shape[0]
@@ -138,9 +134,12 @@ class _Gemms:
     def logits(self, s: int, e: int) -> tuple[Tensor, Tensor]:
         x = self.hidden[s:e].to(self.dtype)  # [c, H]
         z = self.buf[: e - s]  # [c, V]
-        if self.b is not None:
-            z.copy_(self.b.expand_as(z))
-        _mm_into(x, self.w.t(), z, accumulate=self.b is not None)
+        if self.b is not None and z.dtype == x.dtype:
+            torch.addmm(self.b, x, self.w.t(), out=z)  # one pass over Z
+        else:
+            if self.b is not None:  # bf16 operands, fp32 Z (CPU): MKL adds onto the bias
+                z.copy_(self.b.expand_as(z))
+            _mm_into(x, self.w.t(), z, accumulate=self.b is not None)
         return x, z
 
     def gemm_operand(self, dz: Tensor) -> Tensor:

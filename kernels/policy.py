@@ -203,8 +203,7 @@ def _top_entropy_mask(entropy: Tensor, valid: Tensor, q: float) -> Tensor:
 def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3; module
     docstring): the loss's KL term, and the engine's KL-shaped PPO rewards."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    check_choice("estimator", estimator, KL_ESTIMATORS)
     d = ref_logp - logp  # log(pi_ref / pi)
     if estimator == "k1":
         return -d

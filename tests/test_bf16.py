@@ -61,7 +61,7 @@ def test_auto_upcasts_on_a_cpu_without_bf16_units(lowp_mode, mocked_cpu):
     mocked_cpu()
     for dt in (torch.bfloat16, torch.float16):
         assert not _backend.lowp_gemm_native(CPU, dt)
-        assert _chunked.compute_dtype(torch.empty(1, dtype=dt)) == torch.float32
+        assert _chunked.compute_dtype(torch.device("cpu"), dt) == torch.float32
 
 
 @cpp
@@ -77,7 +77,7 @@ def test_auto_goes_native_where_the_cpu_has_the_units(lowp_mode, mocked_cpu, fla
     for dt in (torch.bfloat16, torch.float16):
         assert _backend.lowp_gemm_native(CPU, dt) == (dt in native_dtypes)
         want = dt if dt in native_dtypes else torch.float32
-        assert _chunked.compute_dtype(torch.empty(1, dtype=dt)) == want
+        assert _chunked.compute_dtype(torch.device("cpu"), dt) == want
 
 
 def test_cuda_is_native_unless_overridden_and_fp32_never_is(lowp_mode):
