@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .data import Sampler, encode, pack, read_jsonl
 from .model import is_lora
+from .optim import make_optimizer
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor, center_coef: float = 0.0
@@ -97,7 +98,7 @@ def train_reward_model(rm, tokenizer, pairs: list[dict], *, steps: int, batch_si
     """Bradley-Terry training on {"prompt", "chosen", "rejected"} records; per-step metrics."""
     rm.train().requires_grad_(True)
     device = next(rm.parameters()).device
-    opt = torch.optim.AdamW(rm.parameters(), lr=lr, weight_decay=0.0)
+    opt = make_optimizer(list(rm.parameters()), lr, (0.9, 0.999), 0.0, seed)
     sampler = Sampler(len(pairs), min(batch_size, len(pairs)), seed)
     history = []
     for step in range(1, steps + 1):

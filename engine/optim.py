@@ -1,0 +1,87 @@
+"""The optimizer, chosen from the parameters' dtype: fp32 weights get torch's fused AdamW; bf16
+weights get AdamW with stochastic rounding (pure bf16: no fp32 master copy).
+
+The bf16 recipe, and why. A bf16 weight has 8 mantissa bits: near 0.02 its spacing is 1.2e-4,
+so an update of lr 1e-5 rounded to nearest is lost every step, and a bf16 second moment (which
+moves by 1 - beta2 = 0.1% a step, below its half-spacing of 0.2%) stops moving. The usual cure
+keeps fp32 master weights and moments beside the bf16 copy: 2 + 4 + 8 bytes a parameter plus the
+bf16 gradient, as much as training in fp32, which defeats the point on limited memory. Here the
+weights, gradients and both moments stay bf16 (8 bytes a parameter, half of fp32), and every
+write back rounds stochastically: up or down with probability given by the distance, so each
+rounding is unbiased and small updates add up in expectation (Zamirai et al. 2020, "Revisiting
+BFloat16 Training", show such pure-bf16 training matching fp32; Kahan summation would cost 2
+more bytes a parameter). Each update is computed in fp32 a slab at a time, so the transient
+memory is a few slabs, whatever the tensor size. The rounding noise comes from one seeded
+generator whose state travels in `state_dict()`, so a resumed run continues bit for bit.
+fp16 weights (no headroom to round this way) and fp32 ones keep torch's AdamW.
+"""
+import torch
+
+SLAB = 1 << 22  # elements updated at once: 4 fp32 temporaries of 16 MB
+
+
+def round_stochastic_(dst: torch.Tensor, src: torch.Tensor, gen: torch.Generator) -> None:
+    """dst (bf16) <- src (fp32, clobbered), rounded up or down at random, unbiased: a random
+    16-bit integer added to the fp32 bit pattern carries into the kept bits with probability
+    equal to the dropped fraction; truncating then leaves a bf16-exact fp32 value."""
+    noise = torch.randint(0, 1 << 16, src.shape, dtype=torch.int32, device=src.device,
+                          generator=gen)
+    dst.copy_(src.view(torch.int32).add_(noise).bitwise_and_(-65536).view(torch.float32))
+
+
+class StochasticRoundingAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias-corrected) for bf16 parameters, with the moments in
+    the parameter's dtype and every bf16 write rounded stochastically (module docstring)."""
+
+    def __init__(self, params, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0,
+                 eps: float = 1e-8, seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
+        self.gen = torch.Generator(device=self.param_groups[0]["params"][0].device)
+        self.gen.manual_seed(seed)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (b1, b2), wd, eps = group["lr"], group["betas"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = float(state["step"])
+                step_size, bc2_sqrt = lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5
+                views = [x.view(-1) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                for s in range(0, p.numel(), SLAB):
+                    w, g, m, v = (x[s:s + SLAB] for x in views)
+                    w32, g32, m32, v32 = (x.float() for x in (w, g, m, v))  # fp32 copies
+                    m32.lerp_(g32, 1 - b1)
+                    v32.mul_(b2).addcmul_(g32, g32, value=1 - b2)
+                    w32.mul_(1 - lr * wd).addcdiv_(m32, (v32.sqrt() / bc2_sqrt).add_(eps),
+                                                   value=-step_size)
+                    for dst, src in ((w, w32), (m, m32), (v, v32)):
+                        if dst.dtype == torch.bfloat16:
+                            round_stochastic_(dst, src, self.gen)
+                        else:
+                            dst.copy_(src)
+
+    def state_dict(self):
+        return {**super().state_dict(), "rounding_rng": self.gen.get_state()}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.gen.set_state(state_dict.pop("rounding_rng"))
+        super().load_state_dict(state_dict)
+
+
+def make_optimizer(params: list, lr: float, betas: tuple, weight_decay: float, seed: int):
+    """StochasticRoundingAdamW when any parameter is bf16, else torch's AdamW (fused on CPU and
+    CUDA: one vectorized kernel per tensor, ~6x faster than the default per-tensor loop on CPU)."""
+    if any(p.dtype == torch.bfloat16 for p in params):
+        return StochasticRoundingAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                                       seed=seed)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)

@@ -1,0 +1,132 @@
+"""bf16 training: the stochastic-rounding AdamW against fp32 AdamW, and every trainer end to end
+with model.dtype=bfloat16 (tiny sizes: a bf16 GEMM is slow on a CPU without native bf16)."""
+import dataclasses
+
+import pytest
+import torch
+
+from rlfuse.engine import trainer_for
+from rlfuse.engine.config import PPOConfig
+from rlfuse.engine.optim import StochasticRoundingAdamW, make_optimizer, round_stochastic_
+
+from test_engine_trainers import TINY, make_cfg  # noqa: F401 (the shared tiny-run config)
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
+    gen = torch.Generator().manual_seed(0)
+    lo = torch.tensor(1.0)
+    hi = torch.nextafter(lo.bfloat16(), torch.tensor(2.0, dtype=torch.bfloat16)).float()
+    x = lo + 0.3 * (hi - lo)                    # 30% of the way to the next bf16 value
+    out = torch.empty(200_000, dtype=torch.bfloat16)
+    round_stochastic_(out, x.expand(out.shape).clone(), gen)
+    assert set(out.float().unique().tolist()) == {lo.item(), hi.item()}
+    frac_up = (out.float() == hi).double().mean().item()
+    assert abs(frac_up - 0.3) < 4 * (0.3 * 0.7 / out.numel()) ** 0.5
+    neg = torch.empty(200_000, dtype=torch.bfloat16)  # the sign does not bias it
+    round_stochastic_(neg, (-x).expand(neg.shape).clone(), gen)
+    assert abs(neg.double().mean().item() + x.item()) < 4 * (hi - lo).item() / out.numel() ** 0.5
+
+
+def _run(opt_cls_or_dtype, steps, lr, grad_fn, dtype):
+    w = torch.full((4096,), 1.0, dtype=dtype, requires_grad=True)
+    opt = (torch.optim.AdamW([w], lr=lr, weight_decay=0.0) if opt_cls_or_dtype == "torch"
+           else StochasticRoundingAdamW([w], lr=lr, seed=1))
+    for k in range(steps):
+        w.grad = grad_fn(k).to(dtype).expand_as(w).clone()
+        opt.step()
+    return w.detach().double()
+
+
+def test_small_updates_add_up_where_nearest_rounding_loses_them():
+    # Adam's step is ~lr = 1e-4 a step, 1/80 of bf16's spacing at 1.0: nearest rounding drops it.
+    grad = lambda k: torch.tensor(1.0 + 0.1 * (k % 3))  # noqa: E731
+    fp32 = _run("torch", 200, 1e-4, grad, torch.float32)
+    nearest = _run("torch", 200, 1e-4, grad, torch.bfloat16)
+    ours = _run("sr", 200, 1e-4, grad, torch.bfloat16)
+    assert (nearest == 1.0).all()  # why the recipe exists: plain bf16 AdamW never moves
+    moved = 1.0 - fp32.mean().item()
+    assert moved == pytest.approx(0.02, rel=0.05)
+    # Unbiased: the mean over 4096 weights follows fp32 to a small share of the distance moved.
+    assert abs(ours.mean().item() - fp32.mean().item()) < 0.02 * moved
+
+
+def test_matches_fp32_adamw_on_a_regression():
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 32), torch.randn(256, 1)
+
+    def fit(dtype, opt_of):
+        torch.manual_seed(1)
+        lin = torch.nn.Linear(32, 1).to(dtype)
+        opt = opt_of(list(lin.parameters()))
+        for _ in range(300):
+            loss = ((lin(x.to(dtype)).float() - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return ((lin(x.to(dtype)).float() - y) ** 2).mean().item()
+
+    fp32 = fit(torch.float32, lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01))
+    bf16 = fit(torch.bfloat16, lambda p: make_optimizer(p, 1e-2, (0.9, 0.999), 0.01, seed=0))
+    start = (y ** 2).mean().item()
+    assert bf16 < start - 0.9 * (start - fp32)  # 90% of fp32's improvement at least
+
+
+def test_state_dict_resumes_bit_for_bit():
+    def make():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(3000, dtype=torch.bfloat16))
+        return w, StochasticRoundingAdamW([w], lr=1e-3, weight_decay=0.1, seed=5)
+
+    def steps(w, opt, ks):
+        for k in ks:
+            w.grad = torch.sin(torch.arange(3000.0) + k).bfloat16()
+            opt.step()
+
+    w1, o1 = make()
+    steps(w1, o1, range(6))
+    w2, o2 = make()
+    steps(w2, o2, range(3))
+    saved_w, saved = w2.detach().clone(), o2.state_dict()
+    w3, o3 = make()
+    with torch.no_grad():
+        w3.copy_(saved_w)
+    o3.load_state_dict(saved)
+    steps(w3, o3, range(3, 6))
+    assert torch.equal(w1, w3)
+    assert all(o3.state[w3][k].dtype == torch.bfloat16 for k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_the_dtype_picks_the_optimizer():
+    fp32 = [torch.nn.Parameter(torch.ones(2))]
+    assert type(make_optimizer(fp32, 1e-3, (0.9, 0.99), 0.0, 0)) is torch.optim.AdamW
+    mixed = fp32 + [torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))]
+    assert isinstance(make_optimizer(mixed, 1e-3, (0.9, 0.99), 0.0, 0), StochasticRoundingAdamW)
+
+
+# ----------------------------------------------------------------------------- engine in bf16
+@pytest.mark.parametrize("algo", ["sft", "grpo", "dpo", "ppo"])
+def test_every_trainer_trains_in_bf16_and_resumes(tmp_path, algo):
+    base = make_cfg(tmp_path, "sft")  # writes the data files
+    kw = dict(algo=algo, steps=2, model=dataclasses.replace(TINY, dtype="bfloat16"),
+              keep_checkpoints=2)
+    if algo == "ppo":  # GRPO's prompts and rewards (a length penalty gives a random model signal)
+        kw["ppo"] = PPOConfig(data=base.grpo.data, rollout=base.grpo.rollout, epochs=1)
+    cfg = dataclasses.replace(base, **kw)
+    trainer = trainer_for(algo)(cfg)
+    start = [p.detach().clone() for p in trainer.model.parameters()]
+    assert all(p.dtype == torch.bfloat16 for p in start)
+    assert isinstance(trainer.opt, StochasticRoundingAdamW)
+    rows = trainer.fit(plot=False)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["loss"] == r["loss"] for r in rows)  # finite, not NaN
+    after = list(trainer.model.parameters())
+    assert all(bool(p.isfinite().all()) for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(start, after))
+    # a bf16 run resumes with its bf16 moments and its rounding generator
+    resumed = trainer_for(algo)(dataclasses.replace(cfg, steps=3, resume=True))
+    resumed.resume()
+    assert resumed.step == 2 and isinstance(resumed.opt, StochasticRoundingAdamW)
+    assert resumed.opt.gen.get_state().equal(trainer.opt.gen.get_state())
+    assert all(torch.equal(a, b) for a, b in zip(after, resumed.model.parameters()))
+    moments = [s["exp_avg_sq"] for p, s in resumed.opt.state.items() if p.dtype == torch.bfloat16]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
