@@ -79,6 +79,7 @@ class DemoConfig:
     rm_pairs: int = 8192
     rm_steps: int = 2000
     threads: int = 1                 # torch CPU threads (1 is fastest for this size under load)
+    dtype: str = "float32"           # float32 | bfloat16 (bf16 weights, stochastic-rounding AdamW)
     progress: bool = True
 
 
@@ -157,7 +158,7 @@ def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: in
 # ----------------------------------------------------------------------------- pipeline
 def stage_config(d: DemoConfig, out: str, algo: str, steps: int, lr: float, **sections):
     model = ModelConfig(hidden_size=d.hidden_size, num_layers=d.num_layers, num_heads=4,
-                        num_kv_heads=2, intermediate_size=2 * d.hidden_size)
+                        num_kv_heads=2, intermediate_size=2 * d.hidden_size, dtype=d.dtype)
     return TrainConfig(algo=algo, steps=steps, seed=d.seed, out_dir=os.path.join(out, algo),
                        device="cpu", max_length=4 * d.digits + 8, keep_checkpoints=0,
                        save_every_minutes=0, overwrite=True,  # a re-run replaces the stages

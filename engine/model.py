@@ -49,7 +49,8 @@ def char_tokenizer(chars: str = CHARS, vocab_size: int = 0):
 
 
 def tiny_model(cfg: ModelConfig, tokenizer, max_positions: int = 512):
-    """A small Qwen2-style causal LM (RoPE, GQA, RMSNorm, SwiGLU) from a config, no downloads."""
+    """A small Qwen2-style causal LM (RoPE, GQA, RMSNorm, SwiGLU) in `cfg.dtype`, from a config,
+    no downloads."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -59,7 +60,7 @@ def tiny_model(cfg: ModelConfig, tokenizer, max_positions: int = 512):
         max_position_embeddings=max_positions, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
-    return Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(config).to(DTYPES[cfg.dtype])
 
 
 def attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
@@ -101,7 +102,7 @@ def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
         print("rlfuse: WARNING: model.path is not set, so this trains a randomly initialized tiny "
               "model; set model.path to a local checkpoint folder", file=sys.stderr, flush=True)
         tokenizer = tokenizer or char_tokenizer()
-        model = tiny_model(cfg, tokenizer).to(DTYPES[cfg.dtype])
+        model = tiny_model(cfg, tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation needs the prompts flush right

@@ -16,7 +16,7 @@ def _seed():
 
 def pytest_terminal_summary(terminalreporter):
     """After a run that included tests/test_fuzz.py: the worst error seen per op and quantity."""
-    fuzz = sys.modules.get("test_fuzz")
+    fuzz = sys.modules.get("tests.test_fuzz")  # the name under --import-mode=importlib
     if fuzz is not None and fuzz.WORST:
         terminalreporter.write_sep("-", "fuzz: worst error per op (share of the allowed error)")
         terminalreporter.write_line(fuzz.report())
