@@ -4,17 +4,28 @@ This folder is installed as the package `rlfuse` (pyproject.toml maps it); run t
 the CLI through their entry points (`pytest`, `rlfuse`) so that it is never also importable as a
 bare `kernels`, the name transformers probes for Hugging Face's kernels library.
 """
-from ._backend import IMPLS, set_lowp_gemm
-from ._chunked import LogitTransform
-from .advantages import gae, group_advantages, value_loss
-from .logprobs import linear_logprobs, linear_logprobs_reference
-from .policy import PolicyLossConfig, PolicyLossOutput, kl_estimate, policy_loss
-from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
+import sys
 
-__version__ = "0.1.0"
-__all__ = [
-    "linear_logprobs", "linear_logprobs_reference", "LogitTransform", "IMPLS",
-    "policy_loss", "PolicyLossConfig", "PolicyLossOutput", "kl_estimate",
-    "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
-    "group_advantages", "gae", "value_loss", "set_lowp_gemm",
-]
+if __name__ != "rlfuse":
+    # This folder found by path under another name: transformers imports a `kernels` package it
+    # finds on sys.path (looking for Hugging Face's), which is this one when the working
+    # directory is the repository root. A second copy would register the custom ops again over
+    # the live ones (their schemas freed under callers that hold them): hand back the one package.
+    import rlfuse
+
+    sys.modules[__name__] = rlfuse
+else:
+    from ._backend import IMPLS, set_lowp_gemm
+    from ._chunked import LogitTransform
+    from .advantages import gae, group_advantages, value_loss
+    from .logprobs import linear_logprobs, linear_logprobs_reference
+    from .policy import PolicyLossConfig, PolicyLossOutput, kl_estimate, policy_loss
+    from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
+
+    __version__ = "0.1.0"
+    __all__ = [
+        "linear_logprobs", "linear_logprobs_reference", "LogitTransform", "IMPLS",
+        "policy_loss", "PolicyLossConfig", "PolicyLossOutput", "kl_estimate",
+        "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
+        "group_advantages", "gae", "value_loss", "set_lowp_gemm",
+    ]

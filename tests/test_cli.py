@@ -1,6 +1,5 @@
 """The `rlfuse` command: --help everywhere, user errors as one line (exit 2), data checked before
 the model loads, model.path checks, the installed entry point."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -148,14 +147,20 @@ def test_bugs_keep_their_traceback(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- packaging
-def test_repository_folders_do_not_shadow_packages():
-    """The tests import the installed rlfuse; kernels/ is never a bare `kernels` package (which
-    transformers would import while probing for Hugging Face's kernels library)."""
+def test_kernels_found_by_path_is_the_installed_package():
+    """From the repository root (the working directory on sys.path, as under `python -c` or
+    `python -m pytest`), kernels/ is importable as `kernels`, and transformers imports it while
+    probing for Hugging Face's kernels library. That import hands back rlfuse itself, so the
+    custom ops are registered once and keep working, whichever name comes first."""
+    root = Path(__file__).resolve().parents[1]
+    op = ("x, w = torch.randn(3, 8), torch.randn(5, 8)\n"
+          "print(kernels is rlfuse, rlfuse.linear_logprobs(x, w, torch.tensor([0, 4, 2])).shape)\n")
+    for first in ("import kernels, rlfuse, torch\n", "import rlfuse, kernels, torch\n"):
+        out = subprocess.run([sys.executable, "-c", first + op], capture_output=True, text=True,
+                             cwd=root, check=True).stdout
+        assert out.split() == ["True", "torch.Size([3])"]
     import rlfuse
 
-    assert importlib.util.find_spec("kernels") is None, (
-        "kernels/ is importable as `kernels`: run `pytest`, not `python -m pytest`")
-    assert importlib.util.find_spec("engine") is None
     assert Path(rlfuse.__file__).parent.name == "kernels"  # the editable install's mapping
 
 
