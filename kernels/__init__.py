@@ -10,11 +10,12 @@ from .advantages import gae, group_advantages, value_loss
 from .logprobs import linear_logprobs, linear_logprobs_reference
 from .policy import PolicyLossConfig, PolicyLossOutput, kl_estimate, policy_loss
 from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
+from ._vocab_parallel import vocab_shard_range
 
 __version__ = "0.1.0"
 __all__ = [
     "linear_logprobs", "linear_logprobs_reference", "LogitTransform", "IMPLS",
     "policy_loss", "PolicyLossConfig", "PolicyLossOutput", "kl_estimate",
     "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
-    "group_advantages", "gae", "value_loss", "set_lowp_gemm",
+    "group_advantages", "gae", "value_loss", "set_lowp_gemm", "vocab_shard_range",
 ]

@@ -151,11 +151,18 @@ class _Gemms:
         return self.dz_buf[: dz.shape[0]].copy_(dz)
 
 
+def _epilogues(impl: str, vocab):
+    # Vocab-parallel hook (_vocab_parallel.py): a VocabShard's kernels combine the row
+    # statistics over the ranks and take the global lse / entropy in the gradient.
+    return epilogues(impl) if vocab is None else vocab.epilogues(impl)
+
+
 def forward_stats(hidden, weight, bias, targets, tf: LogitTransform, ignore_index: int,
-                  chunk: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+                  chunk: int, impl: str, vocab=None) -> tuple[Tensor, Tensor, Tensor]:
     """lse [N] fp64 (the gradient kernels recover z - lse from it to fp32 accuracy), logp and
-    entropy [N] fp32, from one GEMM pass."""
-    stats, _ = epilogues(impl)
+    entropy [N] fp32, from one GEMM pass. `vocab`: this rank's VocabShard (weight and bias are
+    its rows), or None."""
+    stats, _ = _epilogues(impl, vocab)
     n = hidden.shape[0]
     out = [torch.empty(n, dtype=dt, device=hidden.device)
            for dt in (torch.float64, torch.float32, torch.float32)]
@@ -181,13 +188,17 @@ def needs_of(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Needs:
 
 class _GradAccumulator:
     def __init__(self, g: _Gemms, bias: Optional[Tensor], hidden_dtype: torch.dtype,
-                 needs: Needs):
+                 needs: Needs, vocab=None):
         n, h = g.hidden.shape
         v = g.w.shape[0]
         dev = g.hidden.device
         acc = torch.promote_types(g.dtype, torch.float32)  # never rounded per chunk
         self.g = g
-        self.dx = torch.empty(n, h, dtype=hidden_dtype, device=dev) if needs[0] else None
+        self.hidden_dtype = hidden_dtype
+        # Vocab-parallel hook: each chunk's partial dX is summed over the ranks (async).
+        self.reducer = vocab.dx_reducer() if vocab is not None and needs[0] else None
+        dx_dtype = hidden_dtype if self.reducer is None else self.reducer.dtype(hidden_dtype)
+        self.dx = torch.empty(n, h, dtype=dx_dtype, device=dev) if needs[0] else None
         self.dw = torch.zeros(v, h, dtype=acc, device=dev) if needs[1] else None
         self.db = torch.zeros(v, dtype=acc, device=dev) \
             if bias is not None and needs[2] else None
@@ -196,12 +207,17 @@ class _GradAccumulator:
         dz_op = self.g.gemm_operand(dz) if self.dx is not None or self.dw is not None else None
         if self.dx is not None:
             _mm_into(dz_op, self.g.w, self.dx[s:e])  # [c, H]
+            if self.reducer is not None:
+                self.reducer.add(self.dx[s:e])
         if self.dw is not None:
             _mm_into(dz_op.t(), x, self.dw, accumulate=True)  # [V, H] fp32
         if self.db is not None:
             self.db += dz.sum(0, dtype=self.db.dtype)
 
     def result(self, weight: Tensor, bias: Optional[Tensor]):
+        if self.reducer is not None:
+            self.reducer.wait()
+            self.dx = self.dx.to(self.hidden_dtype)
         dw = None if self.dw is None else self.dw.to(weight.dtype)
         db = None if self.db is None else self.db.to(bias.dtype)
         return self.dx, dw, db
@@ -209,12 +225,12 @@ class _GradAccumulator:
 
 def backward(grad_logp: Tensor, grad_entropy: Tensor, hidden, weight, bias, targets,
              lse: Tensor, entropy: Tensor, tf: LogitTransform, ignore_index: int,
-             chunk: int, impl: str, needs: Needs = ALL):
+             chunk: int, impl: str, needs: Needs = ALL, vocab=None):
     """dX, dW, db from per-row gradients a = dL/dlogp and e = dL/dentropy (recomputes Z);
-    None for those `needs` leaves out."""
-    _, grad_ = epilogues(impl)
+    None for those `needs` leaves out. With `vocab`, lse and entropy are the global ones."""
+    _, grad_ = _epilogues(impl, vocab)
     g = _Gemms(hidden, weight, bias, chunk)
-    acc = _GradAccumulator(g, bias, hidden.dtype, needs)
+    acc = _GradAccumulator(g, bias, hidden.dtype, needs, vocab)
     a = grad_logp.float().contiguous()
     e = grad_entropy.float().contiguous()
     for s, t in g.ranges():
@@ -229,17 +245,18 @@ RowLoss = Callable[[int, int, Tensor, Tensor], Tensor]
 
 
 def fused_rowloss(hidden, weight, bias, targets, tf: LogitTransform, ignore_index: int,
-                  chunk: int, impl: str, row_loss: RowLoss, needs: Optional[Needs] = None):
+                  chunk: int, impl: str, row_loss: RowLoss, needs: Optional[Needs] = None,
+                  vocab=None):
     """Token-separable loss with its gradient written during the forward (3 GEMMs / chunk).
 
     `row_loss(s, e, logp_c, entropy_c)` returns the (already normalized) contribution of rows
     [s, e) to the scalar loss, differentiably in logp_c and entropy_c ([e - s] fp32).
     Returns loss (fp32 scalar), logp, entropy ([N] fp32) and (dX, dW, db), each None where
-    `needs` (default: the inputs' requires_grad) leaves it out.
+    `needs` (default: the inputs' requires_grad) leaves it out. `vocab` as in forward_stats.
     """
-    stats, grad_ = epilogues(impl)
+    stats, grad_ = _epilogues(impl, vocab)
     g = _Gemms(hidden, weight, bias, chunk)
-    acc = _GradAccumulator(g, bias, hidden.dtype, needs or needs_of(hidden, weight, bias))
+    acc = _GradAccumulator(g, bias, hidden.dtype, needs or needs_of(hidden, weight, bias), vocab)
     n = hidden.shape[0]
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     ent = torch.zeros_like(logp)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _chunked
+from . import _chunked, _vocab_parallel
 from ._backend import IMPLS, resolve
 from ._checks import check_tensor
 from ._chunked import LogitTransform
@@ -23,8 +23,10 @@ from ._chunked import LogitTransform
 
 # ----------------------------------------------------------------------------- validation
 def check_linear_inputs(hidden: Tensor, weight: Tensor, targets: Tensor,
-                        bias: Optional[Tensor] = None, ignore_index: int = -100) -> None:
-    """Clear errors, naming the argument, for everything the fused ops rely on."""
+                        bias: Optional[Tensor] = None, ignore_index: int = -100,
+                        vocab=None) -> None:
+    """Clear errors, naming the argument, for everything the fused ops rely on. `vocab`: the
+    VocabShard weight and bias are this rank's rows of (targets are global ids), or None."""
     check_tensor("hidden", hidden)
     check_tensor("weight", weight, dim=2)
     v, h = weight.shape
@@ -40,6 +42,8 @@ def check_linear_inputs(hidden: Tensor, weight: Tensor, targets: Tensor,
     if len(devices) > 1:
         raise ValueError(f"hidden, weight, targets (and bias) must be on one device, got "
                          f"{sorted(str(d) for d in devices)}")
+    if vocab is not None:
+        v = vocab.vocab_size
     # Data-dependent, so skipped while tracing; the kernels check the range again.
     if targets.numel() and not torch.compiler.is_compiling():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
@@ -80,8 +84,15 @@ class HeadOptions:
 def linear_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
                               bias: Optional[Tensor] = None,
                               transform: LogitTransform = LogitTransform(),
-                              ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """The spec: materialized logits, log_softmax, gather. Computes in fp32 (fp64 for fp64)."""
+                              ignore_index: int = -100,
+                              vocab_group=None) -> tuple[Tensor, Tensor]:
+    """The spec: materialized logits, log_softmax, gather. Computes in fp32 (fp64 for fp64).
+    vocab_group (or a DTensor weight): weight and bias are this rank's vocabulary shard
+    (`_vocab_parallel.logprobs_reference`)."""
+    weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
+    if vocab is not None:
+        return _vocab_parallel.logprobs_reference(hidden, weight, targets, bias, transform,
+                                                  ignore_index, vocab)
     dt = torch.promote_types(hidden.dtype, torch.float32)
     logits = hidden.to(dt) @ weight.to(dt).T  # [..., V]
     if bias is not None:
@@ -101,17 +112,18 @@ def linear_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
 @torch.library.custom_op("rlfuse::linear_logprobs", mutates_args=())
 def _linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                         logit_scale: float, final_logit_softcapping: Optional[float],
-                        temperature: float, ignore_index: int, chunk_size: int, impl: str
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+                        temperature: float, ignore_index: int, chunk_size: int, impl: str,
+                        vocab_shard: str) -> tuple[Tensor, Tensor, Tensor]:
     tf = LogitTransform(logit_scale, final_logit_softcapping, temperature)
     lse, logp, ent = _chunked.forward_stats(hidden, weight, bias, targets, tf, ignore_index,
-                                            chunk_size, impl)
+                                            chunk_size, impl,
+                                            _vocab_parallel.VocabShard.from_spec(vocab_shard))
     return logp, ent, lse
 
 
 @_linear_logprobs_op.register_fake
 def _(hidden, weight, bias, targets, logit_scale, final_logit_softcapping, temperature,
-      ignore_index, chunk_size, impl):
+      ignore_index, chunk_size, impl, vocab_shard):
     n = hidden.shape[0]
     return tuple(hidden.new_empty(n, dtype=dt)
                  for dt in (torch.float32, torch.float32, torch.float64))
@@ -122,11 +134,12 @@ def _linear_logprobs_backward_op(grad_logp: Tensor, grad_entropy: Tensor, hidden
                                  weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                                  lse: Tensor, entropy: Tensor, logit_scale: float,
                                  final_logit_softcapping: Optional[float], temperature: float,
-                                 ignore_index: int, chunk_size: int, impl: str
-                                 ) -> tuple[Tensor, Tensor, Tensor]:
+                                 ignore_index: int, chunk_size: int, impl: str,
+                                 vocab_shard: str) -> tuple[Tensor, Tensor, Tensor]:
     tf = LogitTransform(logit_scale, final_logit_softcapping, temperature)
     dx, dw, db = _chunked.backward(grad_logp, grad_entropy, hidden, weight, bias, targets, lse,
-                                   entropy, tf, ignore_index, chunk_size, impl)
+                                   entropy, tf, ignore_index, chunk_size, impl,
+                                   vocab=_vocab_parallel.VocabShard.from_spec(vocab_shard))
     return dx, dw, (db if db is not None else weight.new_empty(0))
 
 
@@ -151,7 +164,7 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
         grad_entropy = torch.zeros_like(lse)
     dx, dw, db = _linear_logprobs_backward_op(grad_logp, grad_entropy, hidden, weight, bias,
                                               targets, lse, ent, *ctx.scalars)
-    return dx, dw, (db if bias is not None else None), None, None, None, None, None, None, None
+    return (dx, dw, (db if bias is not None else None)) + (None,) * 8
 
 
 _linear_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
@@ -163,20 +176,27 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                     ignore_index: int = -100, return_entropy: bool = False,
                     chunk_size: Optional[int] = None, impl: str = "auto",
                     logit_scale: float = 1.0,
-                    final_logit_softcapping: Optional[float] = None):
+                    final_logit_softcapping: Optional[float] = None,
+                    vocab_group=None):
     """Per-token log-prob of `targets` (and optionally entropy) under the LM head, in fp32
     (fp64 for fp64 inputs on the reference path).
 
     hidden [..., H], weight [V, H], targets [...] int -> logp [...] fp32 (and entropy [...]).
     Positions whose target is `ignore_index` give 0 and receive no gradient. Differentiable in
     hidden, weight and bias through both outputs; the [N, V] logits are never held.
+    vocab_group (a torch.distributed ProcessGroup; or a DTensor weight placed Shard(0)): weight
+    and bias are this rank's contiguous shard of the vocabulary rows, targets global ids;
+    every rank gets the full-vocabulary results and the full hidden gradient
+    (`rlfuse.vocab_shard_range` gives the split, `_vocab_parallel` the algorithm).
     """
-    check_linear_inputs(hidden, weight, targets, bias, ignore_index)
+    weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
+    check_linear_inputs(hidden, weight, targets, bias, ignore_index, vocab)
     tf = LogitTransform(logit_scale, final_logit_softcapping, temperature)
     check_chunk_size(chunk_size)
     impl = resolve(impl, hidden.device)
     if impl == "reference":
-        logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf, ignore_index)
+        logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf, ignore_index,
+                                              None if vocab is None else vocab.group)
     else:
         lead, (v, h) = targets.shape, weight.shape
         x = hidden.reshape(-1, h)
@@ -184,6 +204,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         chunk = chunk_size or _chunked.default_chunk_size(x.shape[0], v, x.device, x.dtype)
         logp, ent, _ = _linear_logprobs_op(x, weight, bias, t, tf.logit_scale,
                                            tf.final_logit_softcapping, tf.temperature,
-                                           ignore_index, chunk, impl)
+                                           ignore_index, chunk, impl,
+                                           "" if vocab is None else vocab.spec)
         logp, ent = logp.view(lead), ent.view(lead)
     return (logp, ent) if return_entropy else logp

@@ -43,7 +43,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _chunked
+from . import _chunked, _vocab_parallel
 from ._backend import resolve
 from ._checks import check_choice, check_number, check_tensor
 from .logprobs import (HeadOptions, check_linear_inputs, linear_logprobs,
@@ -301,7 +301,7 @@ class _FusedPolicyLoss(torch.autograd.Function):
         return _chunked.scale_saved_grads(ctx, grad_loss) + (None,)
 
 
-def _fused(cfg, hidden, weight, bias, targets, tf, rows: _Rows, impl: str):
+def _fused(cfg, hidden, weight, bias, targets, tf, rows: _Rows, impl: str, vocab):
     x = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     t = targets.reshape(-1).long()             # [N]
     chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], weight.shape[0], x.device,
@@ -314,18 +314,18 @@ def _fused(cfg, hidden, weight, bias, targets, tf, rows: _Rows, impl: str):
 
     def run():
         return _chunked.fused_rowloss(x, weight, bias, t, tf, cfg.ignore_index, chunk, impl,
-                                      row_loss)
+                                      row_loss, vocab=vocab)
 
     return _FusedPolicyLoss.apply(x, weight, bias, run)
 
 
 # ----------------------------------------------------------------------------- public API
 def _check(hidden, weight, targets, mask, advantages, logps: dict, bias, num_items_in_batch,
-           cfg) -> None:
+           cfg, vocab) -> None:
     if not isinstance(cfg, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
     check_tensor("hidden", hidden, dim=3, layout="[B, T, H]")
-    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index)
+    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index, vocab)
     b, t = targets.shape
     if b * t == 0:
         raise ValueError(f"hidden must hold at least one position, got shape {tuple(hidden.shape)}")
@@ -361,7 +361,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
                 ref_logp: Optional[Tensor] = None, rollout_logp: Optional[Tensor] = None,
                 bias: Optional[Tensor] = None,
                 num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
-                config: PolicyLossConfig = PolicyLossConfig()
+                config: PolicyLossConfig = PolicyLossConfig(), vocab_group=None
                 ) -> tuple[Tensor, PolicyLossOutput]:
     """Policy-gradient loss of the LM head `softmax(transform(hidden @ weight^T + bias))`.
 
@@ -376,9 +376,14 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
     An all-zero mask is not an error: the loss is 0 with zero gradients and metrics["tokens"] is 0,
     as in TRL (normalizers are clamped to >= 1); micro-batches whose completions were all filtered
     (e.g. overlong filtering) are legitimate and must not stop a run.
+    vocab_group: weight and bias are this rank's vocabulary shard, as in `linear_logprobs`;
+    every other input is the same on every rank, and so are the loss and the outputs.
     """
+    weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
+    group = None if vocab is None else vocab.group
     logps = {"old_logp": old_logp, "ref_logp": ref_logp, "rollout_logp": rollout_logp}
-    _check(hidden, weight, targets, mask, advantages, logps, bias, num_items_in_batch, config)
+    _check(hidden, weight, targets, mask, advantages, logps, bias, num_items_in_batch, config,
+           vocab)
     cfg = config
     tf = cfg.transform()
     impl = resolve(cfg.impl, hidden.device)
@@ -391,19 +396,19 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
         p is not None and p.requires_grad for p in (hidden, weight, bias))
 
     if impl != "reference" and needs_grad and cfg.token_separable:
-        loss, logp, ent = _fused(cfg, hidden, weight, bias, targets, tf, rows, impl)
+        loss, logp, ent = _fused(cfg, hidden, weight, bias, targets, tf, rows, impl, vocab)
         with torch.no_grad():
             _, ratio, kl = _per_token(cfg, logp, ent, rows)
     else:
         if impl == "reference":
             logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf,
-                                                  cfg.ignore_index)
+                                                  cfg.ignore_index, group)
         else:  # two phases: forward_stats now, the recomputing backward from dL/dlogp, dL/dH
             logp, ent = linear_logprobs(
                 hidden, weight, targets, bias=bias, temperature=cfg.temperature,
                 ignore_index=cfg.ignore_index, return_entropy=True, chunk_size=cfg.chunk_size,
                 impl=impl, logit_scale=cfg.logit_scale,
-                final_logit_softcapping=cfg.final_logit_softcapping)
+                final_logit_softcapping=cfg.final_logit_softcapping, vocab_group=group)
         logp, ent = logp.reshape(-1), ent.reshape(-1)
         per_token, ratio, kl = _per_token(cfg, logp, ent, rows)
         loss = (per_token * rows.weight).sum()

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _chunked
+from . import _chunked, _vocab_parallel
 from ._backend import resolve
 from ._checks import check_choice, check_number, check_tensor
 from ._chunked import LogitTransform
@@ -183,13 +183,14 @@ class _Plan:
     impl: str
     rows: int  # 2B
     steps: int  # T
+    vocab: Optional[_vocab_parallel.VocabShard]  # this rank's vocabulary shard, or None
 
 
 def _two_phase(hidden, weight, bias, targets, valid, ref_logp, p: _Plan, want_grad: bool):
     """Phase 1 (stats), loss math with autograd on [2B, T], phase 2 (recompute + grads)."""
     ig = p.cfg.ignore_index
     lse, logp, ent = _chunked.forward_stats(hidden, weight, bias, targets, p.tf, ig, p.chunk,
-                                            p.impl)  # [N] fp32 each
+                                            p.impl, p.vocab)  # [N] fp32 each
     lp = logp.view(p.rows, p.steps)
     if not want_grad:
         loss, seq, metrics = _pair_loss(lp, valid, ref_logp, p.cfg)
@@ -200,7 +201,7 @@ def _two_phase(hidden, weight, bias, targets, valid, ref_logp, p: _Plan, want_gr
         (a,) = torch.autograd.grad(loss, lp)  # [2B, T] dL/dlogp
     grads = _chunked.backward(a.reshape(-1), torch.zeros_like(logp), hidden, weight, bias,
                               targets, lse, ent, p.tf, ig, p.chunk, p.impl,
-                              _chunked.needs_of(hidden, weight, bias))
+                              _chunked.needs_of(hidden, weight, bias), p.vocab)
     return loss.detach(), seq.detach(), metrics, grads
 
 
@@ -232,7 +233,7 @@ def _whole_pairs(hidden, weight, bias, targets, valid, ref_logp, p: _Plan):
     chunk = (p.chunk // (2 * steps)) * 2 * steps
     loss, _, _, (dx, dw, db) = _chunked.fused_rowloss(
         x, weight, bias, tg, p.tf, p.cfg.ignore_index, chunk, p.impl, row_loss,
-        _chunked.needs_of(hidden, weight, bias))  # x is a copy: ask the inputs
+        _chunked.needs_of(hidden, weight, bias), p.vocab)  # x is a copy: ask the inputs
     if dx is not None:
         dx = dx.view(b, 2, steps, -1).transpose(0, 1).reshape(dx.shape)  # back to batch order
     return loss, seq.view(-1), metrics, (dx, dw, db)
@@ -259,12 +260,12 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg) -> Tensor:
+def _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg, vocab) -> Tensor:
     """Validates everything; returns the valid-token mask [2B, T] bool."""
     if not isinstance(cfg, PreferenceLossConfig):
         raise TypeError(f"config must be a PreferenceLossConfig, got {type(cfg).__name__}")
     check_tensor("hidden", hidden, dim=3, layout="[2B, T, H] (chosen rows, then rejected)")
-    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index)
+    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index, vocab)
     rows, steps = targets.shape
     if rows == 0 or rows % 2:
         raise ValueError(f"hidden.shape[0] must be even and > 0 (rows [:B] chosen, [B:] "
@@ -286,7 +287,7 @@ def _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg) -> Tensor:
 
 def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, *,
                     ref_logp: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                    config: PreferenceLossConfig = PreferenceLossConfig()
+                    config: PreferenceLossConfig = PreferenceLossConfig(), vocab_group=None
                     ) -> tuple[Tensor, PreferenceLossOutput]:
     """Pairwise preference loss over sequence log-probs under the LM head.
 
@@ -298,14 +299,18 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tenso
     Metrics follow TRL: rewards are beta * log-ratio sums (beta * average log-prob for simpo /
     orpo), logps_* are the sequence scores the loss reads (sums; averages for simpo / orpo),
     nll is the token-mean NLL of the chosen completions.
+    vocab_group: weight and bias are this rank's vocabulary shard, as in `linear_logprobs`;
+    every other input is the same on every rank, and so are the loss and the outputs.
     """
     cfg = config
-    valid = _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg)
+    weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
+    valid = _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg, vocab)
     tf = cfg.transform()
     impl = resolve(cfg.impl, hidden.device)
     rows, steps = targets.shape
     if impl == "reference":
-        logp, _ = linear_logprobs_reference(hidden, weight, targets, bias, tf, cfg.ignore_index)
+        logp, _ = linear_logprobs_reference(hidden, weight, targets, bias, tf, cfg.ignore_index,
+                                            None if vocab is None else vocab.group)
         ref = None if ref_logp is None else ref_logp.to(logp.dtype)
         loss, seq, metrics = _pair_loss(logp, valid, ref, cfg)
     else:
@@ -313,7 +318,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tenso
         x = hidden.reshape(-1, h)  # [N, H]
         t = targets.reshape(-1).long()  # [N]
         chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], v, x.device, x.dtype)
-        plan = _Plan(cfg, tf, chunk, impl, rows, steps)
+        plan = _Plan(cfg, tf, chunk, impl, rows, steps, vocab)
         ref = None if ref_logp is None else ref_logp.float()
         needs_grad = torch.is_grad_enabled() and any(
             a is not None and a.requires_grad for a in (hidden, weight, bias))
