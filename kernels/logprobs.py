@@ -113,7 +113,8 @@ def linear_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
 def _linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                         logit_scale: float, final_logit_softcapping: Optional[float],
                         temperature: float, ignore_index: int, chunk_size: int, impl: str,
-                        vocab_shard: str) -> tuple[Tensor, Tensor, Tensor]:
+                        vocab_shard: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    # vocab_shard: VocabShard.spec of this rank's vocabulary shard, "" for the whole vocabulary
     tf = LogitTransform(logit_scale, final_logit_softcapping, temperature)
     lse, logp, ent = _chunked.forward_stats(hidden, weight, bias, targets, tf, ignore_index,
                                             chunk_size, impl,
@@ -123,7 +124,7 @@ def _linear_logprobs_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], 
 
 @_linear_logprobs_op.register_fake
 def _(hidden, weight, bias, targets, logit_scale, final_logit_softcapping, temperature,
-      ignore_index, chunk_size, impl, vocab_shard):
+      ignore_index, chunk_size, impl, vocab_shard=""):
     n = hidden.shape[0]
     return tuple(hidden.new_empty(n, dtype=dt)
                  for dt in (torch.float32, torch.float32, torch.float64))
