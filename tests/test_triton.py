@@ -72,12 +72,17 @@ if not INTERPRETED:
         if "nvidia" not in triton.backends.backends:
             pytest.skip("triton built without the NVIDIA backend")
         rows = {"lse_ptr": "*fp64", "logp_ptr": "*fp32", "ent_ptr": "*fp32"}
-        grads = {"lse_ptr": "*fp64", "ent_ptr": "*fp32", "a_ptr": "*fp32", "e_ptr": "*fp32"}
+        grads = {"lse_ptr": "*fp64", "ent_ptr": "*fp32", "a_ptr": "*fp32", "e_ptr": "*fp32",
+                 "V": "i32", "vocab_start": "i64", "vocab_size": "i64"}
+        partials = {"part_ptr": "*fp32", "C": "i32", "V": "i32", "vocab_start": "i64"}
         scalars = {"V": "i32", "k": "fp32", "cap_in": "fp32", "cap_out": "fp32",
                    "ignore_index": "i32", "HAS_CAP": "constexpr", "BLOCK": "constexpr"}
-        for kernel, row_args in ((_triton._stats_kernel, rows), (_triton._grad_kernel, grads)):
+        for kernel, row_args in ((_triton._stats_kernel, rows), (_triton._grad_kernel, grads),
+                                 (_triton._partials_kernel, partials)):
+            params = kernel.arg_names
             for cap in (False, True):
                 sig = {"z_ptr": f"*{zdtype}", "tgt_ptr": "*i64", **row_args, **scalars}
+                sig = {name: sig[name] for name in params}  # the kernel's own order
                 src = ASTSource(kernel, sig, constexprs={"HAS_CAP": cap, "BLOCK": 4096})
                 out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                      options={"num_warps": 8, "enable_fp_fusion": True})
