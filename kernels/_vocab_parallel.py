@@ -44,6 +44,7 @@ run here (tests/test_vocab_parallel.py).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,12 +73,11 @@ def vocab_shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int,
 def _dtensor_local(t: Optional[Tensor], name: str):
     """(local shard, its mesh's group) of a DTensor placed Shard(0) on a 1-D mesh; (t, None)
     for anything else."""
-    if t is None or not dist.is_available():
+    # A DTensor exists only once its module is imported: no import (seconds) for plain tensors.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if t is None or dtensor is None or not isinstance(t, dtensor.DTensor):
         return t, None
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(t, DTensor):
-        return t, None
+    Shard = dtensor.Shard
     if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
         raise ValueError(f"{name}: a DTensor {name} must be placed (Shard(0),) on a 1-D device "
                          f"mesh (its vocabulary rows split over the ranks), got placements "

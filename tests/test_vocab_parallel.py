@@ -306,3 +306,37 @@ def test_vocab_group_needs_initialized_distributed():
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
         rlfuse.linear_logprobs(x, torch.randn(5, H), torch.zeros(3, dtype=torch.long),
                                vocab_group=object())
+
+
+@pytest.mark.skipif(cpp_ext() is None, reason="C++ extension not built")
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_cpp_slice_kernels_match_the_full_row(softcap):
+    """In one process: a slice's partials are its own max / sums / target logit (0 where the
+    target is elsewhere), and the slice's gradient, given the full row's lse and entropy, is
+    the matching columns of the full row's gradient: no one-hot term for an absent target,
+    zeros for ignore_index."""
+    ext = cpp_ext()
+    c, v, s, e, ig = 9, 37, 11, 30, -100
+    z = torch.randn(c, v) * 2
+    t = torch.randint(0, v, (c,))
+    t[0], t[1], t[2] = ig, s, e - 1  # ignored, the slice's first and last columns
+    args = (1.3, softcap, 1 / 0.8)
+    zt = rlfuse.LogitTransform(1.3, softcap or None, 0.8).apply(z)  # [C, V] transformed
+    part = ext.logits_partials(z[:, s:e].contiguous(), t, *args, s)  # [4, C]
+    sl = zt[:, s:e]
+    m = sl.amax(-1)
+    inside = (t >= s) & (t < e)
+    want = torch.stack([m, torch.exp(sl - m[:, None]).sum(-1),
+                        (torch.exp(sl - m[:, None]) * (sl - m[:, None])).sum(-1),
+                        torch.where(inside, zt.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)])
+    torch.testing.assert_close(part, want, rtol=1e-5, atol=1e-5)
+    lse, _, ent = ext.logits_stats(z, t, *args, ig)
+    a, g = torch.randn(2, c)
+    full = z.clone()
+    ext.logits_grad_(full, t, lse, ent, a, g, *args, ig)
+    part_grad = z[:, s:e].contiguous()
+    ext.logits_grad_(part_grad, t, lse, ent, a, g, *args, ig, s, v)
+    torch.testing.assert_close(part_grad, full[:, s:e], rtol=0, atol=1e-6)
+    assert not part_grad[0].any()  # ignore_index: zeros
+    with pytest.raises(RuntimeError, match=r"must lie in \[0, vocab_size = 37\)"):
+        ext.logits_grad_(z[:, s:e].contiguous(), t, lse, ent, a, g, *args, ig, 20, v)
