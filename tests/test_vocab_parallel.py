@@ -47,6 +47,8 @@ CASES = [
     _case("logprobs-reference-fp32-softcap-temp", "logprobs", impl="reference", tf=SOFT,
           bias=True),
     _case("logprobs-reference-bf16-V77", "logprobs", impl="reference", dtype="bfloat16", V=77),
+    _case("logprobs-reference-fp64-softcap", "logprobs", impl="reference", dtype="float64",
+          tf=SOFT, bias=True),
     _case("logprobs-cpp-fp32-dtensor-V77", "logprobs", V=77, bias=True, dtensor=True),
     _case("logprobs-reference-fp32-dtensor", "logprobs", impl="reference", dtensor=True),
     # policy_loss: fused (token-separable) and two-phase configurations
@@ -220,6 +222,25 @@ def _check_errors(rank, group):
         linear_logprobs(x["hidden"], one_row, x["targets"], vocab_group=group)
 
 
+def _check_opcheck(rank, group):
+    """The sharded linear_logprobs custom op passes torch.library.opcheck's schema, fake and
+    autograd-registration checks (test_logprobs.py runs the AOT one on the unsharded op, which
+    costs seconds); every rank runs the same calls."""
+    from rlfuse._vocab_parallel import shard
+
+    x = _inputs(CASES[0])
+    s, e = vocab_shard_range(123, rank, WORLD)
+    w, b, vocab = shard(x["weight"][s:e].clone(), x["bias"][s:e].clone(), group)
+    args = (x["hidden"].reshape(-1, H).requires_grad_(), w.requires_grad_(), b,
+            x["targets"].reshape(-1), 1.0, None, 1.0, -100, 5, "cpp", vocab.spec)
+    torch.library.opcheck(torch.ops.rlfuse.linear_logprobs.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+CHECKS = {"errors": _check_errors, "opcheck": _check_opcheck}
+
+
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     if any(c["impl"] == "triton" for c in CASES):
@@ -228,14 +249,17 @@ def _worker(rank, port, out_dir):
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     sub = dist.new_group(list(range(WORLD)))  # a group other than WORLD, for half the cases
     report, times = {}, {}
-    for i, c in enumerate(CASES + [dict(name="errors", impl="cpp")]):
+    for i, c in enumerate(CASES + [dict(name=n, impl="cpp") for n in CHECKS]):
         t0 = time.perf_counter()
         try:
             if c["impl"] == "cpp" and cpp_ext() is None:
                 report[c["name"]] = "skip: no C++ extension"
                 continue
             group = sub if i % 2 else dist.group.WORLD
-            _check_errors(rank, group) if c["name"] == "errors" else _check_case(c, rank, group)
+            if c["name"] in CHECKS:
+                CHECKS[c["name"]](rank, group)
+            else:
+                _check_case(c, rank, group)
             report[c["name"]] = None
         except Exception:  # noqa: BLE001 - reported to the test
             report[c["name"]] = f"rank {rank}: {traceback.format_exc()}"
@@ -276,7 +300,7 @@ def reports():
     return {name: [run["report"][name] for run in runs] for name in runs[0]["report"]}
 
 
-@pytest.mark.parametrize("name", [c["name"] for c in CASES] + ["errors"])
+@pytest.mark.parametrize("name", [c["name"] for c in CASES] + list(CHECKS))
 def test_matches_single_process(reports, name):
     got = reports[name]
     if any(r and r.startswith("skip:") for r in got):
