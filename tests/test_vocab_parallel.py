@@ -217,6 +217,8 @@ def _check_errors(rank, group):
     wr = distribute_tensor(x["weight"], init_device_mesh("cpu", (WORLD,)), [Replicate()])
     with pytest.raises(ValueError, match=r"weight: a DTensor weight must be placed \(Shard\(0\),\)"):
         linear_logprobs(x["hidden"], wr, x["targets"])
+    with pytest.raises(TypeError, match="vocab_group must be a torch.distributed ProcessGroup"):
+        linear_logprobs(x["hidden"], x["weight"][s:e], x["targets"], vocab_group="world")
     one_row = x["weight"][:1] if rank == 0 else x["weight"][1:0]  # rank 1 holds no row
     with pytest.raises(ValueError, match="at least one vocabulary row"):
         linear_logprobs(x["hidden"], one_row, x["targets"], vocab_group=group)
