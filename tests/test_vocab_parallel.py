@@ -8,6 +8,7 @@ spawned once for the module: they run every case and report each case's failure 
 traceback) or None; each test below asserts one case's report.
 """
 import datetime
+import importlib.util
 import json
 import os
 import socket
@@ -27,7 +28,7 @@ from rlfuse._backend import cpp_ext
 
 WORLD = 2
 H = 16
-HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 SOFT = dict(final_logit_softcapping=3.0, temperature=0.7)
 
 
@@ -86,7 +87,6 @@ if HAS_TRITON:  # under TRITON_INTERPRET=1 in the workers; small and few (the in
         _case("policy-triton-bf16-grpo", "policy", impl="triton", dtype="bfloat16", V=77,
               loss=dict(loss_type="grpo", beta=0.05)),
     ]
-NEEDS_CPP = {c["name"] for c in CASES if c["impl"] == "cpp"}
 
 
 # ----------------------------------------------------------------------------- one case
@@ -165,13 +165,13 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _close(name, got, want, dtype):
+def _close(name, got, want):
     """Summation order differs (two shards, dX summed over the ranks): fp32 round-off, plus
     one rounding step of the output dtype for bf16 gradients."""
+    rtol = torch.finfo(want.dtype).eps if want.dtype == torch.bfloat16 else 0.0
     got, want = _local(got).double(), want.double()
     assert got.shape == want.shape, (name, got.shape, want.shape)
     scale = max(1.0, want.abs().max().item())
-    rtol = torch.finfo(dtype).eps if want.dtype == torch.bfloat16 else 0.0
     err = (got - want).abs() - rtol * want.abs()
     assert err.max().item() <= 2e-5 * scale, (name, err.max().item(), scale)
 
@@ -194,14 +194,13 @@ def _check_case(c, rank, group):
         s, e = vocab_shard_range(c["V"], rank, WORLD)
         sharded = _run(c, x, w[s:e].clone(), None if b is None else b[s:e].clone(), group)
     assert sharded.keys() == full.keys()
-    dtype = getattr(torch, c["dtype"])
     for k, want in full.items():
         if want is None:
             assert sharded[k] is None, k
             continue
         if k in ("dW", "db"):
             want = want[s:e]
-        _close(k, sharded[k], want, dtype)
+        _close(k, sharded[k], want)
 
 
 def _check_errors(rank, group):
