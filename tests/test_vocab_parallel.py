@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 import traceback
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ import rlfuse
 from rlfuse import (PolicyLossConfig, PreferenceLossConfig, linear_logprobs, policy_loss,
                     preference_loss, vocab_shard_range)
 from rlfuse._backend import cpp_ext
+from rlfuse.logprobs import HeadOptions
 
 WORLD = 2
 H = 16
@@ -224,17 +226,20 @@ def _check_errors(rank, group):
 
 
 def _check_opcheck(rank, group):
-    """The sharded linear_logprobs custom op passes torch.library.opcheck's schema, fake and
-    autograd-registration checks (test_logprobs.py runs the AOT one on the unsharded op, which
-    costs seconds); every rank runs the same calls."""
+    """The driver's custom op, sharded, passes torch.library.opcheck's schema, fake and
+    autograd-registration checks (the AOT one costs seconds and sees nothing the unsharded op's
+    does not); every rank runs the same calls."""
+    from rlfuse import _chunked
     from rlfuse._vocab_parallel import shard
 
     x = _inputs(CASES[0])
     s, e = vocab_shard_range(123, rank, WORLD)
     w, b, vocab = shard(x["weight"][s:e].clone(), x["bias"][s:e].clone(), group)
-    args = (x["hidden"].reshape(-1, H).requires_grad_(), w.requires_grad_(), b,
-            x["targets"].reshape(-1), 1.0, None, 1.0, -100, 5, "cpp", vocab.spec)
-    torch.library.opcheck(torch.ops.rlfuse.linear_logprobs.default, args,
+    opts = asdict(HeadOptions(chunk_size=5, impl="cpp"))
+    spec = _chunked._spec_string("logprobs", opts, (True, True, True), vocab.spec)
+    args = (x["hidden"].reshape(-1, H).requires_grad_(), w.requires_grad_(),
+            b.requires_grad_(), x["targets"].reshape(-1), [], spec)
+    torch.library.opcheck(torch.ops.rlfuse.chunked_loss.default, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
 
