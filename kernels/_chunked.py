@@ -132,7 +132,7 @@ class ChunkPlan:
     ignore_index: int
     chunk: int
     impl: str
-    vocab: Optional[Any] = None
+    vocab: Optional[_vocab_parallel.VocabShard] = None
 
 
 class Inputs(NamedTuple):
