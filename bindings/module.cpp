@@ -6,8 +6,7 @@
 
 namespace {
 
-void check_chunk(const at::Tensor& z, const at::Tensor& targets, int64_t ignore_index,
-                 const char* op) {
+void check_logits(const at::Tensor& z, const at::Tensor& targets, const char* op) {
   TORCH_CHECK(z.device().is_cpu(), op, ": logits must be a CPU tensor, got ", z.device());
   TORCH_CHECK(z.dim() == 2, op, ": logits must be 2-D [C, V], got ", z.dim(), "-D");
   TORCH_CHECK(z.scalar_type() == at::kFloat, op, ": logits must be float32, got ",
@@ -17,7 +16,16 @@ void check_chunk(const at::Tensor& z, const at::Tensor& targets, int64_t ignore_
                   targets.dim() == 1 && targets.size(0) == z.size(0),
               op, ": targets must be a CPU int64 tensor of shape [", z.size(0), "], got ",
               targets.scalar_type(), " ", targets.sizes());
-  const int64_t v = z.size(1);
+}
+
+// z holds columns [vocab_start, vocab_start + V) of a vocabulary of vocab_size (-1: V) ids.
+void check_chunk(const at::Tensor& z, const at::Tensor& targets, int64_t ignore_index,
+                 const char* op, int64_t vocab_start = 0, int64_t vocab_size = -1) {
+  check_logits(z, targets, op);
+  const int64_t v = vocab_size < 0 ? z.size(1) : vocab_size;
+  TORCH_CHECK(vocab_start >= 0 && vocab_start + z.size(1) <= v, op,
+              ": the logits' columns [vocab_start, vocab_start + V) = [", vocab_start, ", ",
+              vocab_start + z.size(1), ") must lie in [0, vocab_size = ", v, ")");
   TORCH_CHECK(at::all(targets.lt(v).logical_and(targets.ge(0)).logical_or(
                   targets.eq(ignore_index))).item<bool>(),
               op, ": targets must be in [0, ", v, ") or ignore_index=", ignore_index);
@@ -44,17 +52,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_stats(
   return {lse, logp, ent};
 }
 
+at::Tensor logits_partials(const at::Tensor& z, const at::Tensor& targets, double scale,
+                           double softcap, double inv_temp, int64_t vocab_start) {
+  check_logits(z, targets, "logits_partials");
+  auto part = at::empty({4, z.size(0)}, z.options());
+  rlfuse::cpu::logits_partials(z, targets.contiguous(),
+                               {float(scale), float(softcap), float(inv_temp)}, vocab_start, part);
+  return part;
+}
+
 void logits_grad_(at::Tensor z, const at::Tensor& targets, const at::Tensor& lse,
                   const at::Tensor& entropy, const at::Tensor& a, const at::Tensor& e,
-                  double scale, double softcap, double inv_temp, int64_t ignore_index) {
-  check_chunk(z, targets, ignore_index, "logits_grad_");
+                  double scale, double softcap, double inv_temp, int64_t ignore_index,
+                  int64_t vocab_start, int64_t vocab_size) {
+  check_chunk(z, targets, ignore_index, "logits_grad_", vocab_start, vocab_size);
   const int64_t c = z.size(0);
   check_row(lse, c, "lse", "logits_grad_", at::kDouble);
   check_row(entropy, c, "entropy", "logits_grad_");
   check_row(a, c, "grad_logp", "logits_grad_");
   check_row(e, c, "grad_entropy", "logits_grad_");
   rlfuse::cpu::logits_grad_(z, targets.contiguous(), lse, entropy, a, e,
-                            {float(scale), float(softcap), float(inv_temp)}, ignore_index);
+                            {float(scale), float(softcap), float(inv_temp)}, ignore_index,
+                            vocab_start);
 }
 
 void check_gemm_operand(const at::Tensor& t, const char* name) {
@@ -87,10 +106,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "lse [C] fp64, logp, entropy [C] fp32 of a chunk of raw logits [C, V] fp32",
         py::arg("z"), py::arg("targets"), py::arg("scale"), py::arg("softcap"),
         py::arg("inv_temp"), py::arg("ignore_index"));
-  m.def("logits_grad_", &logits_grad_, "overwrite raw logits [C, V] with dL/dlogits",
+  m.def("logits_partials", &logits_partials,
+        "part [4, C] fp32 (max, sum-exp, sum p*z shifted, target logit or 0 when absent) of "
+        "a vocabulary slice [C, V] fp32 starting at global id vocab_start",
+        py::arg("z"), py::arg("targets"), py::arg("scale"), py::arg("softcap"),
+        py::arg("inv_temp"), py::arg("vocab_start"));
+  m.def("logits_grad_", &logits_grad_,
+        "overwrite raw logits [C, V] (the columns [vocab_start, vocab_start + V) of a "
+        "vocabulary of vocab_size ids; -1: V) with dL/dlogits",
         py::arg("z"), py::arg("targets"), py::arg("lse"), py::arg("entropy"), py::arg("a"),
         py::arg("e"), py::arg("scale"), py::arg("softcap"), py::arg("inv_temp"),
-        py::arg("ignore_index"));
+        py::arg("ignore_index"), py::arg("vocab_start") = 0, py::arg("vocab_size") = -1);
   m.def("has_lowp_gemm", &rlfuse::cpu::has_lowp_gemm,
         "whether gemm_f32_ takes operands of this dtype here", py::arg("dtype"));
   m.def("gemm_f32_", &gemm_f32_,

@@ -1,8 +1,6 @@
 """rlfuse: fused log-prob, entropy and RL-loss kernels for LLM post-training.
 
-This folder is installed as the package `rlfuse` (pyproject.toml maps it); run the tests and
-the CLI through their entry points (`pytest`, `rlfuse`) so that it is never also importable as a
-bare `kernels`, the name transformers probes for Hugging Face's kernels library.
+This folder is installed as the package `rlfuse` (pyproject.toml maps it).
 """
 import sys
 
@@ -21,11 +19,12 @@ else:
     from .logprobs import linear_logprobs, linear_logprobs_reference
     from .policy import PolicyLossConfig, PolicyLossOutput, kl_estimate, policy_loss
     from .preference import PreferenceLossConfig, PreferenceLossOutput, preference_loss
+    from ._vocab_parallel import vocab_shard_range
 
     __version__ = "0.1.0"
     __all__ = [
         "linear_logprobs", "linear_logprobs_reference", "LogitTransform", "IMPLS",
         "policy_loss", "PolicyLossConfig", "PolicyLossOutput", "kl_estimate",
         "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
-        "group_advantages", "gae", "value_loss", "set_lowp_gemm",
+        "group_advantages", "gae", "value_loss", "set_lowp_gemm", "vocab_shard_range",
     ]

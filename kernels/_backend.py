@@ -76,6 +76,17 @@ def epilogues(impl: str):
     raise ValueError(f"impl {impl!r} has no chunked epilogue kernels")
 
 
+def partials_epilogue(impl: str):
+    """The row-partials kernel of a vocabulary slice (the vocab-parallel ops)."""
+    if impl == "cpp":
+        return _CPP.logits_partials
+    if impl == "triton":
+        from . import _triton
+
+        return _triton.logits_partials
+    raise ValueError(f"impl {impl!r} has no chunked epilogue kernels")
+
+
 LOWP_GEMM_MODES = ("auto", "native", "upcast")
 LOWP = (torch.bfloat16, torch.float16)
 

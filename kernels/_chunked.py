@@ -1,4 +1,4 @@
-"""The one chunked driver behind every fused op.
+"""The one chunked driver behind every fused op, and its one custom-op wrapper.
 
 For N token rows, hidden H, vocab V and C rows at a time:
     Z = X_c @ W^T (+ b)                       GEMM, Z is a reused [C, V] buffer
@@ -6,9 +6,15 @@ For N token rows, hidden H, vocab V and C rows at a time:
     per-row loss math in torch on [C] vectors -> a = dL/dlogp, e = dL/dentropy
     grad_(Z) -> Z holds dL/d(raw logits)      row-wise kernel, in place
     dX_c = Z @ W ; dW += Z^T @ X_c ; db += sum_rows Z
-`forward_stats` is one GEMM per chunk, `backward` three (recompute + two), `fused_rowloss`
-three (the gradient is written during the forward). Extra memory: one [C, V] buffer plus O(N)
-row statistics, and an fp32 dW accumulator.
+Every op (linear_logprobs, policy_loss, preference_loss) calls `run`, which calls one custom op,
+`rlfuse::chunked_loss`; a loss family supplies only its loss math (a `LossMath`). A loss whose
+rows fall into independent groups that fit a chunk (single tokens, whole sequences, whole
+chosen/rejected pairs) has each chunk's gradient written during the forward: 3 GEMMs per chunk,
+6·N·H·V FLOPs. A loss coupled across the batch runs two phases inside the forward: the stats
+pass, the loss math on the [N] vectors, then a recomputing gradient pass (`backward`): 8·N·H·V.
+Either way autograd's backward only scales the saved gradients. linear_logprobs (no loss) saves
+lse and recomputes Z chunk by chunk in autograd's backward (`rlfuse::chunked_logprobs_backward`).
+Extra memory: one [C, V] buffer plus O(N) row statistics, and an fp32 dW accumulator.
 
 bf16 / fp16 inputs: where `lowp_gemm_native` says the hardware multiplies them natively, the
 GEMMs take them as they are (no fp32 weight copy) and accumulate in fp32: Z lands in the
@@ -19,12 +25,16 @@ chunks and is rounded once at the end. Elsewhere the GEMMs run in fp32 on chunk-
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+import ast
+import contextlib
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from . import _vocab_parallel
 from ._backend import LOWP, cpp_ext, epilogues, lowp_gemm_native
 from ._checks import check_number
 
@@ -112,12 +122,46 @@ def default_chunk_size(n: int, v: int, device: torch.device, dtype: torch.dtype)
     return max(1, min(n, rows))
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How the driver runs an op, resolved: the logit transform, the ignored target id, rows per
+    chunk, the impl ("cpp" or "triton") and, for the vocab-parallel ops, this rank's shard of
+    the vocabulary (weight and bias are its rows; `_vocab_parallel.VocabShard`)."""
+
+    transform: LogitTransform
+    ignore_index: int
+    chunk: int
+    impl: str
+    vocab: Optional[_vocab_parallel.VocabShard] = None
+
+
+class Inputs(NamedTuple):
+    """The LM head's inputs, flattened to rows."""
+
+    hidden: Tensor            # [N, H]
+    weight: Tensor            # [V, H]
+    bias: Optional[Tensor]    # [V]
+    targets: Tensor           # [N] int64
+
+
+Needs = tuple[bool, bool, bool]  # which of dX, dW, db to compute
+NONE: Needs = (False, False, False)
+
+
+def needs_of(inputs: Inputs) -> Needs:
+    """The gradients autograd will ask for: a frozen LM head (LoRA) skips dW, a third of the
+    GEMMs, and its weight-sized fp32 buffer."""
+    hidden, weight, bias, _ = inputs
+    return hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
+
+
 class _Gemms:
     """The three GEMMs of a chunk, on one reused logits buffer."""
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int):
+    def __init__(self, inputs: Inputs, chunk: int):
+        hidden, weight, bias, _ = inputs
+        self.inputs = inputs
         self.dtype = compute_dtype(hidden.device, hidden.dtype)
-        self.hidden = hidden
         self.w = weight.to(self.dtype)  # [V, H], a copy only when upcasting
         n, v = hidden.shape[0], weight.shape[0]
         self.chunk = chunk
@@ -127,12 +171,12 @@ class _Gemms:
         self.dz_buf: Optional[Tensor] = None  # [C, V] GEMM dtype, when the buffer is wider
 
     def ranges(self):
-        n = self.hidden.shape[0]
+        n = self.inputs.hidden.shape[0]
         for s in range(0, n, self.chunk):
             yield s, min(n, s + self.chunk)
 
     def logits(self, s: int, e: int) -> tuple[Tensor, Tensor]:
-        x = self.hidden[s:e].to(self.dtype)  # [c, H]
+        x = self.inputs.hidden[s:e].to(self.dtype)  # [c, H]
         z = self.buf[: e - s]  # [c, V]
         if self.b is not None and z.dtype == x.dtype:
             torch.addmm(self.b, x, self.w.t(), out=z)  # one pass over Z
@@ -151,130 +195,363 @@ class _Gemms:
         return self.dz_buf[: dz.shape[0]].copy_(dz)
 
 
-def forward_stats(hidden, weight, bias, targets, tf: LogitTransform, ignore_index: int,
-                  chunk: int, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """lse [N] fp64 (the gradient kernels recover z - lse from it to fp32 accuracy), logp and
-    entropy [N] fp32, from one GEMM pass."""
-    stats, _ = epilogues(impl)
-    n = hidden.shape[0]
-    out = [torch.empty(n, dtype=dt, device=hidden.device)
-           for dt in (torch.float64, torch.float32, torch.float32)]
-    if n == 0:
-        return tuple(out)
-    g = _Gemms(hidden, weight, bias, chunk)
-    for s, e in g.ranges():
-        _, z = g.logits(s, e)
-        for o, r in zip(out, stats(z, targets[s:e], *tf.kernel_args(), ignore_index)):
-            o[s:e] = r
-    return tuple(out)
-
-
-Needs = tuple[bool, bool, bool]  # which of dX, dW, db to compute
-ALL: Needs = (True, True, True)
-
-
-def needs_of(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Needs:
-    """The gradients autograd will ask for: a frozen LM head (LoRA) skips dW, a third of the
-    GEMMs, and its weight-sized fp32 buffer."""
-    return hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad
-
-
 class _GradAccumulator:
-    def __init__(self, g: _Gemms, bias: Optional[Tensor], hidden_dtype: torch.dtype,
-                 needs: Needs):
-        n, h = g.hidden.shape
-        v = g.w.shape[0]
-        dev = g.hidden.device
+    def __init__(self, g: _Gemms, needs: Needs, vocab=None):
+        hidden, weight, bias, _ = g.inputs
+        n, h = hidden.shape
+        dev = hidden.device
         acc = torch.promote_types(g.dtype, torch.float32)  # never rounded per chunk
         self.g = g
-        self.dx = torch.empty(n, h, dtype=hidden_dtype, device=dev) if needs[0] else None
-        self.dw = torch.zeros(v, h, dtype=acc, device=dev) if needs[1] else None
-        self.db = torch.zeros(v, dtype=acc, device=dev) \
+        # Vocab-parallel hook: each chunk's partial dX is summed over the ranks (async).
+        self.reducer = vocab.dx_reducer() if vocab is not None and needs[0] else None
+        dx_dtype = hidden.dtype if self.reducer is None else self.reducer.dtype(hidden.dtype)
+        self.dx = torch.empty(n, h, dtype=dx_dtype, device=dev) if needs[0] else None
+        self.dw = torch.zeros(weight.shape, dtype=acc, device=dev) if needs[1] else None
+        self.db = torch.zeros(weight.shape[0], dtype=acc, device=dev) \
             if bias is not None and needs[2] else None
 
     def add(self, s: int, e: int, x: Tensor, dz: Tensor):
         dz_op = self.g.gemm_operand(dz) if self.dx is not None or self.dw is not None else None
         if self.dx is not None:
             _mm_into(dz_op, self.g.w, self.dx[s:e])  # [c, H]
+            if self.reducer is not None:
+                self.reducer.add(self.dx[s:e])
         if self.dw is not None:
             _mm_into(dz_op.t(), x, self.dw, accumulate=True)  # [V, H] fp32
         if self.db is not None:
             self.db += dz.sum(0, dtype=self.db.dtype)
 
-    def result(self, weight: Tensor, bias: Optional[Tensor]):
+    def result(self) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        hidden, weight, bias, _ = self.g.inputs
+        if self.reducer is not None:
+            self.reducer.wait()
+            self.dx = self.dx.to(hidden.dtype)
         dw = None if self.dw is None else self.dw.to(weight.dtype)
         db = None if self.db is None else self.db.to(bias.dtype)
         return self.dx, dw, db
 
 
-def backward(grad_logp: Tensor, grad_entropy: Tensor, hidden, weight, bias, targets,
-             lse: Tensor, entropy: Tensor, tf: LogitTransform, ignore_index: int,
-             chunk: int, impl: str, needs: Needs = ALL):
-    """dX, dW, db from per-row gradients a = dL/dlogp and e = dL/dentropy (recomputes Z);
+# ----------------------------------------------------------------------------- per-chunk steps
+def _epilogues(plan: ChunkPlan):
+    # Vocab-parallel hook (_vocab_parallel.py): a VocabShard's kernels combine the row
+    # statistics over the ranks and take the global lse / entropy in the gradient.
+    return epilogues(plan.impl) if plan.vocab is None else plan.vocab.epilogues(plan.impl)
+
+
+def chunk_stats(g: _Gemms, plan: ChunkPlan, s: int, e: int):
+    """The row-stats step of rows [s, e): GEMM -> epilogue -> row stats. Returns x [c, H] (the
+    GEMM operand), z [c, V] (the raw logits, for `chunk_grad_`), lse [c] fp64 (the gradient
+    kernels recover z - lse from it to fp32 accuracy), logp and entropy [c] fp32."""
+    stats, _ = _epilogues(plan)
+    x, z = g.logits(s, e)
+    lse, logp, ent = stats(z, g.inputs.targets[s:e], *plan.transform.kernel_args(),
+                           plan.ignore_index)
+    return x, z, lse, logp, ent
+
+
+def chunk_grad_(z: Tensor, plan: ChunkPlan, targets: Tensor, lse: Tensor, entropy: Tensor,
+                grad_logp: Tensor, grad_entropy: Tensor) -> None:
+    """The backward epilogue: overwrites raw logits z [c, V] with dL/dz, from the forward's
+    lse / entropy and a = dL/dlogp, e = dL/dentropy per row ([c])."""
+    _, grad_ = _epilogues(plan)
+    grad_(z, targets, lse, entropy, grad_logp.float().contiguous(),
+          grad_entropy.float().contiguous(), *plan.transform.kernel_args(), plan.ignore_index)
+
+
+def forward_stats(inputs: Inputs, plan: ChunkPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """lse [N] fp64, logp and entropy [N] fp32, from one GEMM pass."""
+    n = inputs.hidden.shape[0]
+    out = [torch.empty(n, dtype=dt, device=inputs.hidden.device)
+           for dt in (torch.float64, torch.float32, torch.float32)]
+    if n == 0:
+        return tuple(out)
+    g = _Gemms(inputs, plan.chunk)
+    for s, e in g.ranges():
+        for o, r in zip(out, chunk_stats(g, plan, s, e)[2:]):
+            o[s:e] = r
+    return tuple(out)
+
+
+def backward(inputs: Inputs, plan: ChunkPlan, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+             grad_entropy: Tensor, needs: Needs):
+    """dX, dW, db from per-row gradients a = dL/dlogp and e = dL/dentropy ([N]; recomputes Z);
     None for those `needs` leaves out."""
-    _, grad_ = epilogues(impl)
-    g = _Gemms(hidden, weight, bias, chunk)
-    acc = _GradAccumulator(g, bias, hidden.dtype, needs)
-    a = grad_logp.float().contiguous()
-    e = grad_entropy.float().contiguous()
-    for s, t in g.ranges():
-        x, z = g.logits(s, t)
-        grad_(z, targets[s:t], lse[s:t], entropy[s:t], a[s:t], e[s:t], *tf.kernel_args(),
-              ignore_index)
-        acc.add(s, t, x, z)
-    return acc.result(weight, bias)
+    g = _Gemms(inputs, plan.chunk)
+    acc = _GradAccumulator(g, needs, plan.vocab)
+    for s, e in g.ranges():
+        x, z = g.logits(s, e)
+        chunk_grad_(z, plan, inputs.targets[s:e], lse[s:e], entropy[s:e], grad_logp[s:e],
+                    grad_entropy[s:e])
+        acc.add(s, e, x, z)
+    return acc.result()
 
 
-RowLoss = Callable[[int, int, Tensor, Tensor], Tensor]
+# ----------------------------------------------------------------------------- fused losses
+class LossMath:
+    """What a loss family supplies: its loss on per-row log-probs and entropies.
 
-
-def fused_rowloss(hidden, weight, bias, targets, tf: LogitTransform, ignore_index: int,
-                  chunk: int, impl: str, row_loss: RowLoss, needs: Optional[Needs] = None):
-    """Token-separable loss with its gradient written during the forward (3 GEMMs / chunk).
-
-    `row_loss(s, e, logp_c, entropy_c)` returns the (already normalized) contribution of rows
-    [s, e) to the scalar loss, differentiably in logp_c and entropy_c ([e - s] fp32).
-    Returns loss (fp32 scalar), logp, entropy ([N] fp32) and (dX, dW, db), each None where
-    `needs` (default: the inputs' requires_grad) leaves it out.
+    `group`: rows that must share a chunk for their share of the loss (and its gradient) to be
+    final once the chunk is through: 1 for a token-separable loss, T for a sequence-level one;
+    None when the loss couples the whole batch (two phases). `layout` reorders [N, ...] rows from
+    batch order to the order `loss` reads them in (groups contiguous), `restore` inverts it.
     """
-    stats, grad_ = epilogues(impl)
-    g = _Gemms(hidden, weight, bias, chunk)
-    acc = _GradAccumulator(g, bias, hidden.dtype, needs or needs_of(hidden, weight, bias))
+
+    group: Optional[int] = 1
+
+    def layout(self, t: Tensor) -> Tensor:
+        return t
+
+    def restore(self, t: Tensor) -> Tensor:
+        return t
+
+    def loss(self, s: int, e: int, logp: Tensor, entropy: Tensor) -> Tensor:
+        """The share of rows [s, e) (of the layout) in the scalar loss, differentiably in logp
+        and entropy ([e - s] fp32); s, e are multiples of `group` (0, N without one)."""
+        raise NotImplementedError
+
+
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                  torch._C.DispatchKey.AutogradNestedTensor)
+
+
+@contextlib.contextmanager
+def _autograd_on():
+    """Autograd inside a custom op's kernel: torch runs kernels with the autograd dispatch keys
+    excluded, and the loss math is differentiated with torch.autograd on [c] vectors there."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        excluded = excluded.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), \
+            torch.enable_grad():
+        yield
+
+
+def _loss_and_grads(math: LossMath, s: int, e: int, logp: Tensor, entropy: Tensor):
+    """The loss share of rows [s, e) (detached) and its gradients in logp and entropy."""
+    with _autograd_on():
+        lp = logp.detach().requires_grad_(True)
+        en = entropy.detach().requires_grad_(True)
+        part = math.loss(s, e, lp, en)
+        a, b = torch.autograd.grad(part, (lp, en), allow_unused=True, materialize_grads=True)
+    return part.detach(), a, b
+
+
+def _whole_groups(inputs: Inputs, plan: ChunkPlan, math: LossMath, needs: Needs):
+    """Chunks of whole groups: each chunk's loss share and gradient are final after its own
+    forward, 3 GEMMs / chunk."""
+    hidden, weight, bias, targets = inputs
+    laid = Inputs(math.layout(hidden), weight, bias, math.layout(targets))  # a copy if reordered
+    g = _Gemms(laid, plan.chunk // math.group * math.group)
+    acc = _GradAccumulator(g, needs, plan.vocab)
     n = hidden.shape[0]
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     ent = torch.zeros_like(logp)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    args = tf.kernel_args()
     for s, e in g.ranges():
-        x, z = g.logits(s, e)
-        lse_c, lp_c, en_c = stats(z, targets[s:e], *args, ignore_index)
-        lp_c.requires_grad_(True)
-        en_c.requires_grad_(True)
-        with torch.enable_grad():
-            part = row_loss(s, e, lp_c, en_c)
-            a, b = torch.autograd.grad(part, (lp_c, en_c), allow_unused=True,
-                                       materialize_grads=True)
-        grad_(z, targets[s:e], lse_c, en_c.detach(), a.contiguous(), b.contiguous(), *args,
-              ignore_index)
+        x, z, lse_c, lp_c, en_c = chunk_stats(g, plan, s, e)
+        part, a, b = _loss_and_grads(math, s, e, lp_c, en_c)
+        chunk_grad_(z, plan, laid.targets[s:e], lse_c, en_c, a, b)
         acc.add(s, e, x, z)
-        loss += part.detach()
-        logp[s:e] = lp_c.detach()
-        ent[s:e] = en_c.detach()
-    return loss, logp, ent, acc.result(weight, bias)
+        loss += part
+        logp[s:e] = lp_c
+        ent[s:e] = en_c
+    dx, dw, db = acc.result()
+    return loss, math.restore(logp), math.restore(ent), (
+        None if dx is None else math.restore(dx), dw, db)
 
 
-def scale_saved_grads(ctx, grad_output: Tensor):
-    """Backward of a loss whose gradients were written during the forward: the saved gradients
-    times the scalar grad_output. They are handed over as they are (no second weight-sized
-    buffer), so autograd may accumulate into them: a second backward through the same graph
-    is refused rather than answered with a modified tensor."""
+def run_loss(inputs: Inputs, plan: ChunkPlan, math: LossMath, needs: Needs):
+    """loss (fp32 scalar), logp, entropy ([N] fp32) and (dX, dW, db), each None where `needs`
+    leaves it out: whole groups per chunk when they fit, else two phases."""
+    if not any(needs) or math.group is None or math.group > plan.chunk:
+        n = inputs.hidden.shape[0]
+        lse, logp, ent = forward_stats(inputs, plan)
+        lp, en = math.layout(logp), math.layout(ent)
+        if not any(needs):
+            return math.loss(0, n, lp, en), logp, ent, (None, None, None)
+        loss, a, b = _loss_and_grads(math, 0, n, lp, en)
+        grads = backward(inputs, plan, lse, ent, math.restore(a), math.restore(b), needs)
+        return loss, logp, ent, grads
+    return _whole_groups(inputs, plan, math, needs)
+
+
+# ----------------------------------------------------------------------------- the custom op
+class Family(NamedTuple):
+    name: str
+    options: type  # its frozen options dataclass (a HeadOptions: transform, chunk_size, impl...)
+    math: Optional[Callable[[Any, list[Tensor]], LossMath]]  # (options, rows); None: log-probs
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(name: str, options: type, math=None) -> None:
+    """Make a family callable through `run`: `math(options, rows)` builds its LossMath from
+    the per-row tensors `run` was given (an absent one arrives as an empty tensor)."""
+    FAMILIES[name] = Family(name, options, math)
+
+
+class _Spec(NamedTuple):
+    family: Family
+    options: Any
+    plan: ChunkPlan
+    needs: Needs
+    vocab: str  # VocabShard.spec of this rank's vocabulary shard, "" for the whole vocabulary
+
+
+def _spec_string(family: str, options: dict, needs: Needs, vocab: str) -> str:
+    """The op's static configuration as one canonical string: the family, its options (chunk
+    and impl resolved), the gradients to compute and the vocabulary shard. A new string means
+    a recompile."""
+    return repr((family, tuple(options.items()), tuple(needs), vocab))
+
+
+@lru_cache(maxsize=256)
+def _parse(spec: str) -> _Spec:
+    name, options, needs, vocab = ast.literal_eval(spec)
+    family = FAMILIES[name]
+    opts = family.options(**dict(options))
+    plan = ChunkPlan(opts.transform(), opts.ignore_index, opts.chunk_size, opts.impl,
+                     _vocab_parallel.VocabShard.from_spec(vocab))
+    return _Spec(family, opts, plan, tuple(needs), vocab)
+
+
+def _grad_outputs(inputs: Inputs, grads) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX, dW, db) as op outputs: an empty tensor where a gradient is not computed."""
+    hidden, weight, bias, _ = inputs
+    like = (hidden, weight, weight if bias is None else bias)
+    return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like))
+
+
+@torch.library.custom_op("rlfuse::chunked_loss", mutates_args=())
+def _chunked_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                     rows: list[Tensor], spec: str
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """loss, logp, entropy, lse, dX, dW, db of the op `spec` names (see `run`).
+
+    A loss family computes its gradients in the forward and returns them (empty where `spec`
+    does not ask for them); autograd's backward scales them by grad_output. In eager mode they
+    are then handed over as they are (no second weight-sized buffer), so each forward supports
+    one backward: a second one through the same graph (retain_graph) raises; call the loss
+    again. For linear_logprobs (no loss: loss is 0, the gradients empty) autograd's backward
+    recomputes Z from the saved lse and can run any number of times.
+    """
+    s = _parse(spec)
+    inputs = Inputs(hidden, weight, bias, targets)
+    if s.family.math is None:
+        lse, logp, ent = forward_stats(inputs, s.plan)
+        loss, grads = torch.zeros((), dtype=torch.float32, device=hidden.device), (None,) * 3
+    else:
+        loss, logp, ent, grads = run_loss(inputs, s.plan, s.family.math(s.options, rows), s.needs)
+        lse = hidden.new_empty(0, dtype=torch.float64)
+    return (loss, logp, ent, lse, *_grad_outputs(inputs, grads))
+
+
+@_chunked_loss_op.register_fake
+def _(hidden, weight, bias, targets, rows, spec):
+    s = _parse(spec)
+    n = hidden.shape[0]
+    f32 = [hidden.new_empty(shape, dtype=torch.float32) for shape in ((), (n,), (n,))]
+    lse = hidden.new_empty(n if s.family.math is None else 0, dtype=torch.float64)
+    like = (hidden, weight, bias)
+    grads = tuple(torch.empty_like(t) if need and t is not None and s.family.math else None
+                  for t, need in zip(like, s.needs))
+    return (*f32, lse, *_grad_outputs(Inputs(hidden, weight, bias, targets), grads))
+
+
+@torch.library.custom_op("rlfuse::chunked_logprobs_backward", mutates_args=())
+def _chunked_logprobs_backward_op(grad_logp: Tensor, grad_entropy: Tensor, hidden: Tensor,
+                                  weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                                  stats: list[Tensor], spec: str
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """dX, dW, db of linear_logprobs from dL/dlogp, dL/dentropy and the forward's (lse,
+    entropy), recomputing Z; empty where `spec` does not ask for a gradient."""
+    s = _parse(spec)
+    lse, ent = stats
+    inputs = Inputs(hidden, weight, bias, targets)
+    return _grad_outputs(inputs, backward(inputs, s.plan, lse, ent, grad_logp, grad_entropy,
+                                          s.needs))
+
+
+@_chunked_logprobs_backward_op.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, spec):
+    s = _parse(spec)
+    grads = tuple(torch.empty_like(t) if need and t is not None else None
+                  for t, need in zip((hidden, weight, bias), s.needs))
+    return _grad_outputs(Inputs(hidden, weight, bias, targets), grads)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, rows, spec = inputs
+    _, _, ent, lse, *grads = output
+    s = _parse(spec)
+    ctx.spec, ctx.n_rows = spec, len(rows)
+    if s.family.math is None:
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    else:
+        ctx.save_for_backward(*(g if need else None for g, need in zip(grads, s.needs)))
+
+
+def _traced(t: Tensor) -> bool:
+    """Whether torch.compile / export / opcheck is tracing (no data-dependent Python then)."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
+def _scale_saved_grads(ctx, grad_output: Tensor):
+    """The saved gradients times the scalar grad_output. In eager mode, in place (none when
+    grad_output is 1) and handed over as they are: autograd may accumulate into them, so a
+    second backward through the same graph is refused rather than answered wrongly."""
+    grads = ctx.saved_tensors
+    g = grad_output.float()  # 0-d: a bf16 gradient times g stays bf16, computed in fp32
+    if _traced(grad_output):
+        return tuple(None if t is None else t * g for t in grads)
     if getattr(ctx, "grads_handed_over", False):
         raise RuntimeError("rlfuse fused losses compute their gradients in the forward and "
                            "support one backward per forward (retain_graph reuse is not "
                            "supported); call the loss again")
     ctx.grads_handed_over = True
-    grads = ctx.saved_tensors
     if bool(grad_output == 1):
-        return tuple(grads)
-    g = grad_output.float()  # 0-d: a bf16 gradient times g stays bf16, computed in fp32
-    return tuple(None if t is None else t * g for t in grads)
+        return grads
+    return tuple(None if t is None else t.mul_(g) for t in grads)
+
+
+def _backward(ctx, grad_loss, grad_logp, grad_entropy, *_unused):
+    s = _parse(ctx.spec)
+    if s.family.math is not None:
+        grads = _scale_saved_grads(ctx, grad_loss)
+    else:
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+        needs = (*ctx.needs_input_grad[:2], bias is not None and ctx.needs_input_grad[2])
+        zero = torch.zeros_like(ent)
+        dx, dw, db = _chunked_logprobs_backward_op(
+            zero if grad_logp is None else grad_logp, zero if grad_entropy is None else
+            grad_entropy, hidden, weight, bias, targets, [lse, ent],
+            _spec_string(s.family.name, asdict(s.options), needs, s.vocab))
+        grads = tuple(g if need else None for g, need in zip((dx, dw, db), needs))
+    return (*grads, None, [None] * ctx.n_rows, None)
+
+
+_chunked_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- the entry
+def run(family: str, options, impl: str, inputs: Inputs, rows: Sequence[Optional[Tensor]] = (),
+        vocab=None) -> tuple[Tensor, Tensor, Tensor]:
+    """The one entry of every fused op: loss (fp32 scalar, differentiable in hidden, weight and
+    bias; 0 for "logprobs"), logp and entropy ([N] fp32; differentiable for "logprobs" only).
+
+    `family` names a registered family, `options` its frozen options (a HeadOptions), `impl` the
+    resolved chunked impl; `rows` are the family's per-row tensors (None: absent), constants;
+    `vocab` this rank's VocabShard when weight and bias are its rows (vocab-parallel), or None.
+    """
+    hidden, weight = inputs.hidden, inputs.weight
+    chunk = options.chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0],
+                                                     hidden.device, hidden.dtype)
+    fam = FAMILIES[family]
+    needs = needs_of(inputs) if fam.math is not None and torch.is_grad_enabled() else NONE
+    absent = hidden.new_empty(0)
+    rows = [absent if r is None else r for r in rows]
+    loss, logp, ent, *_ = _chunked_loss_op(*inputs, rows, _spec_string(
+        family, {**asdict(options), "chunk_size": chunk, "impl": impl}, needs,
+        "" if vocab is None else vocab.spec))
+    return loss, logp, ent

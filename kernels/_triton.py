@@ -1,6 +1,7 @@
 """Triton epilogues of the chunked driver: row statistics and the in-place logits gradient.
 
-Same contract and math as csrc/cpu/epilogue.cpp. One program per row of a chunk of raw logits
+Same contract and math as csrc/cpu/epilogue.cpp (logits_partials and the vocab slice of
+logits_grad_ serve the vocab-parallel ops, kernels/_vocab_parallel.py). One program per row of a chunk of raw logits
 Z [C, V] (fp32, bf16, fp16 or fp64; upcast to fp32 in registers), looping over V in BLOCK-wide
 tiles, with z = softcap * tanh(scale * raw / softcap) * inv_temp (softcap 0: z = k * raw,
 k = scale * inv_temp):
@@ -60,10 +61,8 @@ def _transformed(raw, k, cap_in, cap_out, HAS_CAP: tl.constexpr):
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, k, cap_in, cap_out,
-                  ignore_index, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * V
+def _row_sweep(z_row, V, k, cap_in, cap_out, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """(m, s, t) of one row: its max m, s = sum exp(z - m), t = sum exp(z - m) * (z - m)."""
     cols = tl.arange(0, BLOCK)
     # Start the running max at the row's first logit: every rescale factor is then finite.
     m = _transformed(tl.load(z_row).to(tl.float32), k, cap_in, cap_out, HAS_CAP)
@@ -82,6 +81,15 @@ def _stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, k, cap_in, cap_
         s = alpha * s + tl.sum(p, axis=0)
         t = t + tl.sum(p * tl.where(mask, z - m_new, 0.0), axis=0)
         m = m_new
+    return m, s, t
+
+
+@triton.jit
+def _stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, k, cap_in, cap_out,
+                  ignore_index, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * V
+    m, s, t = _row_sweep(z_row, V, k, cap_in, cap_out, HAS_CAP, BLOCK)
     log_s = tl.log(s)
     tl.store(lse_ptr + row, m.to(tl.float64) + log_s.to(tl.float64))
 
@@ -101,14 +109,31 @@ def _stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, k, cap_in, cap_
 
 
 @triton.jit
-def _grad_kernel(z_ptr, tgt_ptr, lse_ptr, ent_ptr, a_ptr, e_ptr, V, k, cap_in, cap_out,
-                 ignore_index, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+def _partials_kernel(z_ptr, tgt_ptr, part_ptr, C, V, vocab_start, k, cap_in, cap_out,
+                     HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * V
+    m, s, t = _row_sweep(z_row, V, k, cap_in, cap_out, HAS_CAP, BLOCK)
+    j = tl.load(tgt_ptr + row) - vocab_start  # the target's column; outside [0, V): absent
+    present = (j >= 0) & (j < V)
+    raw_t = tl.load(z_row + tl.where(present, j, 0)).to(tl.float32)
+    tl.store(part_ptr + row, m)
+    tl.store(part_ptr + C + row, s)
+    tl.store(part_ptr + 2 * C + row, t)
+    tl.store(part_ptr + 3 * C + row,
+             tl.where(present, _transformed(raw_t, k, cap_in, cap_out, HAS_CAP), 0.0))
+
+
+@triton.jit
+def _grad_kernel(z_ptr, tgt_ptr, lse_ptr, ent_ptr, a_ptr, e_ptr, V, vocab_start, vocab_size, k,
+                 cap_in, cap_out, ignore_index, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * V
     cols = tl.arange(0, BLOCK)
     tgt = tl.load(tgt_ptr + row)
     keep = tgt != ignore_index
-    bad = keep & ((tgt < 0) | (tgt >= V))
+    bad = keep & ((tgt < 0) | (tgt >= vocab_size))
+    jt = tgt - vocab_start  # the target's column; outside [0, V) when absent: no one-hot term
     lse = tl.load(lse_ptr + row)  # fp64
     c = lse.to(tl.float32)
     r = (lse - c.to(tl.float64)).to(tl.float32)
@@ -127,7 +152,7 @@ def _grad_kernel(z_ptr, tgt_ptr, lse_ptr, ent_ptr, a_ptr, e_ptr, V, k, cap_in, c
             z = k * raw
             dz = k
         logp = (z - c) - r
-        g = dz * (tl.where(idx == tgt, a, 0.0) - tl.exp(logp) * (a + e * (logp + h)))
+        g = dz * (tl.where(idx == jt, a, 0.0) - tl.exp(logp) * (a + e * (logp + h)))
         g = tl.where(bad, float("nan"), tl.where(keep, g, 0.0))
         tl.store(z_row + idx, g.to(z_ptr.dtype.element_ty), mask=mask)
 
@@ -199,19 +224,42 @@ def logits_stats(z: Tensor, targets: Tensor, scale: float, softcap: float, inv_t
     return lse, logp, ent
 
 
+def logits_partials(z: Tensor, targets: Tensor, scale: float, softcap: float, inv_temp: float,
+                    vocab_start: int) -> Tensor:
+    """part [4, C] fp32 of raw logits z [C, V], the columns of global ids [vocab_start,
+    vocab_start + V): per row the max m, sum exp(z - m), sum exp(z - m)(z - m) and the target's
+    logit where the target lies in the slice, else 0 (csrc/cpu/epilogue.h)."""
+    _check_chunk(z, targets, "logits_partials")
+    c, v = z.shape
+    part = torch.empty(4, c, dtype=torch.float32, device=z.device)
+    if c:
+        with _on_device(z):
+            _partials_kernel[(c,)](z, targets.contiguous(), part, c, v, int(vocab_start),
+                                   **_launch_args(v, scale, softcap, inv_temp))
+    return part
+
+
 def logits_grad_(z: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, a: Tensor,
                  e: Tensor, scale: float, softcap: float, inv_temp: float,
-                 ignore_index: int) -> None:
+                 ignore_index: int, vocab_start: int = 0, vocab_size: int = -1) -> None:
     """Overwrite raw logits z [C, V] with dL/d(raw logits), given a = dL/dlogp and
-    e = dL/dentropy per row ([C] fp32) and the forward's lse ([C] fp64) / entropy."""
+    e = dL/dentropy per row ([C] fp32) and the forward's lse ([C] fp64) / entropy. z may be the
+    columns [vocab_start, vocab_start + V) of a vocabulary of vocab_size ids (-1: V), with the
+    full vocabulary's lse and entropy: a target outside the slice gets no one-hot term."""
     op = "logits_grad_"
     _check_chunk(z, targets, op)
     c, v = z.shape
+    vocab_size = v if vocab_size < 0 else vocab_size
+    if not 0 <= vocab_start <= vocab_size - v:
+        raise ValueError(f"{op}: the logits' columns [vocab_start, vocab_start + V) = "
+                         f"[{vocab_start}, {vocab_start + v}) must lie in [0, vocab_size = "
+                         f"{vocab_size})")
     _check_row(lse, c, z.device, "lse", op, torch.float64)
     for name, x in (("entropy", entropy), ("grad_logp", a), ("grad_entropy", e)):
         _check_row(x, c, z.device, name, op)
     if c:
         with _on_device(z):
             _grad_kernel[(c,)](z, targets.contiguous(), lse, entropy, a, e, v,
+                               int(vocab_start), int(vocab_size),
                                ignore_index=int(ignore_index),
                                **_launch_args(v, scale, softcap, inv_temp))

@@ -6,11 +6,12 @@ Algorithm. Every option reduces to a per-token loss l_n (the surrogate, times th
 and the rollout IS weight, plus beta * KL_n, minus entropy_coef * H_n) and a per-token normalizer
 w_n known before the pass (the loss type's token / sequence normalization), so that
     loss = sum_n w_n * l_n      over valid tokens (mask != 0 and target != ignore_index).
-Token-separable configurations (token-level ratio, no entropy quantile) run
-`_chunked.fused_rowloss`: the gradient is written during the forward, 6·N·H·V FLOPs, and backward
-only scales it. Coupled ones (GSPO's sequence ratio; the top-entropy threshold, a whole-batch
-statistic) run two phases through `linear_logprobs` (forward_stats, the loss math with autograd on
-[N] vectors, then the recomputing backward): 8·N·H·V FLOPs. Both hold one [C, V] chunk plus O(N)
+Through the chunked driver (`_chunked.run`, family "policy"), token-separable configurations
+(token-level ratio, no entropy quantile) and GSPO's sequence-level ratio on sequences that fit a
+chunk (whole sequences per chunk) have each chunk's gradient written during the forward:
+6·N·H·V FLOPs, and backward only scales it. The top-entropy threshold (a whole-batch statistic),
+or sequences longer than a chunk, run two phases (the stats pass, the loss math with autograd on
+[N] vectors, a recomputing gradient pass): 8·N·H·V FLOPs. Both hold one [C, V] chunk plus O(N)
 row vectors. Without a gradient to compute, one stats pass (2·N·H·V). `impl="reference"`
 materializes the logits (`linear_logprobs_reference`) and applies the same `_per_token`: the spec.
 
@@ -43,11 +44,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _chunked
+from . import _chunked, _vocab_parallel
 from ._backend import resolve
 from ._checks import check_choice, check_number, check_tensor
-from .logprobs import (HeadOptions, check_linear_inputs, linear_logprobs,
-                       linear_logprobs_reference)
+from .logprobs import HeadOptions, check_linear_inputs, linear_logprobs_reference
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "ppo")
 CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "ppo")
@@ -143,12 +143,24 @@ class _Rows:
                                   # overflow of exp)
     ref: Optional[Tensor]
     rollout: Optional[Tensor]
-    shape: Optional[tuple] = None  # (B, T) on the full rows, None on a slice
+    shape: tuple                  # (B, T); a slice of whole sequences keeps its own (b, T)
 
     def slice(self, s: int, e: int) -> "_Rows":
         cut = {f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[s:e])
                for f in fields(self) if f.name != "shape"}
-        return _Rows(**cut)
+        t = self.shape[1]
+        return _Rows(**cut, shape=((e - s) // t, t))
+
+    def pack(self) -> list[Optional[Tensor]]:
+        """The per-row tensors as the driver takes them (valid [B, T] carries the shape)."""
+        return [self.valid.view(self.shape), self.weight, self.adv, self.old, self.ref,
+                self.rollout]
+
+    @staticmethod
+    def unpack(rows: list[Tensor]) -> "_Rows":
+        valid, weight, adv, *logps = rows
+        old, ref, rollout = (None if t.numel() == 0 else t for t in logps)
+        return _Rows(valid.reshape(-1), weight, adv, old, ref, rollout, tuple(valid.shape))
 
 
 def _normalizer(cfg: PolicyLossConfig, valid: Tensor, num_items_in_batch) -> Tensor:
@@ -286,46 +298,32 @@ def _metrics(cfg: PolicyLossConfig, logp, entropy, ratio, kl, rows: _Rows) -> di
 
 
 # ----------------------------------------------------------------------------- fused path
-class _FusedPolicyLoss(torch.autograd.Function):
-    """Token-separable loss: gradients written during the forward; backward scales them."""
+class _PolicyMath(_chunked.LossMath):
+    """The driver's view of the loss: sum_n w_n * l_n over rows, whole sequences per chunk for
+    GSPO's sequence ratio, the whole batch for the top-entropy threshold."""
 
-    @staticmethod
-    def forward(ctx, hidden2d, weight, bias, run):
-        loss, logp, ent, (dx, dw, db) = run()
-        ctx.save_for_backward(dx, dw, db)
-        ctx.mark_non_differentiable(logp, ent)
-        return loss, logp, ent
+    def __init__(self, cfg: PolicyLossConfig, rows: list[Tensor]):
+        self.cfg = cfg
+        self.rows = _Rows.unpack(rows)
+        seq = cfg.importance_level == "sequence"
+        self.group = None if cfg.top_entropy_quantile < 1.0 else self.rows.shape[1] if seq else 1
 
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_logp, _grad_ent):
-        return _chunked.scale_saved_grads(ctx, grad_loss) + (None,)
+    def loss(self, s, e, logp, entropy):
+        r = self.rows.slice(s, e)
+        per_token, _, _ = _per_token(self.cfg, logp, entropy, r)
+        return (per_token * r.weight).sum()
 
 
-def _fused(cfg, hidden, weight, bias, targets, tf, rows: _Rows, impl: str):
-    x = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
-    t = targets.reshape(-1).long()             # [N]
-    chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], weight.shape[0], x.device,
-                                                          x.dtype)
-
-    def row_loss(s, e, logp_c, ent_c):
-        r = rows.slice(s, e)
-        loss, _, _ = _per_token(cfg, logp_c, ent_c, r)
-        return (loss * r.weight).sum()
-
-    def run():
-        return _chunked.fused_rowloss(x, weight, bias, t, tf, cfg.ignore_index, chunk, impl,
-                                      row_loss)
-
-    return _FusedPolicyLoss.apply(x, weight, bias, run)
+_chunked.register_family("policy", PolicyLossConfig, _PolicyMath)
 
 
 # ----------------------------------------------------------------------------- public API
 def _check(hidden, weight, targets, mask, advantages, logps: dict, bias, num_items_in_batch,
-           cfg) -> None:
+           cfg, vocab) -> None:
     if not isinstance(cfg, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
     check_tensor("hidden", hidden, dim=3, layout="[B, T, H]")
-    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index)
+    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index, vocab)
     b, t = targets.shape
     if b * t == 0:
         raise ValueError(f"hidden must hold at least one position, got shape {tuple(hidden.shape)}")
@@ -361,7 +359,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
                 ref_logp: Optional[Tensor] = None, rollout_logp: Optional[Tensor] = None,
                 bias: Optional[Tensor] = None,
                 num_items_in_batch: Optional[Union[int, float, Tensor]] = None,
-                config: PolicyLossConfig = PolicyLossConfig()
+                config: PolicyLossConfig = PolicyLossConfig(), vocab_group=None
                 ) -> tuple[Tensor, PolicyLossOutput]:
     """Policy-gradient loss of the LM head `softmax(transform(hidden @ weight^T + bias))`.
 
@@ -376,9 +374,13 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
     An all-zero mask is not an error: the loss is 0 with zero gradients and metrics["tokens"] is 0,
     as in TRL (normalizers are clamped to >= 1); micro-batches whose completions were all filtered
     (e.g. overlong filtering) are legitimate and must not stop a run.
+    vocab_group: weight and bias are this rank's vocabulary shard, as in `linear_logprobs`;
+    every other input is the same on every rank, and so are the loss and the outputs.
     """
+    weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
     logps = {"old_logp": old_logp, "ref_logp": ref_logp, "rollout_logp": rollout_logp}
-    _check(hidden, weight, targets, mask, advantages, logps, bias, num_items_in_batch, config)
+    _check(hidden, weight, targets, mask, advantages, logps, bias, num_items_in_batch, config,
+           vocab)
     cfg = config
     tf = cfg.transform()
     impl = resolve(cfg.impl, hidden.device)
@@ -387,26 +389,18 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
     dtype = torch.float64 if fp64 else torch.float32
     rows = _rows(cfg, targets, mask, advantages, old_logp, ref_logp, rollout_logp,
                  num_items_in_batch, dtype)
-    needs_grad = torch.is_grad_enabled() and any(
-        p is not None and p.requires_grad for p in (hidden, weight, bias))
-
-    if impl != "reference" and needs_grad and cfg.token_separable:
-        loss, logp, ent = _fused(cfg, hidden, weight, bias, targets, tf, rows, impl)
-        with torch.no_grad():
-            _, ratio, kl = _per_token(cfg, logp, ent, rows)
-    else:
-        if impl == "reference":
-            logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf,
-                                                  cfg.ignore_index)
-        else:  # two phases: forward_stats now, the recomputing backward from dL/dlogp, dL/dH
-            logp, ent = linear_logprobs(
-                hidden, weight, targets, bias=bias, temperature=cfg.temperature,
-                ignore_index=cfg.ignore_index, return_entropy=True, chunk_size=cfg.chunk_size,
-                impl=impl, logit_scale=cfg.logit_scale,
-                final_logit_softcapping=cfg.final_logit_softcapping)
+    if impl == "reference":
+        logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf, cfg.ignore_index,
+                                              vocab and vocab.group)
         logp, ent = logp.reshape(-1), ent.reshape(-1)
         per_token, ratio, kl = _per_token(cfg, logp, ent, rows)
         loss = (per_token * rows.weight).sum()
+    else:
+        inputs = _chunked.Inputs(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                 targets.reshape(-1).long())
+        loss, logp, ent = _chunked.run("policy", cfg, impl, inputs, rows.pack(), vocab)
+        with torch.no_grad():
+            _, ratio, kl = _per_token(cfg, logp, ent, rows)
 
     logp, ent, ratio, kl = (x.detach() for x in (logp, ent, ratio, kl))
     out = PolicyLossOutput(logp=logp.view(b, t), entropy=ent.view(b, t), kl=kl.view(b, t),

@@ -4,18 +4,20 @@ without holding the [tokens x vocab] logits.
 
 Rows [:B] of the batch are the chosen completions, rows [B:] the rejected ones (TRL's
 concatenated layout). The loss couples each chosen row with its rejected row through their
-sequence log-prob sums. For N = 2B*T token rows and chunks of C rows, the fused path picks:
-  * whole pairs (2T <= C): hidden is copied pair-major so every chunk holds complete pairs;
-    per chunk one GEMM gives the log-probs, the chunk's share of the loss (batch-level
-    normalizers are known up front) is differentiated with autograd on its [2k, T] values,
-    and two GEMMs write dX, dW (db): `fused_rowloss`, 6·N·H·V FLOPs, the minimum;
-  * two phases (long sequences): `forward_stats` for all rows (1 GEMM / chunk), the loss on
-    the [2B, T] log-probs with autograd -> a = dL/dlogp, then `backward` recomputes each
-    chunk's logits and writes the gradients (3 GEMMs / chunk): 8·N·H·V FLOPs.
+sequence log-prob sums. For N = 2B*T token rows and chunks of C rows, the chunked driver
+(`_chunked.run`, family "preference") picks:
+  * whole pairs (2T <= C): the rows are laid out pair-major (a copy of hidden) so every chunk
+    holds complete pairs; per chunk one GEMM gives the log-probs, the chunk's share of the loss
+    (batch-level normalizers are known up front) is differentiated with autograd on its [2k, T]
+    values, and two GEMMs write dX, dW (db): 6·N·H·V FLOPs, the minimum;
+  * two phases (long sequences): the stats pass for all rows (1 GEMM / chunk), the loss on the
+    [2B, T] log-probs with autograd -> a = dL/dlogp, then a pass that recomputes each chunk's
+    logits and writes the gradients (3 GEMMs / chunk): 8·N·H·V FLOPs.
 Either way the gradients are computed during the forward and the autograd backward only
 scales them by grad_output. Extra memory: one [C, V] fp32 chunk buffer + O(N) row statistics
 (+ [N, H] pair-major copies of hidden and dX on the whole-pair path), whatever T is. Under no_grad
-only the log-prob pass runs (2·N·H·V FLOPs).
+only the log-prob pass runs (2·N·H·V FLOPs). Sequence sums and metrics are computed from the
+returned log-probs, by the same `_pair_loss`.
 
 Definitions follow TRL's DPOTrainer (1.x), CPOTrainer (simpo) and ORPOTrainer (orpo); see
 `_pair_loss`. Where TRL versions differ:
@@ -36,10 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _chunked
+from . import _chunked, _vocab_parallel
 from ._backend import resolve
 from ._checks import check_choice, check_number, check_tensor
-from ._chunked import LogitTransform
 from .logprobs import HeadOptions, check_linear_inputs, linear_logprobs_reference
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
@@ -175,96 +176,55 @@ def _pair_loss(logp: Tensor, valid: Tensor, ref_logp: Optional[Tensor],
 
 
 # ----------------------------------------------------------------------------- fused path
-@dataclass(frozen=True)
-class _Plan:
-    cfg: PreferenceLossConfig
-    tf: LogitTransform
-    chunk: int
-    impl: str
-    rows: int  # 2B
-    steps: int  # T
-
-
-def _two_phase(hidden, weight, bias, targets, valid, ref_logp, p: _Plan, want_grad: bool):
-    """Phase 1 (stats), loss math with autograd on [2B, T], phase 2 (recompute + grads)."""
-    ig = p.cfg.ignore_index
-    lse, logp, ent = _chunked.forward_stats(hidden, weight, bias, targets, p.tf, ig, p.chunk,
-                                            p.impl)  # [N] fp32 each
-    lp = logp.view(p.rows, p.steps)
-    if not want_grad:
-        loss, seq, metrics = _pair_loss(lp, valid, ref_logp, p.cfg)
-        return loss, seq, metrics, None
-    with torch.enable_grad():
-        lp = lp.detach().requires_grad_(True)
-        loss, seq, metrics = _pair_loss(lp, valid, ref_logp, p.cfg)
-        (a,) = torch.autograd.grad(loss, lp)  # [2B, T] dL/dlogp
-    grads = _chunked.backward(a.reshape(-1), torch.zeros_like(logp), hidden, weight, bias,
-                              targets, lse, ent, p.tf, ig, p.chunk, p.impl,
-                              _chunked.needs_of(hidden, weight, bias))
-    return loss.detach(), seq.detach(), metrics, grads
-
-
 def _pair_major(t: Tensor, b: int, steps: int) -> Tensor:
     """[2B*T, ...] chosen-then-rejected rows -> [B*2*T, ...] with each pair's rows adjacent."""
     return t.reshape(2, b, steps, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
 
-def _whole_pairs(hidden, weight, bias, targets, valid, ref_logp, p: _Plan):
-    """Chunks of whole pairs: each chunk's loss share and gradient are final after its own
-    forward, so `fused_rowloss` needs 3 GEMMs / chunk. Costs a pair-major copy of hidden."""
-    b, steps = p.rows // 2, p.steps
-    x = _pair_major(hidden, b, steps)  # [N, H]
-    tg = _pair_major(targets, b, steps)  # [N]
-    vd = valid.view(2, b, steps)  # [2, B, T]
-    norm = (b, vd[0].sum().to(torch.float32))
-    seq = torch.zeros(2, b, dtype=torch.float32, device=hidden.device)  # [2, B]
-    metrics = torch.zeros(len(METRIC_KEYS), dtype=torch.float32, device=hidden.device)
+def _batch_order(t: Tensor, b: int, steps: int) -> Tensor:
+    """The inverse of `_pair_major`."""
+    return t.reshape(b, 2, steps, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
 
-    def row_loss(s, e, logp_c, _entropy_c):
-        p0, p1 = s // (2 * steps), e // (2 * steps)
-        lp = logp_c.view(p1 - p0, 2, steps).transpose(0, 1).reshape(-1, steps)  # [2k, T]
-        ref = None if ref_logp is None else ref_logp.view(2, b)[:, p0:p1].reshape(-1)
-        loss, seq_c, m = _pair_loss(lp, vd[:, p0:p1].reshape(-1, steps), ref, p.cfg, norm)
-        seq[:, p0:p1] = seq_c.detach().view(2, -1)
-        metrics.add_(m)
+
+class _PreferenceMath(_chunked.LossMath):
+    """The driver's view of the loss: rows in pair-major order (each chosen row next to its
+    rejected row), so that a chunk of whole pairs has its share of the loss final (batch-level
+    normalizers are known up front). Pairs longer than a chunk run two phases."""
+
+    def __init__(self, cfg: PreferenceLossConfig, rows: list[Tensor]):
+        valid, ref = rows  # [2B, T] bool, [2B] fp32 (empty: reference-free)
+        self.cfg = cfg
+        self.b, self.steps = valid.shape[0] // 2, valid.shape[1]
+        self.group = 2 * self.steps
+        self.valid = valid.view(2, self.b, self.steps)  # [2, B, T]
+        self.ref = None if ref.numel() == 0 else ref.view(2, self.b)  # [2, B]
+        self.norm = (self.b, self.valid[0].sum().to(torch.float32))
+
+    def layout(self, t):
+        return _pair_major(t, self.b, self.steps)
+
+    def restore(self, t):
+        return _batch_order(t, self.b, self.steps)
+
+    def loss(self, s, e, logp, entropy):
+        p0, p1 = s // self.group, e // self.group
+        lp = logp.view(p1 - p0, 2, self.steps).transpose(0, 1).reshape(-1, self.steps)  # [2k, T]
+        ref = None if self.ref is None else self.ref[:, p0:p1].reshape(-1)
+        valid = self.valid[:, p0:p1].reshape(-1, self.steps)
+        loss, _, _ = _pair_loss(lp, valid, ref, self.cfg, self.norm)
         return loss
 
-    chunk = (p.chunk // (2 * steps)) * 2 * steps
-    loss, _, _, (dx, dw, db) = _chunked.fused_rowloss(
-        x, weight, bias, tg, p.tf, p.cfg.ignore_index, chunk, p.impl, row_loss,
-        _chunked.needs_of(hidden, weight, bias))  # x is a copy: ask the inputs
-    if dx is not None:
-        dx = dx.view(b, 2, steps, -1).transpose(0, 1).reshape(dx.shape)  # back to batch order
-    return loss, seq.view(-1), metrics, (dx, dw, db)
 
-
-class _FusedPreferenceLoss(torch.autograd.Function):
-    """Forward computes the loss and the gradients; backward scales them by grad_output."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, valid, ref_logp, plan):
-        if 2 * plan.steps <= plan.chunk:
-            loss, seq, metrics, (dx, dw, db) = _whole_pairs(hidden, weight, bias, targets, valid,
-                                                            ref_logp, plan)
-        else:
-            loss, seq, metrics, (dx, dw, db) = _two_phase(hidden, weight, bias, targets, valid,
-                                                          ref_logp, plan, want_grad=True)
-        ctx.save_for_backward(dx, dw, db)
-        ctx.mark_non_differentiable(seq, metrics)
-        return loss, seq, metrics
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_seq, _grad_metrics):
-        return _chunked.scale_saved_grads(ctx, grad_loss) + (None,) * 4
+_chunked.register_family("preference", PreferenceLossConfig, _PreferenceMath)
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg) -> Tensor:
+def _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg, vocab) -> Tensor:
     """Validates everything; returns the valid-token mask [2B, T] bool."""
     if not isinstance(cfg, PreferenceLossConfig):
         raise TypeError(f"config must be a PreferenceLossConfig, got {type(cfg).__name__}")
     check_tensor("hidden", hidden, dim=3, layout="[2B, T, H] (chosen rows, then rejected)")
-    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index)
+    check_linear_inputs(hidden, weight, targets, bias, cfg.ignore_index, vocab)
     rows, steps = targets.shape
     if rows == 0 or rows % 2:
         raise ValueError(f"hidden.shape[0] must be even and > 0 (rows [:B] chosen, [B:] "
@@ -286,7 +246,7 @@ def _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg) -> Tensor:
 
 def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, *,
                     ref_logp: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                    config: PreferenceLossConfig = PreferenceLossConfig()
+                    config: PreferenceLossConfig = PreferenceLossConfig(), vocab_group=None
                     ) -> tuple[Tensor, PreferenceLossOutput]:
     """Pairwise preference loss over sequence log-probs under the LM head.
 
@@ -298,29 +258,27 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tenso
     Metrics follow TRL: rewards are beta * log-ratio sums (beta * average log-prob for simpo /
     orpo), logps_* are the sequence scores the loss reads (sums; averages for simpo / orpo),
     nll is the token-mean NLL of the chosen completions.
+    vocab_group: weight and bias are this rank's vocabulary shard, as in `linear_logprobs`;
+    every other input is the same on every rank, and so are the loss and the outputs.
     """
     cfg = config
-    valid = _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg)
+    weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
+    valid = _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg, vocab)
     tf = cfg.transform()
     impl = resolve(cfg.impl, hidden.device)
     rows, steps = targets.shape
     if impl == "reference":
-        logp, _ = linear_logprobs_reference(hidden, weight, targets, bias, tf, cfg.ignore_index)
+        logp, _ = linear_logprobs_reference(hidden, weight, targets, bias, tf, cfg.ignore_index,
+                                            vocab and vocab.group)
         ref = None if ref_logp is None else ref_logp.to(logp.dtype)
         loss, seq, metrics = _pair_loss(logp, valid, ref, cfg)
     else:
-        v, h = weight.shape
-        x = hidden.reshape(-1, h)  # [N, H]
-        t = targets.reshape(-1).long()  # [N]
-        chunk = cfg.chunk_size or _chunked.default_chunk_size(x.shape[0], v, x.device, x.dtype)
-        plan = _Plan(cfg, tf, chunk, impl, rows, steps)
+        inputs = _chunked.Inputs(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                 targets.reshape(-1).long())
         ref = None if ref_logp is None else ref_logp.float()
-        needs_grad = torch.is_grad_enabled() and any(
-            a is not None and a.requires_grad for a in (hidden, weight, bias))
-        if needs_grad:
-            loss, seq, metrics = _FusedPreferenceLoss.apply(x, weight, bias, t, valid, ref, plan)
-        else:
-            loss, seq, metrics, _ = _two_phase(x, weight, bias, t, valid, ref, plan, False)
+        loss, logp, _ = _chunked.run("preference", cfg, impl, inputs, [valid, ref], vocab)
+        with torch.no_grad():
+            _, seq, metrics = _pair_loss(logp.view(rows, steps), valid, ref, cfg)
     b = rows // 2
     seq = seq.detach().float()
     out = PreferenceLossOutput(seq[:b], seq[b:],

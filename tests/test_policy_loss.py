@@ -373,11 +373,15 @@ def test_frozen_head_gets_no_gradient(impl, monkeypatch):
 
 # ----------------------------------------------------------------------------- routing
 @pytest.mark.skipif(not CHUNKED_IMPLS, reason="C++ extension not built")
-@pytest.mark.parametrize("case,fused", [({}, True), ({"importance_level": "sequence"}, False),
-                                        ({"top_entropy_quantile": 0.5}, False)])
-def test_fused_only_when_token_separable(case, fused, monkeypatch):
+@pytest.mark.parametrize("case,fused", [
+    ({}, True),
+    ({"importance_level": "sequence"}, True),  # T = 7 rows fit a chunk: whole sequences
+    ({"importance_level": "sequence", "chunk_size": T - 2}, False),
+    ({"top_entropy_quantile": 0.5}, False),  # a whole-batch threshold
+])
+def test_fused_when_groups_fit_a_chunk(case, fused, monkeypatch):
     calls = {"fused": 0, "stats": 0, "backward": 0}
-    for name, key in (("fused_rowloss", "fused"), ("forward_stats", "stats"),
+    for name, key in (("_whole_groups", "fused"), ("forward_stats", "stats"),
                       ("backward", "backward")):
         orig = getattr(policy._chunked, name)
 
@@ -387,10 +391,13 @@ def test_fused_only_when_token_separable(case, fused, monkeypatch):
 
         monkeypatch.setattr(policy._chunked, name, spy)
     inp = _inputs(torch.float32, v=31)
-    cfg = PolicyLossConfig(impl="cpp", **case)
+    cfg = PolicyLossConfig(impl="cpp", **{"chunk_size": 8, **case})
     got, _ = _run(inp, cfg)
     assert calls == ({"fused": 1, "stats": 0, "backward": 0} if fused else
                      {"fused": 0, "stats": 1, "backward": 1})
+    want, _ = _run(inp, PolicyLossConfig(**{**cfg.__dict__, "impl": "reference"}))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     with torch.no_grad():  # no gradient needed: one stats pass, whatever the loss
         calls.update(fused=0, stats=0, backward=0)
         loss, _ = policy_loss(inp["x"], inp["w"], inp["t"], inp["m"], inp["adv"], bias=inp["b"],

@@ -72,12 +72,17 @@ if not INTERPRETED:
         if "nvidia" not in triton.backends.backends:
             pytest.skip("triton built without the NVIDIA backend")
         rows = {"lse_ptr": "*fp64", "logp_ptr": "*fp32", "ent_ptr": "*fp32"}
-        grads = {"lse_ptr": "*fp64", "ent_ptr": "*fp32", "a_ptr": "*fp32", "e_ptr": "*fp32"}
+        grads = {"lse_ptr": "*fp64", "ent_ptr": "*fp32", "a_ptr": "*fp32", "e_ptr": "*fp32",
+                 "V": "i32", "vocab_start": "i64", "vocab_size": "i64"}
+        partials = {"part_ptr": "*fp32", "C": "i32", "V": "i32", "vocab_start": "i64"}
         scalars = {"V": "i32", "k": "fp32", "cap_in": "fp32", "cap_out": "fp32",
                    "ignore_index": "i32", "HAS_CAP": "constexpr", "BLOCK": "constexpr"}
-        for kernel, row_args in ((_triton._stats_kernel, rows), (_triton._grad_kernel, grads)):
+        for kernel, row_args in ((_triton._stats_kernel, rows), (_triton._grad_kernel, grads),
+                                 (_triton._partials_kernel, partials)):
+            params = kernel.arg_names
             for cap in (False, True):
                 sig = {"z_ptr": f"*{zdtype}", "tgt_ptr": "*i64", **row_args, **scalars}
+                sig = {name: sig[name] for name in params}  # the kernel's own order
                 src = ASTSource(kernel, sig, constexprs={"HAS_CAP": cap, "BLOCK": 4096})
                 out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                      options={"num_warps": 8, "enable_fp_fusion": True})
@@ -276,7 +281,8 @@ else:
             assert err <= 2 * budget + atol * scale_, (err, budget, scale_)
 
     @pytest.mark.skipif(CPP is None, reason="C++ extension not built")
-    def test_fused_rowloss_matches_cpp():
+    def test_fused_loss_matches_cpp():
+        # one token-separable and one batch-coupled loss: both driver paths
         from rlfuse import _chunked
 
         n, h, v = 23, 16, 123
@@ -285,14 +291,24 @@ else:
         t[::5] = -100
         coef = torch.randn(n)
 
-        def row_loss(s, e, lp, ent):
-            return (coef[s:e] * lp).sum() / n - 0.1 * ent.sum() / n
+        class Rows(_chunked.LossMath):
+            def loss(self, s, e, lp, ent):
+                return (coef[s:e] * lp).sum() / n - 0.1 * ent.sum() / n
+
+        class Coupled(_chunked.LossMath):
+            group = None
+
+            def loss(self, s, e, lp, ent):
+                return (coef * lp).sum() ** 2 / n - 0.1 * ent.sum() / n
 
         tf = LogitTransform(0.8, 4.0, 1.3)
-        got, ref = (_chunked.fused_rowloss(x, w, b, t, tf, -100, 10, impl, row_loss)
-                    for impl in ("triton", "cpp"))
-        for g, r in zip([*got[:3], *got[3]], [*ref[:3], *ref[3]]):
-            torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4)
+        inputs = _chunked.Inputs(x, w, b, t)
+        for loss_math in (Rows(), Coupled()):
+            got, ref = (_chunked.run_loss(inputs, _chunked.ChunkPlan(tf, -100, 10, impl), loss_math,
+                                          (True, True, True))
+                        for impl in ("triton", "cpp"))
+            for g, r in zip([*got[:3], *got[3]], [*ref[:3], *ref[3]]):
+                torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4)
 
     @pytest.mark.parametrize("bad,match", [
         (lambda z, t, r: (z[0], t, r), "logits must be a 2-D"),

@@ -120,9 +120,28 @@ void logits_stats(const at::Tensor& z, const at::Tensor& targets, Transform t,
   });
 }
 
+void logits_partials(const at::Tensor& z, const at::Tensor& targets, Transform t,
+                     int64_t vocab_start, at::Tensor& part) {
+  const int64_t c = z.size(0), v = z.size(1);
+  const float* zp = z.data_ptr<float>();
+  const int64_t* tp = targets.data_ptr<int64_t>();
+  float *pm = part.data_ptr<float>(), *ps = pm + c, *pt = ps + c, *pz = pt + c;
+  at::parallel_for(0, c, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> buf(t.softcap > 0.f ? v : 0);
+    for (int64_t i = b; i < e; ++i) {
+      Row row = transformed(zp + i * v, v, t, buf.data());
+      const float mk = row.k * row_max(row.z, v);  // k > 0
+      row_sums(row.z, v, row.k, mk, ps[i], pt[i]);
+      pm[i] = mk;
+      const int64_t j = tp[i] - vocab_start;
+      pz[i] = (j >= 0 && j < v) ? row.k * row.z[j] : 0.f;
+    }
+  });
+}
+
 void logits_grad_(at::Tensor& z, const at::Tensor& targets, const at::Tensor& lse,
                   const at::Tensor& entropy, const at::Tensor& a, const at::Tensor& e,
-                  Transform t, int64_t ignore_index) {
+                  Transform t, int64_t ignore_index, int64_t vocab_start) {
   const int64_t c = z.size(0), v = z.size(1);
   float* zp = z.data_ptr<float>();
   const int64_t* tp = targets.data_ptr<int64_t>();
@@ -141,6 +160,7 @@ void logits_grad_(at::Tensor& z, const at::Tensor& targets, const at::Tensor& ls
         std::fill(row, row + v, 0.f);
         continue;
       }
+      const int64_t jt = tgt - vocab_start;  // the target's column; outside [0, v): absent
       // log p_j = (z_j - c) - r with c + r = lse (fp64 split into two floats): accurate to
       // fp32 however large lse is; z_j - sum_k p_k z_k = log p_j + entropy.
       const float c = float(lp[i]), r = float(lp[i] - double(c));
@@ -163,12 +183,12 @@ void logits_grad_(at::Tensor& z, const at::Tensor& targets, const at::Tensor& ls
         for (int64_t j = 0; j < v; ++j) {
           const float th = std::tanh(tanh_in * row[j]);
           const float lpj = (zc * th - c) - r, d = k * (1.f - th * th);
-          if (j == tgt) dt = d;
+          if (j == jt) dt = d;
           row[j] = d * std::exp(lpj) * (-ai - ei * (lpj + hi));
         }
         grad_target = dt * ai;
       }
-      row[tgt] += grad_target;
+      if (jt >= 0 && jt < v) row[jt] += grad_target;
     }
   });
 }
