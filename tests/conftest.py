@@ -1,3 +1,4 @@
+import importlib
 import sys
 
 import pytest
@@ -7,6 +8,13 @@ import rlfuse
 from rlfuse._backend import cpp_ext
 
 CHUNKED_IMPLS = ["cpp"] if cpp_ext() is not None else []
+
+
+def importable(fn):
+    """`fn` as a spawned child can unpickle it: under --import-mode=importlib a test module is
+    named `tests.<module>`, but only tests/ is on sys.path (not the repository root, so that
+    kernels/ and engine/ are not importable as bare packages): look it up by its top-level name."""
+    return getattr(importlib.import_module(fn.__module__.rpartition(".")[2]), fn.__name__)
 
 
 @pytest.fixture(autouse=True)

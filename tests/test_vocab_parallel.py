@@ -28,6 +28,8 @@ from rlfuse import (PolicyLossConfig, PreferenceLossConfig, linear_logprobs, pol
 from rlfuse._backend import cpp_ext
 from rlfuse.logprobs import HeadOptions
 
+from conftest import importable
+
 WORLD = 2
 H = 16
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -288,7 +290,7 @@ def reports():
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the children's env
     try:
         with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD,
+            ctx = mp.start_processes(importable(_worker), args=(_free_port(), out_dir), nprocs=WORLD,
                                      join=False, start_method="spawn")
             deadline = time.monotonic() + 300
             while not ctx.join(timeout=5):
