@@ -77,9 +77,15 @@ class LogitTransform:
 
 
 def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The GEMM operand dtype for `dtype` inputs on `device`."""
+    """The GEMM operand dtype for `dtype` inputs on `device`. fp32 inputs opt in to bf16 GEMMs
+    with torch's own switch, `torch.set_float32_matmul_precision("medium")`, where bf16 is
+    native: their hidden chunks and a bf16 copy of the weight (2 bytes a weight) are rounded once
+    to bf16, the GEMMs accumulate in fp32, and the rest stays fp32."""
     if dtype in LOWP:
         return dtype if lowp_gemm_native(device, dtype) else torch.float32
+    if (dtype == torch.float32 and torch.get_float32_matmul_precision() == "medium"
+            and lowp_gemm_native(device, torch.bfloat16)):
+        return torch.bfloat16
     return torch.float32 if device.type == "cpu" else dtype  # the C++ epilogue reads fp32
 
 

@@ -326,3 +326,43 @@ def test_default_chunk_is_sized_per_device():
     # a GPU gets 1-2k rows at a 128k vocabulary (bf16 logits: 2048 x 131072 x 2 B = 512 MiB)
     assert default_chunk_size(16_384, 131_072, cuda, torch.bfloat16) == 2048
     assert default_chunk_size(16_384, 262_144, cuda, torch.float32) == 1024
+
+
+@pytest.fixture
+def matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+@cpp
+def test_fp32_inputs_opt_in_to_bf16_gemms_with_torchs_precision_switch(lowp_mode,
+                                                                       matmul_precision):
+    """"medium" where bf16 is native: fp32 inputs run the GEMMs of their bf16 rounding (the same
+    numbers as bf16 inputs, fp32 gradients back); "highest" (torch's default), or no native bf16,
+    keeps exact fp32."""
+    x, w, b, t = _head_inputs(83, 40, 123, torch.float32, big=8.0)
+    b = b.bfloat16().float()  # a bias of bf16 values: both runs below add the same one
+
+    def run(x, w, b):
+        leaves = [a.detach().requires_grad_() for a in (x, w, b)]
+        lp, ent = rlfuse.linear_logprobs(leaves[0], leaves[1], t, bias=leaves[2],
+                                         return_entropy=True, chunk_size=16, impl="cpp")
+        grads = torch.autograd.grad(lp.sum() + ent.sum(), leaves)
+        return [lp, ent, *grads]
+
+    lowp_mode("native")
+    exact = rlfuse.linear_logprobs_reference(x, w, t, b)[0]
+    assert torch.allclose(run(x, w, b)[0], exact, atol=1e-5)  # "highest": fp32 GEMMs
+    matmul_precision("medium")
+    opted = run(x, w, b)
+    as_bf16 = run(x.bfloat16(), w.bfloat16(), b.bfloat16())  # the same GEMM operands
+    assert all(g.dtype == torch.float32 for g in opted)
+    for got, want in zip(opted[:2], as_bf16[:2]):  # the values: to fp32 summation order
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    # the gradients: those of bf16 inputs come back rounded to bf16, the opt-in's in fp32
+    for got, want in zip(opted[2:], as_bf16[2:]):
+        assert torch.allclose(got.bfloat16().float(), want.float(), rtol=2**-7, atol=1e-6)
+    assert (opted[0] - exact).abs().max() > 1e-4  # it did run on rounded operands
+    lowp_mode("upcast")  # a CPU without native bf16: the opt-in is a no-op
+    assert torch.allclose(run(x, w, b)[0], exact, atol=1e-5)
