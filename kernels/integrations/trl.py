@@ -319,6 +319,8 @@ class GRPOTrainer(trl.GRPOTrainer):
             m["kl"].append(global_masked_mean(kl))
         m["entropy"].append(global_masked_mean(entropies))
         if self.loss_type in CLIPPED:
+            if self.args.delta is not None:  # TRL's clip metrics read the delta-clamped ratio
+                coef_1 = coef_1.clamp(max=self.args.delta)
             low = ((coef_1 < 1 - self.epsilon_low) & (advantages < 0)).float()
             high = ((coef_1 > 1 + self.epsilon_high) & (advantages > 0)).float()
             m["clip_ratio/low_mean"].append(global_masked_mean(low))
