@@ -75,6 +75,18 @@ def _assert_same_training(ref, ours, loss_ref, loss_ours, mode="train"):
         assert got[k] == pytest.approx(want[k], rel=RTOL, abs=ATOL, nan_ok=True), k
 
 
+def _count_calls(monkeypatch, name: str) -> list:
+    """Record each call of rlfuse's op `name` as the integration sees it."""
+    calls, op = [], getattr(rtrl, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(rtrl, name, counted)
+    return calls
+
+
 # ----------------------------------------------------------------------------- GRPO
 def _reward(prompts, completions, **kw):
     return [float(c.count("1")) - 0.1 * len(c) for c in completions]
@@ -141,7 +153,7 @@ def _grpo_step(trainer, inputs, mode):
 
 
 @pytest.mark.parametrize("case", list(GRPO_CASES) + list(GRPO_FALLBACKS))
-def test_grpo_compute_loss_matches_trl(model_dir, tmp_path, case):
+def test_grpo_compute_loss_matches_trl(model_dir, tmp_path, case, monkeypatch):
     kw, warn = GRPO_CASES.get(case), None
     if case in GRPO_FALLBACKS:
         kw, warn = GRPO_FALLBACKS[case]
@@ -152,13 +164,15 @@ def test_grpo_compute_loss_matches_trl(model_dir, tmp_path, case):
                           tool_mask=case == "tool_mask")
     mode = "eval" if case == "eval_mode" else "train"
     loss_ref = _grpo_step(ref, inputs, mode)
+    fused, scored = (_count_calls(monkeypatch, n) for n in ("policy_loss", "linear_logprobs"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss_ours = _grpo_step(ours, inputs, mode)
     ours_warnings = [str(w.message) for w in caught if "rlfuse.integrations.trl" in str(w.message)]
-    if warn is None:
-        assert ours_warnings == []
-    else:
+    if warn is None:  # rlfuse's fused loss ran, and nothing else scored the tokens
+        assert ours_warnings == [] and fused == ["policy_loss"] and scored == []
+    else:  # TRL's loss math, on rlfuse's log-probs
+        assert fused == [] and scored == ["linear_logprobs"]
         assert len(ours_warnings) == 1 and warn in ours_warnings[0], ours_warnings
         _grpo_step(ours, inputs, mode)  # the warning is one-time
         ours._metrics[mode].clear()
@@ -260,10 +274,14 @@ DPO_CASES = {
 
 
 @pytest.mark.parametrize("case", list(DPO_CASES))
-def test_dpo_compute_loss_matches_trl(model_dir, tmp_path, case):
+def test_dpo_compute_loss_matches_trl(model_dir, tmp_path, case, monkeypatch):
     kw = DPO_CASES[case]
+    scored = _count_calls(monkeypatch, "linear_logprobs")
     trainers = [_dpo(cls, model_dir, tmp_path / name, **kw)
                 for name, cls in (("trl", trl.DPOTrainer), ("ours", rtrl.DPOTrainer))]
+    precompute = kw.get("precompute_ref_log_probs", False)
+    assert bool(scored) == precompute  # rlfuse scored the reference in our constructor
+    scored.clear()
     losses = []
     for t in trainers:
         if kw.get("precompute_ref_log_probs"):
@@ -280,6 +298,8 @@ def test_dpo_compute_loss_matches_trl(model_dir, tmp_path, case):
         loss.backward()
         losses.append(loss.detach())
     ref, ours = trainers
+    assert len(scored) == (1 if precompute else 2)  # the policy, and the reference
+
     _assert_same_training(ref, ours, *losses)
     assert {"rewards/chosen", "logps/rejected", "logits/chosen", "entropy",
             "mean_token_accuracy"} <= ref._metrics["train"].keys()

@@ -178,7 +178,8 @@ def _install_heads(trainer) -> None:
         amp = "_original_forward" in m.__dict__
         head = _Head(m.__dict__["_original_forward" if amp else "forward"])
         if head.unsupported:
-            _warn_once(trainer, *head.unsupported)
+            option, why = head.unsupported
+            _warn_once(trainer, option, f"{why}; TRL's own LM head runs for this model")
 
         @functools.wraps(type(m).forward)  # generate validates model kwargs against it
         def forward(self, *args, _head=head, **kwargs):
