@@ -327,3 +327,33 @@ def test_dpo_training_matches_trl(model_dir, tmp_path):
         for k, v in h_ref.items():
             assert h_ours[k] == pytest.approx(v, rel=RTOL, abs=1e-5), k
     _assert_same_parameters(ref.model, ours.model, model_dir)
+
+
+def test_grpo_lora_matches_trl(model_dir, tmp_path, monkeypatch):
+    """A LoRA policy: rlfuse's head on the PEFT base model, the reference = adapter off."""
+    peft = pytest.importorskip("peft")
+    trainers = []
+    for name, cls in (("trl", trl.GRPOTrainer), ("ours", rtrl.GRPOTrainer)):
+        torch.manual_seed(0)  # the same adapter initialization
+        args = trl.GRPOConfig(num_generations=4, max_completion_length=8,
+                              per_device_train_batch_size=4, beta=0.1, loss_type="grpo",
+                              **_common(tmp_path / name))
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                               init_lora_weights=False)  # nonzero B: the adapter matters
+        trainers.append(cls(model=model_dir, reward_funcs=_reward, args=args,
+                            train_dataset=datasets.Dataset.from_list([{"prompt": "1+1="}] * 4),
+                            processing_class=char_tokenizer(), peft_config=lora))
+    ref, ours = trainers
+    fused = _count_calls(monkeypatch, "policy_loss")
+    inputs = _grpo_inputs(len(ours.processing_class))
+    with torch.no_grad():  # the reference log-probs through each trainer's own head
+        for t in trainers:
+            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+            am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+            with t.accelerator.unwrap_model(t.model).disable_adapter():
+                t._ref, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, am, 7)
+    torch.testing.assert_close(ours._ref, ref._ref, rtol=RTOL, atol=ATOL)
+    losses = [_grpo_step(t, {**inputs, "ref_per_token_logps": t._ref}, "train")
+              for t in trainers]
+    assert fused == ["policy_loss"]
+    _assert_same_training(ref, ours, *losses)
