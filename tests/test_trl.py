@@ -134,6 +134,9 @@ GRPO_CASES = {
     "tool_mask": dict(loss_type="grpo"),
     "on_policy_no_old": dict(loss_type="grpo", beta=0.1),
     "eval_mode": dict(loss_type="dapo", beta=0.1),
+    # vLLM's importance-sampling weight, as TRL's generation step leaves it in the batch
+    "vllm_is_token": dict(loss_type="grpo", beta=0.1),
+    "vllm_is_sequence": dict(loss_type="dapo"),
 }
 GRPO_FALLBACKS = {
     "luspo": (dict(loss_type="luspo"), "loss_type='luspo'"),
@@ -162,6 +165,13 @@ def test_grpo_compute_loss_matches_trl(model_dir, tmp_path, case, monkeypatch):
     ours = _grpo(rtrl.GRPOTrainer, model_dir, tmp_path / "ours", **kw)
     inputs = _grpo_inputs(len(ours.processing_class), old=case != "on_policy_no_old",
                           tool_mask=case == "tool_mask")
+    if case.startswith("vllm_is"):  # no vllm here: set what TRL's use_vllm path reads
+        b, k = inputs["completion_mask"].shape
+        w = torch.rand(b, k if case == "vllm_is_token" else 1) * 3
+        w[w > 2.5] = 0  # TRL's masked (token_mask / sequence_mask) weights
+        inputs["importance_sampling_ratio"] = w
+        for t in (ref, ours):
+            t.use_vllm = t.vllm_importance_sampling_correction = True
     mode = "eval" if case == "eval_mode" else "train"
     loss_ref = _grpo_step(ref, inputs, mode)
     fused, scored = (_count_calls(monkeypatch, n) for n in ("policy_loss", "linear_logprobs"))

@@ -203,6 +203,17 @@ def _head_of(model) -> _Head:
 
 
 # ----------------------------------------------------------------------------- GRPO
+def _sampler_weight_as_rollout(weight: Tensor, old: Tensor) -> tuple[Tensor, float]:
+    """TRL's precomputed sampler weight w >= 0 ([B, T] or [B, 1], finite) in rlfuse's rollout
+    correction, which weighs each token by exp(old - rollout): rollout = old - log(w) gives w back
+    (to fp32 rounding) under mode "mis" with a cap c above every w, and w = 0 (TRL's masked
+    tokens or sequences) is sent as 2c, which "mis" zeroes. -> (rollout [B, T], c)."""
+    w = weight.float().expand_as(old)
+    cap = 2.0 * float(w.max()) + 1.0
+    w = torch.where(w > 0, w, torch.full_like(w, 2 * cap))
+    return old - torch.log(w), cap
+
+
 class GRPOTrainer(trl.GRPOTrainer):
     """`trl.GRPOTrainer` with the loss, the old and the reference log-probs computed by rlfuse's
     fused ops (module docstring). Same constructor and `trl.GRPOConfig`."""
@@ -216,9 +227,11 @@ class GRPOTrainer(trl.GRPOTrainer):
         lt = self.loss_type
         if lt not in FUSED_LOSS_TYPES:
             return f"loss_type={lt!r}", "not an rlfuse loss type"
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        if self._sampler_weight(inputs) is not None and (
+                inputs.get("old_per_token_logps") is None
+                or not bool(torch.isfinite(inputs["importance_sampling_ratio"]).all())):
             return ("vllm_importance_sampling_correction",
-                    "TRL's sampler-ratio modes are not rlfuse's rollout_correction")
+                    "a non-finite sampler weight, or no old log-probs to encode it against")
         if self.off_policy_mask_threshold is not None:
             return "off_policy_mask_threshold", "a sequence mask from the new log-probs"
         if self._entropy_bonus_enabled:
@@ -237,10 +250,17 @@ class GRPOTrainer(trl.GRPOTrainer):
             return f"inputs {extra}", "multimodal inputs"
         return None
 
-    def _loss_config(self, head: _Head) -> PolicyLossConfig:
+    def _sampler_weight(self, inputs) -> Optional[Tensor]:
+        """TRL's vLLM importance-sampling weight ([B, T] or [B, 1]) where the loss applies it."""
+        if self.use_vllm and self.vllm_importance_sampling_correction and \
+                self.loss_type != "vespo":
+            return inputs["importance_sampling_ratio"]
+        return None
+
+    def _loss_config(self, head: _Head, **rollout) -> PolicyLossConfig:
         """TRL's loss options as rlfuse's (the mapping table is the README's)."""
         lt, a = self.loss_type, self.args
-        return PolicyLossConfig(
+        return PolicyLossConfig(**rollout,
             loss_type=lt, importance_level=self.importance_sampling_level,
             eps_low=self.epsilon_low,
             # TRL's cispo caps the ratio at epsilon_high; rlfuse's at 1 + eps_high
@@ -279,10 +299,17 @@ class GRPOTrainer(trl.GRPOTrainer):
                 num_items = num_items * accum / self.args.steps_per_generation
             accum = 1
 
+        rollout_logp, rollout = None, {}
+        if self._sampler_weight(inputs) is not None:
+            rollout_logp, cap = _sampler_weight_as_rollout(self._sampler_weight(inputs), old)
+            rollout = {"rollout_correction": "mis", "rollout_correction_cap": cap}
+
         def fused_loss(hidden, shifted_labels, weight, bias, head):
             return policy_loss(hidden[:, -k:], weight, shifted_labels[:, -k:], mask,
-                               inputs["advantages"], old_logp=old, ref_logp=ref, bias=bias,
-                               num_items_in_batch=num_items, config=self._loss_config(head))
+                               inputs["advantages"], old_logp=old, ref_logp=ref,
+                               rollout_logp=rollout_logp, bias=bias,
+                               num_items_in_batch=num_items,
+                               config=self._loss_config(head, **rollout))
 
         loss, out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                           fused_lm_head=True, rlfuse_loss=fused_loss)
