@@ -21,6 +21,25 @@ own patch so the two cannot disagree:
 GRPO options the fused loss does not reproduce exactly run TRL's own `_compute_loss` (over
 rlfuse's log-probs), and head features rlfuse lacks run TRL's own head; each says so once, in a
 warning naming the option (`GRPOTrainer._fallback`, `_Head.unsupported`).
+
+GRPO: TRL option -> rlfuse's PolicyLossConfig (fused), or the fallback
+    loss_type grpo bnpo dr_grpo dapo cispo sapo    loss_type (same normalizers; TRL's division
+                                                   by the accumulation steps is applied here)
+    loss_type luspo, vespo                         fallback
+    epsilon, epsilon_high                          eps_low, eps_high (cispo: epsilon_high - 1;
+                                                   fallback below 1)
+    delta, importance_sampling_level, sapo_*       delta, importance_level, sapo_temperature_*
+    beta, use_bias_correction_kl                   beta, kl_estimator="k3", kl_times_ratio
+    num_items_in_batch (dapo, cispo)               num_items_in_batch: TRL's count / processes
+                                                   x accumulation / steps_per_generation
+    top_entropy_quantile                           top_entropy_quantile (1 process; fallback
+                                                   on more: TRL's quantile spans processes)
+    vllm_importance_sampling_correction (any mode) rollout_correction="mis" encoding TRL's
+                                                   weight (`_sampler_weight_as_rollout`)
+    mask_truncated_completions, tool_mask          the masks TRL leaves in the batch
+    temperature, logit_scale, softcapping, cast_lm_head_to_fp32   the head's options
+    entropy_coef / use_adaptive_entropy, off_policy_mask_threshold, router aux loss,
+    multimodal inputs                              fallback
 """
 from __future__ import annotations
 
@@ -37,13 +56,12 @@ from accelerate.utils import (convert_outputs_to_fp32, get_mixed_precision_conte
 from torch import Tensor
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx, nanmax, nanmin
 
-from .._chunked import LogitTransform
-from ..logprobs import linear_logprobs
-from ..policy import CLIPPED, PolicyLossConfig, policy_loss
+from .. import LogitTransform, PolicyLossConfig, linear_logprobs, policy_loss
 
 __all__ = ["GRPOTrainer", "DPOTrainer"]
 
 FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")  # the fused ones TRL clips (and logs clip_ratio/*)
 # Batch keys of multimodal models, whose backbones take extra inputs and slice them per row.
 MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
               "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -89,10 +107,10 @@ class _Head:
 
     def __init__(self, trl_forward):
         func = getattr(trl_forward, "__func__", None)
-        if func is None or "backbone_attr" not in inspect.getclosurevars(func).nonlocals:
+        env = {} if func is None else inspect.getclosurevars(func).nonlocals
+        if "backbone_attr" not in env:
             raise RuntimeError("rlfuse.integrations.trl: the model has no TRL fused LM head to "
                                "replace (this integration is written against trl==1.16.0)")
-        env = inspect.getclosurevars(func).nonlocals
         self.trl_forward = trl_forward
         self.backbone_attr = env["backbone_attr"]
         self.cast_fp32 = env["cast_lm_head_to_fp32"]
@@ -258,9 +276,9 @@ class GRPOTrainer(trl.GRPOTrainer):
         return None
 
     def _loss_config(self, head: _Head, **rollout) -> PolicyLossConfig:
-        """TRL's loss options as rlfuse's (the mapping table is the README's)."""
+        """TRL's loss options as rlfuse's (the table in the module docstring)."""
         lt, a = self.loss_type, self.args
-        return PolicyLossConfig(**rollout,
+        return PolicyLossConfig(
             loss_type=lt, importance_level=self.importance_sampling_level,
             eps_low=self.epsilon_low,
             # TRL's cispo caps the ratio at epsilon_high; rlfuse's at 1 + eps_high
@@ -270,7 +288,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             top_entropy_quantile=self.top_entropy_quantile,
             max_completion_length=self.max_completion_length if lt == "dr_grpo" else None,
             sapo_temperature_pos=a.sapo_temperature_pos,
-            sapo_temperature_neg=a.sapo_temperature_neg, **head.options)
+            sapo_temperature_neg=a.sapo_temperature_neg, **head.options, **rollout)
 
     def _compute_loss(self, model, inputs):
         head = _head_of(model)
@@ -286,7 +304,7 @@ class GRPOTrainer(trl.GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         k = completion_ids.size(1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = completion_mask * inputs["tool_mask"] if "tool_mask" in inputs else completion_mask
         labels = input_ids.masked_fill(attention_mask == 0, -100)  # TRL's labels
         labels[:, :-k] = -100
         old = inputs.get("old_per_token_logps")
