@@ -131,6 +131,7 @@ GRPO_CASES = {
     "gspo_sequence": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.1),
     "top_entropy": dict(top_entropy_quantile=0.5),
     "temperature": dict(temperature=0.7, loss_type="bnpo"),
+    "cast_lm_head_to_fp32": dict(cast_lm_head_to_fp32=True, beta=0.1),
     "tool_mask": dict(loss_type="grpo"),
     "on_policy_no_old": dict(loss_type="grpo", beta=0.1),
     "eval_mode": dict(loss_type="dapo", beta=0.1),
