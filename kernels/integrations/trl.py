@@ -152,11 +152,14 @@ class _Head:
         if isinstance(weight, torch.distributed.tensor.DTensor):  # FSDP2: gather the head once
             weight = weight.full_tensor()
             bias = None if bias is None else bias.full_tensor()
+        dev = hidden.device.type
         if self.cast_fp32:
             hidden = hidden.float()
-        # rlfuse picks its own GEMM dtype per device (fp32 accumulation); autocast would recast
-        # its chunk GEMMs.
-        with torch.autocast(hidden.device.type, enabled=False), \
+        elif torch.is_autocast_enabled(dev):  # TRL's head multiplies in the autocast dtype
+            hidden = hidden.to(torch.get_autocast_dtype(dev))
+        # From here rlfuse's dtype rule (bf16 / fp16 operands where the hardware has them, fp32
+        # accumulation): autocast would recast its chunk GEMMs.
+        with torch.autocast(dev, enabled=False), \
                 maybe_gather_lm_head_ctx(weight, bias):
             if rlfuse_loss is not None:
                 return rlfuse_loss(hidden, labels, weight, bias, self)
