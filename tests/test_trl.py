@@ -193,9 +193,10 @@ def test_grpo_compute_loss_matches_trl(model_dir, tmp_path, case, monkeypatch):
     _assert_same_training(ref, ours, loss_ref, loss_ours, mode)
 
 
-def test_grpo_training_matches_trl(model_dir, tmp_path):
+def test_grpo_training_matches_trl(model_dir, tmp_path, monkeypatch):
     """SGD steps with accumulation 2, steps_per_generation 2, num_iterations 2 (old log-probs
     computed and used), beta > 0 (reference log-probs), TRL's default loss (dapo)."""
+    fused = _count_calls(monkeypatch, "policy_loss")
     runs = {}
     for name, cls in (("trl", trl.GRPOTrainer), ("ours", rtrl.GRPOTrainer)):
         seen = []
@@ -208,8 +209,12 @@ def test_grpo_training_matches_trl(model_dir, tmp_path):
                   gradient_accumulation_steps=2, steps_per_generation=2, num_iterations=2,
                   beta=0.1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
                   temperature=0.9)
-        t.train()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t.train()
+        assert not [w for w in caught if "rlfuse.integrations.trl" in str(w.message)]
         runs[name] = (t, seen)
+    assert len(fused) == 4 * 2  # every micro-batch's loss was rlfuse's fused one
     (ref, ref_seen), (ours, ours_seen) = runs["trl"], runs["ours"]
     assert len(ref_seen) == 2 and ours_seen == ref_seen  # two generation rounds, same samples
     logs_ref = [{k: v for k, v in h.items() if k not in TIMED} for h in ref.state.log_history]
