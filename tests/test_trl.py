@@ -326,6 +326,14 @@ def test_dpo_weighting_falls_back_with_a_warning(model_dir, tmp_path):
         _dpo(rtrl.DPOTrainer, model_dir, tmp_path, use_weighting=True)
 
 
+def test_dpo_top1_pass_is_announced_once(model_dir, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _dpo(rtrl.DPOTrainer, model_dir, tmp_path, precompute_ref_log_probs=True)
+    said = [w for w in caught if "mean_token_accuracy" in str(w.message)]
+    assert len(said) == 1
+
+
 def test_dpo_training_matches_trl(model_dir, tmp_path):
     runs = {}
     for name, cls in (("trl", trl.DPOTrainer), ("ours", rtrl.DPOTrainer)):

@@ -201,6 +201,11 @@ def _install_heads(trainer) -> None:
         if head.unsupported:
             option, why = head.unsupported
             _warn_once(trainer, option, f"{why}; TRL's own LM head runs for this model")
+        elif "is_top1" in head.outputs:
+            _warn_once(trainer, "mean_token_accuracy",
+                       "rlfuse's epilogue does not emit the row max yet, so is_top1 (and the "
+                       "mean logit) come from an extra no-grad pass over the LM head "
+                       "(2 x tokens x hidden x vocab FLOPs per step)")
 
         @functools.wraps(type(m).forward)  # generate validates model kwargs against it
         def forward(self, *args, _head=head, **kwargs):
