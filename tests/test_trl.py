@@ -135,6 +135,11 @@ GRPO_CASES = {
     "tool_mask": dict(loss_type="grpo"),
     "on_policy_no_old": dict(loss_type="grpo", beta=0.1),
     "eval_mode": dict(loss_type="dapo", beta=0.1),
+    # TRL's entropy bonus (a token mean over the mask) where rlfuse's entropy_coef can carry it
+    "entropy_bonus_bnpo": dict(loss_type="bnpo", entropy_coef=0.05),
+    "entropy_bonus_dapo": dict(entropy_coef=0.05, beta=0.1),
+    "entropy_bonus_dr_grpo": dict(loss_type="dr_grpo", entropy_coef=0.05),
+    "entropy_bonus_cispo_eval": dict(loss_type="cispo", epsilon_high=1.1, entropy_coef=0.05),
     # vLLM's importance-sampling weight, as TRL's generation step leaves it in the batch
     "vllm_is_token": dict(loss_type="grpo", beta=0.1),
     "vllm_is_sequence": dict(loss_type="dapo"),
@@ -142,7 +147,8 @@ GRPO_CASES = {
 GRPO_FALLBACKS = {
     "luspo": (dict(loss_type="luspo"), "loss_type='luspo'"),
     "vespo": (dict(loss_type="vespo"), "loss_type='vespo'"),
-    "entropy_bonus": (dict(loss_type="grpo", entropy_coef=0.01), "entropy_coef"),
+    "entropy_bonus_grpo": (dict(loss_type="grpo", entropy_coef=0.01), "entropy_coef"),
+    "adaptive_entropy": (dict(loss_type="bnpo", use_adaptive_entropy=True), "entropy_coef"),
     "cispo_cap_below_1": (dict(loss_type="cispo", epsilon_high=0.28), "epsilon_high"),
 }
 
@@ -173,7 +179,7 @@ def test_grpo_compute_loss_matches_trl(model_dir, tmp_path, case, monkeypatch):
         inputs["importance_sampling_ratio"] = w
         for t in (ref, ours):
             t.use_vllm = t.vllm_importance_sampling_correction = True
-    mode = "eval" if case == "eval_mode" else "train"
+    mode = "eval" if "eval" in case else "train"
     loss_ref = _grpo_step(ref, inputs, mode)
     fused, scored = (_count_calls(monkeypatch, n) for n in ("policy_loss", "linear_logprobs"))
     with warnings.catch_warnings(record=True) as caught:

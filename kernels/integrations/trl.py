@@ -38,8 +38,9 @@ GRPO: TRL option -> rlfuse's PolicyLossConfig (fused), or the fallback
                                                    weight (`_sampler_weight_as_rollout`)
     mask_truncated_completions, tool_mask          the masks TRL leaves in the batch
     temperature, logit_scale, softcapping, cast_lm_head_to_fp32   the head's options
-    entropy_coef / use_adaptive_entropy, off_policy_mask_threshold, router aux loss,
-    multimodal inputs                              fallback
+    entropy_coef (bnpo dr_grpo dapo cispo)         entropy_coef rescaled to TRL's token mean
+    entropy_coef (grpo sapo; with the quantile), use_adaptive_entropy,
+    off_policy_mask_threshold, router aux loss, multimodal inputs      fallback
 """
 from __future__ import annotations
 
@@ -260,9 +261,11 @@ class GRPOTrainer(trl.GRPOTrainer):
                     "a non-finite sampler weight, or no old log-probs to encode it against")
         if self.off_policy_mask_threshold is not None:
             return "off_policy_mask_threshold", "a sequence mask from the new log-probs"
-        if self._entropy_bonus_enabled:
+        if self._entropy_bonus_enabled and (self.use_adaptive_entropy or lt in ("grpo", "sapo")
+                                            or self.top_entropy_quantile < 1.0):
             return ("entropy_coef / use_adaptive_entropy",
-                    "TRL's bonus is a token mean outside the loss type's normalizer")
+                    "TRL's bonus is a token mean that rlfuse's entropy_coef matches only at a "
+                    "fixed coefficient, on all tokens, under a per-token-constant normalizer")
         if self.top_entropy_quantile < 1.0 and self.accelerator.num_processes > 1:
             return "top_entropy_quantile", "TRL's threshold is a quantile across processes"
         if self.aux_loss_enabled:
@@ -283,7 +286,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             return inputs["importance_sampling_ratio"]
         return None
 
-    def _loss_config(self, head: _Head, **rollout) -> PolicyLossConfig:
+    def _loss_config(self, head: _Head, **extra) -> PolicyLossConfig:
         """TRL's loss options as rlfuse's (the table in the module docstring)."""
         lt, a = self.loss_type, self.args
         return PolicyLossConfig(
@@ -296,7 +299,7 @@ class GRPOTrainer(trl.GRPOTrainer):
             top_entropy_quantile=self.top_entropy_quantile,
             max_completion_length=self.max_completion_length if lt == "dr_grpo" else None,
             sapo_temperature_pos=a.sapo_temperature_pos,
-            sapo_temperature_neg=a.sapo_temperature_neg, **head.options, **rollout)
+            sapo_temperature_neg=a.sapo_temperature_neg, **head.options, **extra)
 
     def _compute_loss(self, model, inputs):
         head = _head_of(model)
@@ -318,12 +321,25 @@ class GRPOTrainer(trl.GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1
-        num_items = None
+        num_items, scale = None, 1.0 / accum  # scale: of the op's loss, as TRL scales its own
         if self.loss_type in ("dapo", "cispo"):  # TRL's normalizer: generation batch -> window
             num_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_items = num_items * accum / self.args.steps_per_generation
-            accum = 1
+            scale = 1.0
+        entropy_coef, w = 0.0, 0.0
+        if self._entropy_bonus_enabled:
+            # TRL's bonus is entropy_coef * (sum of H over the mask / its count) / accum; rlfuse's
+            # is scale * c * w * (sum of H over the mask), w its per-token weight (constant for
+            # the loss types that get here, see _fallback).
+            count = float(mask.sum().clamp(min=1.0))
+            if num_items is not None:  # dapo, cispo
+                w = 1.0 / float(num_items)
+            elif self.loss_type == "dr_grpo":
+                w = 1.0 / (mask.shape[0] * self.max_completion_length)
+            else:  # bnpo
+                w = 1.0 / count
+            entropy_coef = self.entropy_coef / (count * w * scale * accum)
 
         rollout_logp, rollout = None, {}
         if self._sampler_weight(inputs) is not None:
@@ -335,12 +351,19 @@ class GRPOTrainer(trl.GRPOTrainer):
                                inputs["advantages"], old_logp=old, ref_logp=ref,
                                rollout_logp=rollout_logp, bias=bias,
                                num_items_in_batch=num_items,
-                               config=self._loss_config(head, **rollout))
+                               config=self._loss_config(head, entropy_coef=entropy_coef,
+                                                        **rollout))
 
         loss, out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                           fused_lm_head=True, rlfuse_loss=fused_loss)
+        if self._entropy_bonus_enabled:  # TRL's logs: the loss before the bonus, the coefficient
+            bonus = entropy_coef * w * (out.entropy * mask).sum()
+            self._metrics[mode]["policy_loss"].append(
+                self.accelerator.gather(loss.detach() + bonus).nanmean().item())
+            if mode == "train" and self.accelerator.sync_gradients:
+                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         self._log_loss_metrics(mode, out.logp, out.entropy, old, ref, inputs["advantages"], mask)
-        return loss / accum
+        return loss * scale
 
     @torch.no_grad()
     def _log_loss_metrics(self, mode, logp, entropies, old, ref, advantages, mask) -> None:
