@@ -10,6 +10,7 @@ Each (system, trainer) runs in a fresh subprocess, so its peak RSS is its own. S
   rlfuse            the engine with the fused kernels (impl=auto)
   rlfuse-reference  the engine with materialized logits (impl=reference): the kernels' share
   trl               TRL's trainers (skipped with a note when trl is not installed)
+  trl+rlfuse        the same TRL run with `rlfuse.integrations.trl`'s drop-in trainers
 A step is timed from its start to the end of its optimizer step; `warmup` steps are dropped and
 the median of `steps` is reported. Tokens: GRPO counts generated completion tokens, DPO every
 prompt + completion token of the chosen and rejected sequences. rlfuse's DPO computes its
@@ -34,13 +35,14 @@ import torch
 
 from rlfuse.engine.config import ConfigError, parse
 
-SYSTEMS = ("rlfuse", "rlfuse-reference", "trl")
+SYSTEMS = ("rlfuse", "rlfuse-reference", "trl", "trl+rlfuse")
+TRL_SYSTEMS = ("trl", "trl+rlfuse")
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineBench:
     out: str = "bench_results"
-    systems: str = "rlfuse,trl"
+    systems: str = "rlfuse,trl,trl+rlfuse"
     trainers: str = "grpo,dpo"
     model_path: str = ""             # local HF checkpoint; "" -> the random-init Qwen2 below
     hidden_size: int = 256
@@ -147,11 +149,16 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
     return {"step_s": times[b.warmup:], "tokens": tokens[b.warmup:], "ref_pass_s": extra}
 
 
-def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict) -> dict:
+def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict, drop_in: bool) -> dict:
+    """TRL's trainer, or with `drop_in` rlfuse's subclass of it: the only difference."""
     import datasets
     import transformers
     import trl
     from transformers import AutoTokenizer
+
+    trainers = trl
+    if drop_in:
+        from rlfuse.integrations import trl as trainers
 
     from rlfuse.engine.data import read_jsonl
     from rlfuse.engine.rewards import exact_answer
@@ -191,13 +198,14 @@ def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict) -> dict:
                               beta=b.beta, loss_type="dapo",
                               per_device_train_batch_size=b.group_size, **common)
         ds = datasets.Dataset.from_list(read_jsonl(data["prompts"], ("prompt",)))
-        t = trl.GRPOTrainer(model=model_dir, reward_funcs=reward, args=args, train_dataset=ds,
-                            processing_class=tok, callbacks=[timer], **peft)
+        t = trainers.GRPOTrainer(model=model_dir, reward_funcs=reward, args=args,
+                                 train_dataset=ds, processing_class=tok, callbacks=[timer],
+                                 **peft)
     else:
         args = trl.DPOConfig(beta=0.1, per_device_train_batch_size=b.dpo_pairs, **common)
         ds = datasets.Dataset.from_list(read_jsonl(data["pairs"], ("prompt", "chosen", "rejected")))
-        t = trl.DPOTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=tok,
-                           callbacks=[timer], **peft)
+        t = trainers.DPOTrainer(model=model_dir, args=args, train_dataset=ds,
+                                processing_class=tok, callbacks=[timer], **peft)
     t.train()
     n = b.warmup + b.steps
     tokens = ([x * b.group_size for x in timer.lengths] if trainer == "grpo"
@@ -212,8 +220,9 @@ def _worker(spec: dict) -> dict:
     from rlfuse.engine.model import quiet_transformers
 
     quiet_transformers()
-    if spec["system"] == "trl":
-        res = _trl(b, spec["trainer"], spec["model_dir"], spec["data"])
+    if spec["system"] in TRL_SYSTEMS:
+        res = _trl(b, spec["trainer"], spec["model_dir"], spec["data"],
+                   drop_in=spec["system"] == "trl+rlfuse")
     else:
         impl = "reference" if spec["system"] == "rlfuse-reference" else "auto"
         res = _rlfuse(b, spec["trainer"], spec["model_dir"], spec["data"], impl)
@@ -237,9 +246,10 @@ def _run_one(spec: dict) -> dict:
 
 def run(b: EngineBench) -> dict:
     systems = b.systems.split(",")
-    if "trl" in systems and importlib.util.find_spec("trl") is None:
-        print("rlfuse bench engine: trl is not installed, skipping it (pip install trl)")
-        systems.remove("trl")
+    if importlib.util.find_spec("trl") is None and set(systems) & set(TRL_SYSTEMS):
+        print("rlfuse bench engine: trl is not installed, skipping trl and trl+rlfuse "
+              "(pip install trl)")
+        systems = [s for s in systems if s not in TRL_SYSTEMS]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = b.model_path

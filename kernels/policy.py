@@ -26,6 +26,8 @@ Formulas (r ratio, A advantage, eps_h defaults to eps_l, T_i valid tokens of row
     entropy q   l *= [H_t >= quantile(H over valid tokens, 1 - q)]       (q = top_entropy_quantile)
     rollout IS  l *= sg(w), w = exp(old - rollout): tis min(w, cap); mis w if w <= cap else 0
     KL          d = ref - logp: k1 = -d, k2 = d^2 / 2, k3 = exp(d) - d - 1;  l += beta * KL
+                kl_times_ratio: l += beta * KL * r (r differentiable, before delta's clamp; TRL's
+                use_bias_correction_kl, the unbiased reverse-KL gradient of DeepSeek-V3.2)
     entropy     l -= entropy_coef * H_t
     normalizer  grpo, sapo: 1 / (B * max(T_i, 1))       bnpo, ppo: 1 / max(sum_i T_i, 1)
                 dr_grpo: 1 / (B * max_completion_length) dapo, cispo: 1 / num_items_in_batch
@@ -72,6 +74,7 @@ class PolicyLossConfig(HeadOptions):
     dual_clip: Optional[float] = None   # c > 1: bound the loss of A < 0 tokens by -c * A
     beta: float = 0.0                   # KL-to-reference coefficient in the loss
     kl_estimator: str = "k3"            # k1 | k2 | k3
+    kl_times_ratio: bool = False        # KL term times the ratio (TRL's use_bias_correction_kl)
     entropy_coef: float = 0.0           # entropy bonus (same normalization as the loss)
     top_entropy_quantile: float = 1.0   # keep the pg loss only on the top-q entropy tokens
     max_completion_length: Optional[int] = None   # dr_grpo normalizer
@@ -264,7 +267,7 @@ def _per_token(cfg: PolicyLossConfig, logp: Tensor, entropy: Tensor, rows: _Rows
         loss = loss * w
     kl = torch.zeros_like(lp) if rows.ref is None else kl_estimate(lp, rows.ref, cfg.kl_estimator)
     if cfg.beta:
-        loss = loss + cfg.beta * kl
+        loss = loss + cfg.beta * (kl * ratio if cfg.kl_times_ratio else kl)
     if cfg.entropy_coef:
         loss = loss - cfg.entropy_coef * entropy
     return loss, ratio, kl

@@ -1,0 +1,1 @@
+"""Drop-in integrations of rlfuse's fused ops into other trainers (`rlfuse.integrations.trl`)."""
