@@ -2,7 +2,8 @@
 with TRL's GRPOTrainer / DPOTrainer on the same model, data and batch.
 
 The default is the reference configuration of the engine's performance target: a random-init
-Qwen2 (hidden 256, 4 layers, 4 heads, intermediate 1024, vocab 32000, fp32); GRPO with one
+Qwen2 (hidden 256, 4 layers, 4 heads, intermediate 1024, vocab 32000, fp32; `dtype=bfloat16`
+loads the weights in bf16 in every system); GRPO with one
 prompt x 8 completions of up to 64 tokens per step, beta 0.04, loss dapo, one optimizer step
 per rollout; DPO (sigmoid, beta 0.1) with 8 pairs of 40-token sequences per step.
 
@@ -60,6 +61,8 @@ class EngineBench:
     lora_r: int = 0                  # > 0: LoRA policies (peft, all linear layers, alpha 16) in
                                      # both systems; the reference is then the base model
     device: str = "cpu"
+    dtype: str = "float32"           # float32 | bfloat16: the weights' dtype in every system (TRL's
+                                     # AdamW on bf16 weights, rlfuse's stochastic-rounding AdamW)
     threads: int = 0                 # torch CPU threads in each run; 0 keeps torch's default
 
     def __post_init__(self):
@@ -73,6 +76,8 @@ class EngineBench:
             raise ConfigError("steps must be >= 1 and warmup >= 0")
         if self.dpo_tokens < 8:
             raise ConfigError("dpo_tokens must be >= 8")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype: got {self.dtype!r}; choose from float32, bfloat16")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -122,7 +127,7 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
     common = dict(steps=b.warmup + b.steps, out_dir=os.path.dirname(data["prompts"]),
                   device=b.device, progress=False, keep_checkpoints=0, save_every_minutes=0,
                   overwrite=True,
-                  model=ModelConfig(path=model_dir, lora_r=b.lora_r),
+                  model=ModelConfig(path=model_dir, lora_r=b.lora_r, dtype=b.dtype),
                   optim=OptimConfig(lr=1e-6))
     if trainer == "grpo":
         roll = RolloutConfig(prompts_per_step=1, samples_per_prompt=b.group_size,
@@ -146,7 +151,8 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
         times.append(time.perf_counter() - t0 + extra)
         tokens.append(m["completion_length"] * b.group_size if trainer == "grpo"
                       else 2 * b.dpo_pairs * b.dpo_tokens)
-    return {"step_s": times[b.warmup:], "tokens": tokens[b.warmup:], "ref_pass_s": extra}
+    return {"step_s": times[b.warmup:], "tokens": tokens[b.warmup:], "ref_pass_s": extra,
+            "weights_dtype": str(next(t.model.parameters()).dtype)}
 
 
 def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict, drop_in: bool) -> dict:
@@ -181,7 +187,7 @@ def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict, drop_in: bool
     common = dict(output_dir=os.path.join(os.path.dirname(data["prompts"]), "trl"),
                   max_steps=b.warmup + b.steps, learning_rate=1e-6, logging_steps=1,
                   report_to="none", save_strategy="no", disable_tqdm=True,
-                  use_cpu=b.device == "cpu", bf16=False)
+                  use_cpu=b.device == "cpu", bf16=False, model_init_kwargs={"dtype": b.dtype})
     if b.lora_r:
         from peft import LoraConfig
 
@@ -210,7 +216,8 @@ def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict, drop_in: bool
     n = b.warmup + b.steps
     tokens = ([x * b.group_size for x in timer.lengths] if trainer == "grpo"
               else [2 * b.dpo_pairs * b.dpo_tokens] * n)
-    return {"step_s": timer.times[b.warmup:], "tokens": tokens[b.warmup:n]}
+    return {"step_s": timer.times[b.warmup:], "tokens": tokens[b.warmup:n],
+            "weights_dtype": str(next(t.model.parameters()).dtype)}
 
 
 def _worker(spec: dict) -> dict:
@@ -267,6 +274,7 @@ def run(b: EngineBench) -> dict:
                 rows.append({"trainer": trainer, "system": system, "step_s": step,
                              "tokens_per_step": tok, "tokens_per_s": tok / step,
                              "peak_rss_mb": r["peak_rss_mb"], "step_s_all": r["step_s"],
+                             "weights_dtype": r["weights_dtype"],
                              **({"ref_pass_s_per_step": r["ref_pass_s"]} if "ref_pass_s" in r
                                 else {})})
     for r in rows:  # ratios to TRL on the same trainer

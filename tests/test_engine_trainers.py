@@ -364,11 +364,13 @@ def test_lora_grpo_trains_adapters_against_the_base_as_reference(tmp_path, tok):
     assert [r["step"] for r in resumed.fit(plot=False)] == [1, 2, 3, 4]
 
 
-def test_engine_bench_against_trl(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_bench_against_trl(tmp_path, dtype):
     pytest.importorskip("trl")
     rc = cli_main(["bench", "engine", f"out={tmp_path}", "hidden_size=32", "num_layers=1",
                    "intermediate_size=48", "vocab_size=100", "steps=1", "warmup=1",
-                   "group_size=2", "max_new_tokens=3", "dpo_pairs=2", "dpo_tokens=10"])
+                   "group_size=2", "max_new_tokens=3", "dpo_pairs=2", "dpo_tokens=10",
+                   "systems=rlfuse,trl", f"dtype={dtype}"])
     assert rc == 0
     with open(tmp_path / "engine_cpu.json") as f:
         rows = {(r["trainer"], r["system"]): r for r in json.load(f)["rows"]}
@@ -378,6 +380,7 @@ def test_engine_bench_against_trl(tmp_path):
         assert 0 < rows["grpo", s]["tokens_per_step"] <= 2 * 3  # completions x max_new_tokens
         assert rows["grpo", s]["speedup_vs_trl"] > 0 and rows["dpo", s]["rss_vs_trl"] > 0
     assert rows["grpo", "trl"]["speedup_vs_trl"] == rows["dpo", "trl"]["rss_vs_trl"] == 1.0
+    assert {r["weights_dtype"] for r in rows.values()} == {f"torch.{dtype}"}
 
 
 # ----------------------------------------------------------------------------- LM head, RL core
