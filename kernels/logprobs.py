@@ -106,7 +106,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
 
     hidden [..., H], weight [V, H], targets [...] int -> logp [...] fp32 (and entropy [...]).
     Positions whose target is `ignore_index` give 0 and receive no gradient. Differentiable in
-    hidden, weight and bias through both outputs; the [N, V] logits are never held.
+    hidden, weight and bias through both outputs (any number of backward passes: the backward
+    recomputes the logits; no dW for a frozen weight); the [N, V] logits are never held.
+    Compile-safe (torch.compile(fullgraph=True)); the float options are static configuration:
+    literals, or values that stay the same across calls of a compiled function.
     """
     check_linear_inputs(hidden, weight, targets, bias, ignore_index)
     opts = HeadOptions(temperature, logit_scale, final_logit_softcapping, ignore_index,
