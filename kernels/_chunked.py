@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -390,8 +390,8 @@ def _spec_string(family: str, options, impl: str, needs: Needs) -> str:
     """The op's static configuration as one canonical string: the family, its options (impl
     resolved; chunk_size as given, None resolved from the shapes in the op, so that the string
     does not change with N) and the gradients to compute."""
-    fields = {**asdict(options), "impl": impl}
-    return repr((family, tuple(fields.items()), tuple(needs)))
+    values = {f.name: getattr(options, f.name) for f in fields(options)}  # no deep copy
+    return repr((family, tuple({**values, "impl": impl}.items()), tuple(needs)))
 
 
 # Under torch.compile the string is a constant of the graph, computed from the options object
