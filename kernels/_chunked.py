@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -399,27 +399,39 @@ def register_family(name: str, options: type, math=None) -> None:
 
 class _Spec(NamedTuple):
     family: Family
-    options: Any
-    plan: ChunkPlan
+    options: Any  # impl resolved
     needs: Needs
     vocab: str  # VocabShard.spec of this rank's vocabulary shard, "" for the whole vocabulary
 
+    def plan(self, inputs: Inputs) -> ChunkPlan:
+        o, (hidden, weight, _, _) = self.options, inputs
+        chunk = o.chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0],
+                                                   hidden.device, hidden.dtype)
+        return ChunkPlan(o.transform(), o.ignore_index, chunk, o.impl,
+                         _vocab_parallel.VocabShard.from_spec(self.vocab))
 
-def _spec_string(family: str, options: dict, needs: Needs, vocab: str) -> str:
-    """The op's static configuration as one canonical string: the family, its options (chunk
-    and impl resolved), the gradients to compute and the vocabulary shard. A new string means
-    a recompile."""
-    return repr((family, tuple(options.items()), tuple(needs), vocab))
+
+def _spec_string(family: str, options, impl: str, needs: Needs, vocab: str) -> str:
+    """The op's static configuration as one canonical string: the family, its options (impl
+    resolved; chunk_size as given, None resolved from the shapes in the op, so that the string
+    does not change with N), the gradients to compute and the vocabulary shard (`VocabShard.spec`,
+    "" for the whole vocabulary)."""
+    values = {f.name: getattr(options, f.name) for f in fields(options)}  # no deep copy
+    return repr((family, tuple({**values, "impl": impl}.items()), tuple(needs), vocab))
+
+
+# Under torch.compile the string is a constant of the graph, computed from the options object
+# (guarded by identity: a frozen options object is one compiled configuration; another object
+# recompiles). Reading its fields while tracing would not do: dynamo turns a float or int that
+# changed between calls into a graph input, which has no string form.
+_compiled_spec_string = torch.compiler.assume_constant_result(_spec_string)
 
 
 @lru_cache(maxsize=256)
 def _parse(spec: str) -> _Spec:
     name, options, needs, vocab = ast.literal_eval(spec)
     family = FAMILIES[name]
-    opts = family.options(**dict(options))
-    plan = ChunkPlan(opts.transform(), opts.ignore_index, opts.chunk_size, opts.impl,
-                     _vocab_parallel.VocabShard.from_spec(vocab))
-    return _Spec(family, opts, plan, tuple(needs), vocab)
+    return _Spec(family, family.options(**dict(options)), tuple(needs), vocab)
 
 
 def _grad_outputs(inputs: Inputs, grads) -> tuple[Tensor, Tensor, Tensor]:
@@ -433,22 +445,28 @@ def _grad_outputs(inputs: Inputs, grads) -> tuple[Tensor, Tensor, Tensor]:
 def _chunked_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                      rows: list[Tensor], spec: str
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """loss, logp, entropy, lse, dX, dW, db of the op `spec` names (see `run`).
+    """loss, logp, entropy, lse, dX, dW, db of the op that `spec` names (see `run`).
 
-    A loss family computes its gradients in the forward and returns them (empty where `spec`
-    does not ask for them); autograd's backward scales them by grad_output. In eager mode they
-    are then handed over as they are (no second weight-sized buffer), so each forward supports
-    one backward: a second one through the same graph (retain_graph) raises; call the loss
-    again. For linear_logprobs (no loss: loss is 0, the gradients empty) autograd's backward
-    recomputes Z from the saved lse and can run any number of times.
+    rows: the family's per-row tensors (constants; an empty tensor for an absent one). spec:
+    the static configuration, `_spec_string`. A loss family computes its gradients in the
+    forward and returns them (empty where spec's needs leave them out; lse empty); autograd's
+    backward scales them by grad_output.
+
+    One backward per forward: in eager mode the saved gradients are scaled in place and handed
+    over to autograd as they are (no second weight-sized buffer), so a second backward through
+    the same graph (retain_graph=True) raises: call the loss again. Under torch.compile they are
+    scaled out of place and torch itself refuses a second backward through the compiled graph.
+    For "logprobs" (no loss: loss is 0, the gradients empty) autograd's backward recomputes Z
+    from the saved lse (`chunked_logprobs_backward`) and may run any number of times.
     """
     s = _parse(spec)
     inputs = Inputs(hidden, weight, bias, targets)
     if s.family.math is None:
-        lse, logp, ent = forward_stats(inputs, s.plan)
+        lse, logp, ent = forward_stats(inputs, s.plan(inputs))
         loss, grads = torch.zeros((), dtype=torch.float32, device=hidden.device), (None,) * 3
     else:
-        loss, logp, ent, grads = run_loss(inputs, s.plan, s.family.math(s.options, rows), s.needs)
+        loss, logp, ent, grads = run_loss(inputs, s.plan(inputs), s.family.math(s.options, rows),
+                                          s.needs)
         lse = hidden.new_empty(0, dtype=torch.float64)
     return (loss, logp, ent, lse, *_grad_outputs(inputs, grads))
 
@@ -460,7 +478,8 @@ def _(hidden, weight, bias, targets, rows, spec):
     f32 = [hidden.new_empty(shape, dtype=torch.float32) for shape in ((), (n,), (n,))]
     lse = hidden.new_empty(n if s.family.math is None else 0, dtype=torch.float64)
     like = (hidden, weight, bias)
-    grads = tuple(torch.empty_like(t) if need and t is not None and s.family.math else None
+    fused = s.family.math is not None
+    grads = tuple(torch.empty_like(t) if fused and need and t is not None else None
                   for t, need in zip(like, s.needs))
     return (*f32, lse, *_grad_outputs(Inputs(hidden, weight, bias, targets), grads))
 
@@ -475,8 +494,8 @@ def _chunked_logprobs_backward_op(grad_logp: Tensor, grad_entropy: Tensor, hidde
     s = _parse(spec)
     lse, ent = stats
     inputs = Inputs(hidden, weight, bias, targets)
-    return _grad_outputs(inputs, backward(inputs, s.plan, lse, ent, grad_logp, grad_entropy,
-                                          s.needs))
+    return _grad_outputs(inputs, backward(inputs, s.plan(inputs), lse, ent, grad_logp,
+                                          grad_entropy, s.needs))
 
 
 @_chunked_logprobs_backward_op.register_fake
@@ -532,7 +551,7 @@ def _backward(ctx, grad_loss, grad_logp, grad_entropy, *_unused):
         dx, dw, db = _chunked_logprobs_backward_op(
             zero if grad_logp is None else grad_logp, zero if grad_entropy is None else
             grad_entropy, hidden, weight, bias, targets, [lse, ent],
-            _spec_string(s.family.name, asdict(s.options), needs, s.vocab))
+            _spec_string(s.family.name, s.options, s.options.impl, needs, s.vocab))
         grads = tuple(g if need else None for g, need in zip((dx, dw, db), needs))
     return (*grads, None, [None] * ctx.n_rows, None)
 
@@ -550,14 +569,10 @@ def run(family: str, options, impl: str, inputs: Inputs, rows: Sequence[Optional
     resolved chunked impl; `rows` are the family's per-row tensors (None: absent), constants;
     `vocab` this rank's VocabShard when weight and bias are its rows (vocab-parallel), or None.
     """
-    hidden, weight = inputs.hidden, inputs.weight
-    chunk = options.chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0],
-                                                     hidden.device, hidden.dtype)
-    fam = FAMILIES[family]
-    needs = needs_of(inputs) if fam.math is not None and torch.is_grad_enabled() else NONE
-    absent = hidden.new_empty(0)
+    needs = needs_of(inputs) if FAMILIES[family].math is not None and torch.is_grad_enabled() \
+        else NONE
+    absent = inputs.hidden.new_empty(0)
     rows = [absent if r is None else r for r in rows]
-    loss, logp, ent, *_ = _chunked_loss_op(*inputs, rows, _spec_string(
-        family, {**asdict(options), "chunk_size": chunk, "impl": impl}, needs,
-        "" if vocab is None else vocab.spec))
+    spec = _compiled_spec_string(family, options, impl, needs, "" if vocab is None else vocab.spec)
+    loss, logp, ent, *_ = _chunked_loss_op(*inputs, rows, spec)
     return loss, logp, ent

@@ -118,7 +118,10 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
 
     hidden [..., H], weight [V, H], targets [...] int -> logp [...] fp32 (and entropy [...]).
     Positions whose target is `ignore_index` give 0 and receive no gradient. Differentiable in
-    hidden, weight and bias through both outputs; the [N, V] logits are never held.
+    hidden, weight and bias through both outputs (any number of backward passes: the backward
+    recomputes the logits; no dW for a frozen weight); the [N, V] logits are never held.
+    Compile-safe (torch.compile(fullgraph=True)); the float options are static configuration:
+    literals, or values that stay the same across calls of a compiled function.
     vocab_group (a torch.distributed ProcessGroup; or a DTensor weight placed Shard(0)): weight
     and bias are this rank's contiguous shard of the vocabulary rows, targets global ids;
     every rank gets the full-vocabulary results and the full hidden gradient

@@ -183,8 +183,7 @@ def _normalizer(cfg: PolicyLossConfig, valid: Tensor, num_items_in_batch) -> Ten
     return v / denom.to(v.device)
 
 
-def _rows(cfg, targets, mask, advantages, old_logp, ref_logp, rollout_logp, num_items_in_batch,
-          dtype) -> _Rows:
+def _rows(cfg, targets, mask, advantages, logps: dict, num_items_in_batch, dtype) -> _Rows:
     valid = (mask != 0) & (targets != cfg.ignore_index)  # [B, T]
     adv = advantages if advantages.dim() == 2 else advantages[:, None]
 
@@ -194,7 +193,8 @@ def _rows(cfg, targets, mask, advantages, old_logp, ref_logp, rollout_logp, num_
     return _Rows(valid=valid.reshape(-1),
                  weight=_normalizer(cfg, valid, num_items_in_batch).to(dtype).reshape(-1),
                  adv=flat(adv.expand(valid.shape)),
-                 old=flat(old_logp), ref=flat(ref_logp), rollout=flat(rollout_logp),
+                 old=flat(logps["old_logp"]), ref=flat(logps["ref_logp"]),
+                 rollout=flat(logps["rollout_logp"]),
                  shape=tuple(valid.shape))
 
 
@@ -321,7 +321,7 @@ _chunked.register_family("policy", PolicyLossConfig, _PolicyMath)
 
 
 # ----------------------------------------------------------------------------- public API
-def _check(hidden, weight, targets, mask, advantages, logps: dict, bias, num_items_in_batch,
+def _check(hidden, weight, targets, mask, advantages, *, logps: dict, bias, num_items_in_batch,
            cfg, vocab) -> None:
     if not isinstance(cfg, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
@@ -374,6 +374,10 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
     Returns the fp32 scalar loss, differentiable in hidden, weight and bias, and a
     PolicyLossOutput (per-token logp / entropy / KL and metrics, all detached).
 
+    The chunked impls compute the gradients during the forward (an op of `_chunked`, compile-safe:
+    torch.compile(fullgraph=True) traces it), so each call supports one backward: a second
+    backward through the same graph (retain_graph=True) raises; call the loss again.
+
     An all-zero mask is not an error: the loss is 0 with zero gradients and metrics["tokens"] is 0,
     as in TRL (normalizers are clamped to >= 1); micro-batches whose completions were all filtered
     (e.g. overlong filtering) are legitimate and must not stop a run.
@@ -382,19 +386,17 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
     """
     weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
     logps = {"old_logp": old_logp, "ref_logp": ref_logp, "rollout_logp": rollout_logp}
-    _check(hidden, weight, targets, mask, advantages, logps, bias, num_items_in_batch, config,
-           vocab)
+    _check(hidden, weight, targets, mask, advantages, logps=logps, bias=bias,
+           num_items_in_batch=num_items_in_batch, cfg=config, vocab=vocab)
     cfg = config
-    tf = cfg.transform()
     impl = resolve(cfg.impl, hidden.device)
     b, t = targets.shape
     fp64 = impl == "reference" and hidden.dtype == torch.float64
     dtype = torch.float64 if fp64 else torch.float32
-    rows = _rows(cfg, targets, mask, advantages, old_logp, ref_logp, rollout_logp,
-                 num_items_in_batch, dtype)
+    rows = _rows(cfg, targets, mask, advantages, logps, num_items_in_batch, dtype)
     if impl == "reference":
-        logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, tf, cfg.ignore_index,
-                                              vocab and vocab.group)
+        logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, cfg.transform(),
+                                              cfg.ignore_index, vocab and vocab.group)
         logp, ent = logp.reshape(-1), ent.reshape(-1)
         per_token, ratio, kl = _per_token(cfg, logp, ent, rows)
         loss = (per_token * rows.weight).sum()

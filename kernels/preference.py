@@ -255,6 +255,9 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tenso
     excluded too). ref_logp [2B]: reference sequence log-prob sums in the same order, or None
     (reference-free: ref = 0). Returns the scalar loss (fp32; fp64 for fp64 inputs on the
     reference path), differentiable in hidden, weight and bias, and a PreferenceLossOutput.
+    The chunked impls compute the gradients during the forward (an op of `_chunked`, compile-safe:
+    torch.compile(fullgraph=True) traces it), so each call supports one backward: a second
+    backward through the same graph (retain_graph=True) raises; call the loss again.
     Metrics follow TRL: rewards are beta * log-ratio sums (beta * average log-prob for simpo /
     orpo), logps_* are the sequence scores the loss reads (sums; averages for simpo / orpo),
     nll is the token-mean NLL of the chosen completions.
@@ -264,12 +267,11 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tenso
     cfg = config
     weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
     valid = _check_inputs(hidden, weight, targets, mask, ref_logp, bias, cfg, vocab)
-    tf = cfg.transform()
     impl = resolve(cfg.impl, hidden.device)
     rows, steps = targets.shape
     if impl == "reference":
-        logp, _ = linear_logprobs_reference(hidden, weight, targets, bias, tf, cfg.ignore_index,
-                                            vocab and vocab.group)
+        logp, _ = linear_logprobs_reference(hidden, weight, targets, bias, cfg.transform(),
+                                            cfg.ignore_index, vocab and vocab.group)
         ref = None if ref_logp is None else ref_logp.to(logp.dtype)
         loss, seq, metrics = _pair_loss(logp, valid, ref, cfg)
     else:

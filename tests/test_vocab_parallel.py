@@ -15,7 +15,6 @@ import socket
 import tempfile
 import time
 import traceback
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -237,8 +236,8 @@ def _check_opcheck(rank, group):
     x = _inputs(CASES[0])
     s, e = vocab_shard_range(123, rank, WORLD)
     w, b, vocab = shard(x["weight"][s:e].clone(), x["bias"][s:e].clone(), group)
-    opts = asdict(HeadOptions(chunk_size=5, impl="cpp"))
-    spec = _chunked._spec_string("logprobs", opts, (True, True, True), vocab.spec)
+    spec = _chunked._spec_string("logprobs", HeadOptions(chunk_size=5, impl="cpp"), "cpp",
+                                 (True, True, True), vocab.spec)
     args = (x["hidden"].reshape(-1, H).requires_grad_(), w.requires_grad_(),
             b.requires_grad_(), x["targets"].reshape(-1), [], spec)
     torch.library.opcheck(torch.ops.rlfuse.chunked_loss.default, args,
