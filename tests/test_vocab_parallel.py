@@ -250,8 +250,6 @@ CHECKS = {"errors": _check_errors, "opcheck": _check_opcheck}
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    if any(c["impl"] == "triton" for c in CASES):
-        os.environ["TRITON_INTERPRET"] = "1"  # read when rlfuse._triton is first imported
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     sub = dist.new_group(list(range(WORLD)))  # a group other than WORLD, for half the cases
@@ -285,8 +283,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def reports():
-    old = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the children's env
+    env = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the children's env, read when
+    if any(c["impl"] == "triton" for c in CASES):            # torch and triton first load
+        env["TRITON_INTERPRET"] = "1"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         with tempfile.TemporaryDirectory() as out_dir:
             ctx = mp.start_processes(importable(_worker), args=(_free_port(), out_dir), nprocs=WORLD,
