@@ -126,9 +126,9 @@ class LMVerdict:
             hid = hidden_states(self.model, inp, att)  # [b, t, H]
             last = hid[torch.arange(len(ids)), torch.tensor([len(x) - 1 for x in ids])]  # [b, H]
             logp = rlfuse.linear_logprobs(
-                last[:, None].expand(-1, 2, -1), h.weight, self.ids.to(device).expand(len(ids), 2),
+                last.repeat_interleave(2, 0), h.weight, self.ids.to(device).repeat(len(ids)),
                 bias=h.bias, logit_scale=h.logit_scale,
-                final_logit_softcapping=h.final_logit_softcapping)  # [b, 2] fp32
+                final_logit_softcapping=h.final_logit_softcapping).view(-1, 2)  # [b, 2] fp32
             mass = logp.exp().sum(-1)
             p = torch.sigmoid(logp[:, 0] - logp[:, 1])
             out += torch.where(mass >= self.min_mass, p, math.nan).tolist()
