@@ -73,7 +73,7 @@ class AuditConfig:
     confidence: float = 0.95             # interval coverage
     margin: float = 0.05                 # flag when the interval clears 0.5 +- margin
     n_boot: int = 1000                   # bootstrap resamples
-    max_length: int = 512                # reward model / judge: tokens per scored sequence
+    max_length: int = 512                # reward model: tokens per scored sequence
     seed: int = 0                        # bootstrap, fold and side-swap seed
 
     def __post_init__(self):
@@ -358,9 +358,9 @@ def run(cfg: AuditConfig) -> dict:
     if cfg.rm:
         scorer = load_scorer(cfg.rm, cfg.max_length)
     if cfg.judge:
-        from .judge import PairwiseJudge
+        from .judge import load_judge
 
-        judge = PairwiseJudge.from_pretrained(cfg.judge, max_length=cfg.max_length)
+        judge = load_judge(cfg.judge)
     report = audit(rows, cfg, count, scorer, judge)
     out = as_json(report)
     stem = os.path.splitext(cfg.pairs)[0]

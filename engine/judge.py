@@ -17,10 +17,13 @@ tokens. When the two tokens together hold less than `min_mass` of the next-token
 the model did not answer with a verdict: a failure.
 
 `JudgeReward` is a reward function (rlfuse.engine.rewards.RewardFn): each completion's debiased
-win probability against a baseline column of the data (a failure is NaN: unscored).
+win probability against a baseline column of the data (a failure is NaN: unscored); in a config
+it is the built-in reward `pairwise_judge` (kwargs: `model`, a local causal LM folder loaded
+once, and `baseline`, the column).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -133,6 +136,11 @@ class LMVerdict:
             p = torch.sigmoid(logp[:, 0] - logp[:, 1])
             out += torch.where(mass >= self.min_mass, p, math.nan).tolist()
         return out
+
+
+@functools.cache  # one model per folder, however many rewards and hooks ask for it
+def load_judge(path: str) -> PairwiseJudge:
+    return PairwiseJudge.from_pretrained(path)
 
 
 class JudgeReward:

@@ -186,7 +186,7 @@ class Monitor:
                 if v is not None:
                     self.tb.add_scalar(k, v, step)
         shown = {k: "nan" if m[k] is None else f"{m[k]:.3g}"
-                 for k in ("loss", "reward_mean", "kl", "grad_norm") if k in m}
+                 for k in ("loss", "reward_mean", "kl", "kl_seq", "grad_norm") if k in m}
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(shown, refresh=False)

@@ -128,10 +128,9 @@ class Guard:
         self.gold = build_rewards(self.cfg.gold)
         self.judge = None
         if self.cfg.judge:
-            from .judge import PairwiseJudge
+            from .judge import load_judge
 
-            self.judge = PairwiseJudge.from_pretrained(self.cfg.judge,
-                                                       max_length=trainer.cfg.max_length)
+            self.judge = load_judge(self.cfg.judge)
         self.start = getattr(trainer, "reference", None) or Reference(trainer.model)
         self.detector = Detector(self.cfg.patience)
         self.path = os.path.join(trainer.cfg.out_dir, GUARD_LOG)

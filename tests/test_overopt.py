@@ -1,20 +1,21 @@
 """The over-optimization detector: the Gao et al. fit and its peak on exact and noisy curves, the
 alert on a synthetic Goodhart run (and its silence on honest ones), and the Guard hook in a GRPO
 run: held-out rows, the best-gold checkpoint, the Goodhart plot, and stop_at_peak."""
+import dataclasses
 import json
 import math
-import os
 import random
 
 import pytest
 import torch
 
-from rlfuse.engine import checkpoint, rewards
+from rlfuse.engine import checkpoint, judge, rewards
+from rlfuse.engine.data import write_jsonl
 from rlfuse.engine.config import GuardConfig, ConfigError
 from rlfuse.engine.grpo import GRPOTrainer
 from rlfuse.engine.overopt import Detector, Point, distinct_n, gao_curve, gao_fit
 from rlfuse.engine.model import char_tokenizer
-from test_engine_trainers import make_cfg, model_for
+from test_engine_trainers import ROWS, make_cfg, model_for
 
 
 def test_gao_fit_recovers_the_curve_and_its_peak():
@@ -99,11 +100,13 @@ class Falling:
 
 
 def guarded(tmp_path, tok, monkeypatch, **guard):
+    """A 4-step GRPO run whose proxy rises at every call; gold falls at every call, unless a
+    judge is given."""
     cfg = make_cfg(tmp_path, "grpo", steps=4)
-    gold = Falling()
-    monkeypatch.setattr(rewards, "build_rewards", lambda specs: gold)
-    g = GuardConfig(every=2, data=cfg.grpo.data, max_prompts=4, seeds=(0,), patience=1, **guard)
-    import dataclasses
+    monkeypatch.setattr(rewards, "build_rewards", lambda specs: Falling())
+    data = str(tmp_path / "heldout.jsonl")
+    write_jsonl(data, [{**r, "reference": r["answer"]} for r in ROWS[:4]])
+    g = GuardConfig(every=2, data=data, seeds=(0,), patience=1, **guard)
     cfg = dataclasses.replace(cfg, guard=g, keep_checkpoints=1)
     return GRPOTrainer(cfg, model_for(tok), tok, reward_fn=Rising())
 
@@ -121,7 +124,7 @@ def test_guard_logs_keeps_the_best_and_plots(tmp_path, monkeypatch):
     best = checkpoint.latest(str(out / "checkpoints" / "best-gold"))
     assert best.endswith("step-000000")  # gold only fell after the start
     alerts = [json.loads(x)["alert"] for x in (out / "alerts.jsonl").read_text().splitlines()]
-    assert any("over-optimization" in a for a in alerts)
+    assert sum("over-optimization" in a for a in alerts) == 1
     assert (out / "plots" / "goodhart.png").read_bytes()[:4] == b"\x89PNG"
     assert t.step == 4  # no stop_at_peak: it trains on
 
@@ -134,3 +137,17 @@ def test_stop_at_peak_restores_the_best_gold_policy(tmp_path, monkeypatch):
     assert t.step == 2  # the alert at the first evaluation after the start stopped it
     now = t.model.state_dict()
     assert all(torch.equal(start[k], now[k]) for k in start)
+
+
+def test_guard_with_a_judge_logs_the_controlled_win_rate(tmp_path, monkeypatch):
+    def verdict(prompts, first, second):  # prefers the longer response, and the first shown
+        return [1 / (1 + math.exp(-(len(a) - len(b) + 0.5))) for a, b in zip(first, second)]
+
+    monkeypatch.setattr(judge, "load_judge", lambda path: judge.PairwiseJudge(verdict))
+    tok = char_tokenizer()
+    guarded(tmp_path, tok, monkeypatch, judge="any/folder").fit()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "guard.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert 0 <= r["gold"] <= 1 and r["judge_failures"] == 0 and 0 <= r["judge_flip_rate"] <= 1
+        assert r["winrate_lc_low"] <= r["winrate_lc"] <= r["winrate_lc_high"]
+        assert r["winrate_raw"] == pytest.approx(r["gold"])  # one seed: gold is the raw win rate
