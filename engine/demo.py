@@ -11,6 +11,8 @@ No downloads: a character tokenizer and a tiny Qwen2-style model are built in co
   PPO        only when selected (`stages=ppo`, `stages=ppo,grpo,dpo`): classic RLHF PPO right
              after SFT, value head + GAE + KL in the reward; `ppo_reward=model` scores with a
              reward model trained on pairs mined from the SFT model (Bradley-Terry)
+  extras     `at_n=N`: best@N and maj@N per stage; `regression_set=f.jsonl`: a frozen prompt set
+             decoded greedily after every stage and diffed with the stage before
 Writes <out>/<stage>/metrics.jsonl + plots/*.png, <out>/results.json, <out>/accuracy.png.
 Run: `rlfuse demo` (or `python -m rlfuse.engine.demo`), `--quick` for a smoke-sized run.
 """
@@ -23,6 +25,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -30,7 +33,7 @@ from .config import (GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec
                      SFTConfig, TrainConfig, parse)
 from .data import write_jsonl
 from .dpo import DPOTrainer
-from .evaluate import EvalConfig, accuracy, compare
+from .evaluate import EvalConfig, RegressionSet, accuracy, at_n, compare
 from .grpo import GRPOTrainer
 from .model import char_tokenizer, quiet_transformers, tiny_model
 from .rollout import generate
@@ -81,6 +84,9 @@ class DemoConfig:
     rm_pairs: int = 8192
     rm_steps: int = 2000
     threads: int = 1                 # torch CPU threads (1 is fastest for this size under load)
+    at_n: int = 0                    # > 0: best@n and maj@n after every stage (first eval seed)
+    regression_set: Optional[str] = None  # frozen JSONL prompts (+ answers): greedy outputs
+                                     # after every stage, diffed with the stage before
     progress: bool = True
 
 
@@ -201,13 +207,25 @@ def _run(d: DemoConfig) -> dict:
     ev = EvalConfig(temperature=d.eval_temperature, max_new_tokens=budget,
                     seeds=tuple(range(1000, 1000 + d.eval_seeds)))
     hp, ha = [r["prompt"] for r in heldout], [r["answer"] for r in heldout]
-    results, timings = {}, {}
+    results, timings, regressions = {}, {}, {}
+    reg = (RegressionSet(d.regression_set, tok, os.path.join(out, "regression"), budget)
+           if d.regression_set else None)
 
     def evaluate(stage, model):
         results[stage] = accuracy(model, tok, hp, ha, ev)
         r = results[stage]
         print(f"[{stage}] held-out accuracy {r['mean']:.3f} +- {r['std']:.3f} "
               f"(seeds: {', '.join(f'{x:.3f}' for x in r['per_seed'])})", flush=True)
+        if d.at_n:
+            r.update(at_n(model, tok, hp, ha, d.at_n, dataclasses.replace(ev, seeds=ev.seeds[:1])))
+            print(f"[{stage}] best@1 {r['best@1']:.3f}, best@{d.at_n} {r[f'best@{d.at_n}']:.3f}, "
+                  f"maj@{d.at_n} {r[f'maj@{d.at_n}']:.3f}", flush=True)
+        if reg is not None:
+            diff = regressions[stage] = reg.check(stage, model)
+            if "changed" in diff:
+                print(f"[{stage}] regression set: {diff['changed']}/{diff['n']} outputs changed"
+                      + (f", {len(diff['newly_right'])} newly right, {len(diff['newly_wrong'])} "
+                         "newly wrong" if "newly_right" in diff else ""), flush=True)
 
     sft_cfg = stage_config(d, out, "sft", d.sft_steps, d.sft_lr,
                            sft=SFTConfig(data=os.path.join(out, "sft.jsonl"),
@@ -266,7 +284,8 @@ def _run(d: DemoConfig) -> dict:
 
     summary = {"config": dataclasses.asdict(d), "eval": dataclasses.asdict(ev),
                "accuracy": results, "stage_seconds": timings,
-               "total_seconds": time.time() - t_start, "n_pairs": len(pairs)}
+               "total_seconds": time.time() - t_start, "n_pairs": len(pairs),
+               "regression": regressions}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot_accuracy(results, os.path.join(out, "accuracy.png"))

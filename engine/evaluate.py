@@ -6,7 +6,7 @@ Beside the seed spread, `accuracy` keeps each prompt's mean score over the seeds
 and its item-level standard error: the uncertainty from the finite prompt set, which the seed
 spread does not see. `compare` is the paired test of two stages on the same prompts and seeds
 (the demo's "> spread" column). `at_n` gives best@n (unbiased pass@k, Chen et al. 2021) and
-maj@n (majority vote over the n answers, Wang et al. 2022). `RegressionSet` decodes a frozen
+maj@n (the majority completion of n, verified; self-consistency, Wang et al. 2022). `RegressionSet` decodes a frozen
 prompt set greedily after each stage and diffs the outputs against the stage before.
 The global RNG state is restored afterwards, so evaluating does not perturb training.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rewards import exact_answer, extract_answer
+from .rewards import exact_answer
 from .rollout import Rollout, generate
 from .stats import paired_test, standard_error
 
@@ -80,8 +80,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority(texts: list[str]) -> str | None:
-    """The most common extracted answer (the first to reach the top count wins a tie)."""
-    votes = [a for a in (extract_answer(t) for t in texts) if a is not None]
+    """The most common completion, whitespace-stripped (the first to reach the top count wins a
+    tie); None when all are empty. Voting on the completions themselves, and verifying the
+    winner with the same verifier, keeps maj@n <= best@n."""
+    votes = [t.strip() for t in texts if t.strip()]
     if not votes:
         return None
     counts = Counter(votes)
