@@ -205,10 +205,9 @@ def audit(rows: list[dict], cfg: AuditConfig, count_tokens=word_count, scorer=No
     rng = random.Random(cfg.seed)
     x, y = [], []
     for a, b in zip(fc, fr):
-        if rng.random() < 0.5:
-            x.append(style_difference(a, b)), y.append(1.0)
-        else:
-            x.append(style_difference(b, a)), y.append(0.0)
+        keep = rng.random() < 0.5
+        x.append(style_difference(a, b) if keep else style_difference(b, a))
+        y.append(1.0 if keep else 0.0)
     x = torch.tensor(x, dtype=torch.float64)
     x = x / x.std(0).clamp_min(1e-12)  # comparable scales for the ridge penalty
     report["style_auc"] = cv_auc(x, torch.tensor(y), seed=cfg.seed, n_boot=cfg.n_boot,

@@ -161,3 +161,26 @@ def test_paired_test_sees_a_consistent_small_gain():
     assert t["low"] > 0 and t["p"] < 1e-6
     t = stats.paired_test(a, a[torch.randperm(500, generator=g)])
     assert t["low"] < 0 < t["high"]
+
+
+def test_cli_with_a_reward_model_folder(tmp_path, capsys):
+    from rlfuse.engine.model import char_tokenizer
+    from rlfuse.engine.reward_model import build_reward_model
+    from test_engine_trainers import model_for
+
+    tok = char_tokenizer()
+    rm = build_reward_model(model_for(tok), tok)
+    rm.save_pretrained(str(tmp_path / "rm"))
+    tok.save_pretrained(str(tmp_path / "rm"))
+    rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1) + "0"}
+            for a in range(40)]
+    path = str(tmp_path / "pairs.jsonl")
+    write_jsonl(path, rows)
+    assert main(["audit", path, "--rm", str(tmp_path / "rm"), "n_boot=200"]) == 0
+    report = json.loads((tmp_path / "pairs.audit.json").read_text())
+    rm_part = report["reward_model"]
+    assert rm_part["accuracy_all"]["n"] == 40
+    assert -1 <= rm_part["length_correlation"]["estimate"] <= 1
+    # lengths come from the reward model's tokenizer: characters here, so rejected is longer
+    assert report["length"]["mean_tokens_rejected"] > report["length"]["mean_tokens_chosen"]
+    assert "reward model" in capsys.readouterr().out
