@@ -344,6 +344,9 @@ def plot(report: dict, token_diff: list[float], path: str) -> str:
 def run(cfg: AuditConfig) -> dict:
     """Read the pairs, load the optional reward model / judge / tokenizer, audit, write the
     report and the plot, print the summary; returns the report as written."""
+    from .model import quiet_transformers
+
+    quiet_transformers()  # no per-load progress bars in the report
     rows = read_jsonl(cfg.pairs, ("prompt", "chosen", "rejected"), "pairs")
     count, scorer, judge = word_count, None, None
     tok_path = cfg.tokenizer or cfg.rm
