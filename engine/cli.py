@@ -2,6 +2,9 @@
 
     rlfuse train {sft,grpo,dpo,ppo} [--config f.yaml] [key=value | --key value ...] [--resume]
     rlfuse demo [--quick] [key=value ...]     SFT -> GRPO -> DPO -> eval, tiny model, no downloads
+    rlfuse audit pairs.jsonl [--json r.json] [--rm PATH] [key=value ...]
+                                              length, format, sycophancy, position, duplicate
+                                              and style biases of preference pairs
     rlfuse bench engine [key=value ...]       full GRPO / DPO training steps, rlfuse vs TRL
     rlfuse bench [op] [--shape ...] ...       op benchmarks (time, memory, correctness)
 
@@ -68,6 +71,17 @@ def train(argv: list[str]) -> int:
     return 0
 
 
+def audit(argv: list[str]) -> int:
+    from . import audit as audit_mod
+
+    if argv and not argv[0].startswith("-") and "=" not in argv[0]:  # the pairs file
+        argv = [f"pairs={argv[0]}"] + argv[1:]
+    cfg = parse(audit_mod.AuditConfig, argv, "rlfuse audit pairs.jsonl", audit_mod.__doc__)
+    if cfg is not None:  # None: --help
+        audit_mod.run(cfg)
+    return 0
+
+
 def _without_resume(argv: list[str]) -> list[str]:
     """argv less its resume / overwrite settings (the resume command adds resume=true)."""
     out, it = [], iter(argv)
@@ -87,6 +101,8 @@ def main(argv=None) -> int:
     try:
         if cmd == "train":
             return train(rest)
+        if cmd == "audit":
+            return audit(rest)
         if cmd == "demo":
             from .demo import main as demo_main
 

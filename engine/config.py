@@ -239,6 +239,33 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """The over-optimization detector (rlfuse.engine.overopt): held-out evaluations every
+    `every` steps of the proxy reward, a gold signal and the policy's drift."""
+    every: int = 0                       # steps between evaluations (and one before the first); 0: off
+    data: Optional[str] = None           # held-out JSONL: "prompt" (+ "answer", + the baseline column)
+    max_prompts: int = 64                # the first N prompts of data
+    seeds: tuple[int, ...] = (0, 1)      # fixed sampling seeds; gold's spread is across them
+    temperature: float = 1.0             # sampling temperature of the evaluations
+    max_new_tokens: int = 0              # 0: the trainer's rollout.max_new_tokens
+    gold: tuple[RewardSpec, ...] = (RewardSpec(),)  # the gold verifier(s), weighted and summed
+    judge: Optional[str] = None          # local causal LM folder: gold = its win rate vs baseline
+    baseline: str = "reference"          # the data column the judge compares completions with
+    patience: int = 2                    # evaluations in a row the alert's condition must hold
+    stop_at_peak: bool = False           # on the alert: restore the best-gold policy and stop
+
+    def __post_init__(self):
+        _check("guard.every", self.every >= 0, "must be >= 0")
+        _check("guard.data", not self.every or bool(self.data),
+               "must name a held-out JSONL file when guard.every > 0")
+        for k in ("max_prompts", "patience"):
+            _check(f"guard.{k}", getattr(self, k) >= 1, "must be >= 1")
+        _check("guard.seeds", len(self.seeds) >= 1, "must hold at least one seed")
+        _check("guard.temperature", self.temperature > 0, "must be > 0")
+        _check("guard.max_new_tokens", self.max_new_tokens >= 0, "must be >= 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     algo: str = "sft"                    # sft | grpo | dpo | ppo
     steps: int = 100                     # optimizer steps (GRPO: rollout steps); DPO: 0 -> epochs
@@ -263,6 +290,7 @@ class TrainConfig:
     grpo: GRPOConfig = GRPOConfig()
     dpo: DPOConfig = DPOConfig()
     ppo: PPOConfig = PPOConfig()
+    guard: GuardConfig = GuardConfig()
 
     def __post_init__(self):
         _choice("algo", self.algo, ALGORITHMS)

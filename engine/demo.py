@@ -11,6 +11,8 @@ No downloads: a character tokenizer and a tiny Qwen2-style model are built in co
   PPO        only when selected (`stages=ppo`, `stages=ppo,grpo,dpo`): classic RLHF PPO right
              after SFT, value head + GAE + KL in the reward; `ppo_reward=model` scores with a
              reward model trained on pairs mined from the SFT model (Bradley-Terry)
+  extras     `at_n=N`: best@N and maj@N per stage; `regression_set=f.jsonl`: a frozen prompt set
+             decoded greedily after every stage and diffed with the stage before
 Writes <out>/<stage>/metrics.jsonl + plots/*.png, <out>/results.json, <out>/accuracy.png.
 Run: `rlfuse demo` (or `python -m rlfuse.engine.demo`), `--quick` for a smoke-sized run.
 """
@@ -23,6 +25,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -30,7 +33,7 @@ from .config import (GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec
                      SFTConfig, TrainConfig, parse)
 from .data import write_jsonl
 from .dpo import DPOTrainer
-from .evaluate import EvalConfig, accuracy
+from .evaluate import EvalConfig, RegressionSet, accuracy, at_n, compare
 from .grpo import GRPOTrainer
 from .model import char_tokenizer, quiet_transformers, tiny_model
 from .rollout import generate
@@ -74,19 +77,24 @@ class DemoConfig:
     ppo_samples: int = 2             # completions per prompt
     ppo_lr: float = 5e-5
     ppo_reward: str = "verifier"     # verifier | model (an RM trained on pairs mined from SFT)
+    ppo_guard_every: int = 5         # ppo_reward=model: over-optimization checks every N steps,
+                                     # stopping at the best held-out accuracy; 0: off
     # the reward model: 1024 pairs x 150 steps left it at chance (0.52 pair accuracy); pairs
     # from every training prompt and 2000 steps reach ~0.8 (train) / ~0.72 (held-out prompts)
     rm_pairs: int = 8192
     rm_steps: int = 2000
     threads: int = 1                 # torch CPU threads (1 is fastest for this size under load)
     dtype: str = "float32"           # float32 | bfloat16 (bf16 weights, stochastic-rounding AdamW)
+    at_n: int = 0                    # > 0: best@n and maj@n after every stage (first eval seed)
+    regression_set: Optional[str] = None  # frozen JSONL prompts (+ answers): greedy outputs
+                                     # after every stage, diffed with the stage before
     progress: bool = True
 
 
 QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_steps=6, sft_batch=16,
              grpo_steps=2, grpo_prompts=4, grpo_group=4, dpo_pairs=16, dpo_samples=4,
              dpo_steps=2, dpo_batch=8, eval_seeds=2, dpo_gold_chosen=True,
-             ppo_steps=2, ppo_prompts=4, rm_pairs=16, rm_steps=2)
+             ppo_steps=2, ppo_prompts=4, rm_pairs=16, rm_steps=2, ppo_guard_every=1)
 
 
 # ----------------------------------------------------------------------------- task
@@ -136,8 +144,10 @@ def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: in
     """Classic RLHF PPO from the SFT model (value head, KL in the reward, GAE); the score is the
     exact-answer verifier, or a reward model trained here on pairs mined from the SFT model
     (PPO then raises the model's score while held-out accuracy falls: over-optimization of an
-    imperfect reward model)."""
-    from .config import PPOConfig, RewardModelConfig
+    imperfect reward model). The guard watches it with the verifier as gold, on 128 training
+    prompts (the policy never sees the verifier there, and the held-out set stays untouched by
+    the choice of the best-gold policy), and restores that policy on its alert."""
+    from .config import GuardConfig, PPOConfig, RewardModelConfig
     from .ppo import PPOTrainer
 
     rm = RewardModelConfig()
@@ -152,7 +162,13 @@ def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: in
                          max_new_tokens=budget, rewards=(RewardSpec("exact_answer", 1.0),))
     ppo = PPOConfig(data=os.path.join(out, "prompts.jsonl"), rollout=roll, epochs=2,
                     mini_batches=2, kl_coef=0.05, reward=d.ppo_reward, reward_model=rm)
-    PPOTrainer(stage_config(d, out, "ppo", d.ppo_steps, d.ppo_lr, ppo=ppo), model, tok).fit()
+    guard = GuardConfig()
+    if d.ppo_reward == "model" and d.ppo_guard_every:
+        write_jsonl(os.path.join(out, "guard_prompts.jsonl"), train[-128:])
+        guard = GuardConfig(every=d.ppo_guard_every, data=os.path.join(out, "guard_prompts.jsonl"),
+                            max_prompts=128, seeds=(0, 1), stop_at_peak=True)
+    PPOTrainer(stage_config(d, out, "ppo", d.ppo_steps, d.ppo_lr, ppo=ppo, guard=guard), model,
+               tok).fit()
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -192,13 +208,25 @@ def _run(d: DemoConfig) -> dict:
     ev = EvalConfig(temperature=d.eval_temperature, max_new_tokens=budget,
                     seeds=tuple(range(1000, 1000 + d.eval_seeds)))
     hp, ha = [r["prompt"] for r in heldout], [r["answer"] for r in heldout]
-    results, timings = {}, {}
+    results, timings, regressions = {}, {}, {}
+    reg = (RegressionSet(d.regression_set, tok, os.path.join(out, "regression"), budget)
+           if d.regression_set else None)
 
     def evaluate(stage, model):
         results[stage] = accuracy(model, tok, hp, ha, ev)
         r = results[stage]
         print(f"[{stage}] held-out accuracy {r['mean']:.3f} +- {r['std']:.3f} "
               f"(seeds: {', '.join(f'{x:.3f}' for x in r['per_seed'])})", flush=True)
+        if d.at_n:
+            r.update(at_n(model, tok, hp, ha, d.at_n, dataclasses.replace(ev, seeds=ev.seeds[:1])))
+            print(f"[{stage}] best@1 {r['best@1']:.3f}, best@{d.at_n} {r[f'best@{d.at_n}']:.3f}, "
+                  f"maj@{d.at_n} {r[f'maj@{d.at_n}']:.3f}", flush=True)
+        if reg is not None:
+            diff = regressions[stage] = reg.check(stage, model)
+            if "changed" in diff:
+                print(f"[{stage}] regression set: {diff['changed']}/{diff['n']} outputs changed"
+                      + (f", {len(diff['newly_right'])} newly right, {len(diff['newly_wrong'])} "
+                         "newly wrong" if "newly_right" in diff else ""), flush=True)
 
     sft_cfg = stage_config(d, out, "sft", d.sft_steps, d.sft_lr,
                            sft=SFTConfig(data=os.path.join(out, "sft.jsonl"),
@@ -257,7 +285,8 @@ def _run(d: DemoConfig) -> dict:
 
     summary = {"config": dataclasses.asdict(d), "eval": dataclasses.asdict(ev),
                "accuracy": results, "stage_seconds": timings,
-               "total_seconds": time.time() - t_start, "n_pairs": len(pairs)}
+               "total_seconds": time.time() - t_start, "n_pairs": len(pairs),
+               "regression": regressions}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot_accuracy(results, os.path.join(out, "accuracy.png"))
@@ -266,20 +295,24 @@ def _run(d: DemoConfig) -> dict:
 
 
 def print_table(summary: dict) -> None:
-    """Per stage: accuracy mean +- std over seeds, min..max, and the gain over the stage
-    before, marked 'yes' when it exceeds the larger of the two stages' seed std."""
+    """Per stage: accuracy mean +- std over seeds, the item-level standard error, min..max, and
+    the gain over the stage before with its paired test over prompts (95% interval, p-value);
+    '> spread' is 'yes' when the gain exceeds the larger of the two stages' seed std and the
+    paired interval excludes 0."""
     acc, secs = summary["accuracy"], summary["stage_seconds"]
-    print(f"\n{'stage':<7} {'accuracy':>15} {'min..max':>13} {'gain':>7} {'> spread':>9} "
-          f"{'time':>6}")
+    print(f"\n{'stage':<7} {'accuracy':>15} {'se':>6} {'min..max':>13} {'gain':>7} "
+          f"{'paired 95% CI':>17} {'p':>7} {'> spread':>9} {'time':>6}")
     prev = None
     for stage, r in acc.items():
-        gain = beats = ""
+        gain = ci = p = beats = ""
         if prev is not None:
-            gain = f"{r['mean'] - prev['mean']:+.3f}"
-            beats = "yes" if r["mean"] - prev["mean"] > max(r["std"], prev["std"]) else "no"
+            t = compare(prev, r)
+            gain, p = f"{t['diff']:+.3f}", f"{t['p']:.2g}"
+            ci = f"[{t['low']:+.3f}, {t['high']:+.3f}]"
+            beats = "yes" if t["beats_spread"] and t["significant"] else "no"
         sec = f"{secs[stage]:.0f}s" if stage in secs else ""
-        print(f"{stage:<7} {r['mean']:.3f} +- {r['std']:.3f} {r['min']:.3f}..{r['max']:.3f} "
-              f"{gain:>7} {beats:>9} {sec:>6}")
+        print(f"{stage:<7} {r['mean']:.3f} +- {r['std']:.3f} {r['se']:>6.3f} "
+              f"{r['min']:.3f}..{r['max']:.3f} {gain:>7} {ci:>17} {p:>7} {beats:>9} {sec:>6}")
         prev = r
     print(f"total {summary['total_seconds']:.0f}s; results in {summary['config']['out_dir']}")
 

@@ -73,8 +73,12 @@ class DPOTrainer(Trainer):
         loss.backward()
         grad_norm = self.optimizer_step()
         dt = time.perf_counter() - t0
+        # DPO samples nothing from the policy, so it has no KL estimate; the mean sequence
+        # log-ratio to the reference on the pairs is its drift on the data
+        drift = {} if ref is None else {"logratio_seq": (torch.cat(
+            [out.chosen_logp, out.rejected_logp]) - ref.to(out.chosen_logp)).mean().item()}
         return {"loss": loss.item(), "grad_norm": grad_norm,
-                **{k: v.item() for k, v in out.metrics.items()},
+                **{k: v.item() for k, v in out.metrics.items()}, **drift,
                 "tokens_per_s": batch.attention_mask.sum().item() / dt}
 
     def state_dict(self) -> dict:

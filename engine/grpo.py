@@ -93,6 +93,8 @@ class GRPOTrainer(Trainer):
                 old_logp=None if old is None else old[mb, c:],
                 ref_logp=None if ref is None else ref[mb, c:], config=self.loss_cfg)
             metrics = {"loss": loss.item(), **{k: v.item() for k, v in out.metrics.items()}}
+            if ref is not None:  # per-token mean x tokens / rows: the mean sequence KL
+                metrics["kl_seq"] = metrics["kl"] * metrics["tokens"] / len(mb)
             if self.sft is not None:
                 nll, _ = nll_loss(self.model, self.sft.next(self.device))
                 loss = loss + g.sft_coef * nll

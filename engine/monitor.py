@@ -3,8 +3,12 @@
 `Monitor.log(step, metrics)` appends one line of strict JSON to `<run>/metrics.jsonl` (NaN/inf
 become null), checks the alert rules and prints (and appends to `<run>/alerts.jsonl`) any that
 fire:
-  kl > 10, clip_fraction > 0.3, entropy in steady decline, grad_norm > 10x its running
-  median, reward_std near 0 or NaN, reward_mean NaN (no completion scored).
+  kl_seq (per-sequence KL) > 10, kl (per-token mean KL) > 1, clip_fraction > 0.3, entropy in
+  steady decline, grad_norm > 10x its running median, reward_std near 0 or NaN, reward_mean NaN
+  (no completion scored); and, relative to the run's own running median where the seed notes
+  give no number: the zero-std-group fraction, the truncated-completion fraction, the largest
+  importance ratio; PPO's explained variance below 0 and the adaptive KL controller at its clip,
+  each for N steps in a row.
 Progress: a tqdm bar on a terminal; otherwise (a log file, or progress=false) one plain line
 every `print_every` steps. `close()` draws every metric against step into
 `<run>/plots/metrics.png`.
@@ -23,13 +27,21 @@ from collections import deque
 import torch
 
 ALERT_DEFAULTS = {
-    "kl_max": 10.0,
+    "kl_seq_max": 10.0,              # per-sequence KL (`kl_seq`): the seed's "> 10-15"
+    "kl_token_max": 1.0,             # per-token mean KL (`kl`), nats: a different unit
     "clip_fraction_max": 0.3,
     "entropy_window": 10,            # steps; "steady decline": >= 80% of the changes negative
     "entropy_drop": 0.3,             # ... and the entropy fell by > 30% over the window
     "grad_norm_spike": 10.0,         # x running median of the previous grad norms
     "reward_std_min": 1e-3,
+    # run-relative (the seed gives no number): against the running median of earlier steps
+    "zero_std_rise": 0.25,           # zero-std-group fraction above its running median by this
+    "truncated_rise": 0.2,           # truncated-completion fraction above its running median
+    "ratio_max_spike": 10.0,         # largest importance ratio > this x its running median
+    "explained_variance_steps": 10,  # PPO: explained variance < 0 this many logged steps in a row
+    "kl_saturation_steps": 10,       # adaptive KL controller at its clip this many in a row
 }
+RUNNING_MIN = 5  # earlier values a running median needs before a run-relative alert can fire
 
 
 def peak_memory_mb() -> float:
@@ -50,12 +62,31 @@ class Alerts:
                              f"valid: {sorted(ALERT_DEFAULTS)}")
         self.t = {**ALERT_DEFAULTS, **overrides}
         self.entropy = deque(maxlen=int(self.t["entropy_window"]) + 1)
-        self.grad_norms: deque = deque(maxlen=100)
+        self.history = {k: deque(maxlen=100) for k in
+                        ("grad_norm", "ratio_max", "frac_zero_std_groups", "truncated_fraction")}
+        self.runs = {"explained_variance": 0, "kl_ctl_saturated": 0}  # steps in a row
+
+    def _running(self, key: str, m: dict):
+        """(value, running median of the earlier values or None); records the value."""
+        if key not in m or not math.isfinite(m[key]):  # the trainer flags NaN/inf
+            return None, None
+        h = self.history[key]
+        med = statistics.median(h) if len(h) >= RUNNING_MIN else None
+        h.append(m[key])
+        return m[key], med
+
+    def _run(self, key: str, holds: bool) -> int:
+        self.runs[key] = self.runs[key] + 1 if holds else 0
+        return self.runs[key]
 
     def check(self, m: dict) -> list[str]:
         t, out = self.t, []
-        if m.get("kl", 0.0) > t["kl_max"]:
-            out.append(f"KL {m['kl']:.3g} > {t['kl_max']}: the policy is far from the reference")
+        if m.get("kl_seq", 0.0) > t["kl_seq_max"]:
+            out.append(f"sequence KL {m['kl_seq']:.3g} > {t['kl_seq_max']}: the policy is far "
+                       "from the reference")
+        if m.get("kl", 0.0) > t["kl_token_max"]:
+            out.append(f"per-token KL {m['kl']:.3g} > {t['kl_token_max']}: the policy is far "
+                       "from the reference on every token")
         if m.get("clip_fraction", 0.0) > t["clip_fraction_max"]:
             out.append(f"clip fraction {m['clip_fraction']:.3g} > {t['clip_fraction_max']}: "
                        "learning rate or passes per batch may be too high")
@@ -67,14 +98,32 @@ class Alerts:
                 if falls >= 0.8 * (len(e) - 1) and e[-1] < (1 - t["entropy_drop"]) * e[0]:
                     out.append(f"entropy in steady decline ({e[0]:.3g} -> {e[-1]:.3g} over "
                                f"{len(e) - 1} steps): possible collapse")
-        if "grad_norm" in m and math.isfinite(m["grad_norm"]):  # the trainer flags NaN/inf
-            g = m["grad_norm"]
-            if len(self.grad_norms) >= 5:
-                med = statistics.median(self.grad_norms)
-                if g > t["grad_norm_spike"] * med:
-                    out.append(f"grad_norm {g:.3g} > {t['grad_norm_spike']}x running median "
-                               f"{med:.3g}: instability")
-            self.grad_norms.append(g)
+        g, med = self._running("grad_norm", m)
+        if med is not None and g > t["grad_norm_spike"] * med:
+            out.append(f"grad_norm {g:.3g} > {t['grad_norm_spike']}x running median "
+                       f"{med:.3g}: instability")
+        r, med = self._running("ratio_max", m)
+        if med is not None and r > t["ratio_max_spike"] * med:
+            out.append(f"largest importance ratio {r:.3g} > {t['ratio_max_spike']}x running "
+                       f"median {med:.3g}: the update moved far from the sampling policy")
+        z, med = self._running("frac_zero_std_groups", m)
+        if med is not None and z > med + t["zero_std_rise"]:
+            out.append(f"zero-std groups {z:.3g} of the batch, up from a running median of "
+                       f"{med:.3g}: many prompts give no learning signal")
+        c, med = self._running("truncated_fraction", m)
+        if med is not None and c > med + t["truncated_rise"]:
+            out.append(f"truncated completions {c:.3g}, up from a running median of {med:.3g}: "
+                       "completions are growing into the token budget")
+        if "explained_variance" in m and math.isfinite(m["explained_variance"]):
+            n = self._run("explained_variance", m["explained_variance"] < 0)
+            if n == t["explained_variance_steps"]:
+                out.append(f"value head explained variance < 0 for {n} steps: the critic is "
+                           "worse than a constant baseline")
+        if "kl_ctl_saturated" in m:
+            n = self._run("kl_ctl_saturated", m["kl_ctl_saturated"] > 0)
+            if n == t["kl_saturation_steps"]:
+                out.append(f"adaptive KL controller at its clip for {n} steps: the KL is far from "
+                           "ppo.kl_target and the coefficient moves at its maximum rate")
         if "reward_mean" in m and math.isnan(m["reward_mean"]):
             out.append("reward_mean is NaN: no completion in the batch was scored")
         elif "reward_std" in m and not m["reward_std"] >= t["reward_std_min"]:  # NaN fires too
@@ -137,7 +186,7 @@ class Monitor:
                 if v is not None:
                     self.tb.add_scalar(k, v, step)
         shown = {k: "nan" if m[k] is None else f"{m[k]:.3g}"
-                 for k in ("loss", "reward_mean", "kl", "grad_norm") if k in m}
+                 for k in ("loss", "reward_mean", "kl", "kl_seq", "grad_norm") if k in m}
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix(shown, refresh=False)

@@ -68,10 +68,14 @@ class KLController:
     def __init__(self, init: float, target: float | None = None, horizon: int = 10000):
         self.value, self.target, self.horizon = init, target, horizon
 
-    def update(self, kl: float, n: int) -> None:
+    def update(self, kl: float, n: int) -> bool:
+        """Move the coefficient; returns whether the error was clipped (the controller saturated)."""
         if self.target is not None and math.isfinite(kl):
-            err = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            raw = kl / self.target - 1.0
+            err = min(max(raw, -0.2), 0.2)
             self.value *= 1.0 + err * n / self.horizon
+            return err != raw
+        return False
 
 
 def token_rewards(scores: Tensor, mask: Tensor, kl: Tensor, kl_coef: float) -> Tensor:
@@ -219,7 +223,7 @@ class PPOTrainer(Trainer):
 
         # 7. KL controller, on the rollout's mean sequence KL
         kl_seq = kl.sum(-1).mean().item()
-        self.kl_ctl.update(kl_seq, len(scores))
+        saturated = self.kl_ctl.update(kl_seq, len(scores))
         non_score = -(kl_coef * kl.sum(-1)).mean().item() if p.kl_in == "reward" else 0.0
         m = mask.float()
         return {**stats,
@@ -228,6 +232,7 @@ class PPOTrainer(Trainer):
                 "non_score_reward": non_score,
                 "rlhf_reward": scores.mean().item() + non_score,
                 "kl_seq": kl_seq, "kl_coef": kl_coef,
+                **({"kl_ctl_saturated": float(saturated)} if p.kl_target is not None else {}),
                 "value_mean": ((old_values * m).sum() / m.sum()).item(),
                 "returns_mean": ((returns * m).sum() / m.sum()).item(),
                 **getattr(self.reward_fn, "last", {}),

@@ -2,8 +2,8 @@
 
 A reward function is any callable `fn(prompts, completions, **kw) -> list[float]`, one score
 per completion; `kw` carries the dataset's extra columns (e.g. `answer`, one per completion).
-Built-ins: an exact-answer verifier, a regex format check, a length penalty and a repeated
-n-gram penalty. `Weighted` sums several of them and reports each one's mean.
+Built-ins: an exact-answer verifier, a regex format check, a length penalty, a repeated
+n-gram penalty and a pairwise judge (rlfuse.judge) against a baseline column. `Weighted` sums several of them and reports each one's mean.
 """
 from __future__ import annotations
 
@@ -72,11 +72,23 @@ def repeated_ngram_penalty(prompts, completions, n: int = 3, **kw) -> list[float
     return out
 
 
+def pairwise_judge(prompts, completions, model: Optional[str] = None,
+                   baseline: str = "reference", **kw) -> list[float]:
+    """Debiased P(completion beats the `baseline` column's response) from rlfuse.judge over the
+    local causal LM folder `model` (loaded once); NaN (unscored) where the judge fails."""
+    if not model:
+        raise ValueError("reward pairwise_judge needs kwargs.model: a local causal LM folder")
+    from .judge import JudgeReward, load_judge
+
+    return JudgeReward(load_judge(model), baseline)(prompts, completions, **kw)
+
+
 BUILTINS: dict[str, Callable] = {
     "exact_answer": exact_answer,
     "regex_format": regex_format,
     "length_penalty": length_penalty,
     "repeated_ngram_penalty": repeated_ngram_penalty,
+    "pairwise_judge": pairwise_judge,
 }
 
 

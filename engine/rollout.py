@@ -148,10 +148,12 @@ class ScoredRollout:
     rewards: Tensor   # [B] fp32 on the CPU, one per completion
     batch: Batch      # prompt + completion rows, on the model's device
     seconds: float    # sampling time
+    truncated: float  # fraction of completions cut by max_new_tokens before an EOS
 
     def metrics(self) -> dict:
         lengths = self.rollout.lengths
         return {"completion_length": sum(lengths) / len(lengths),
+                "truncated_fraction": self.truncated,
                 "rollout_tokens_per_s": sum(lengths) / self.seconds}
 
 
@@ -170,7 +172,10 @@ def rollout_and_score(model, tokenizer, rows: list[dict], cfg, reward_fn, max_le
     columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
     rewards = torch.tensor(reward_fn(prompts, roll.texts, **columns), dtype=torch.float32)
     batch = pack(roll.prompt_ids, roll.completion_ids, tokenizer.pad_token_id, max_length)
-    return ScoredRollout(roll, rewards, batch.to(next(model.parameters()).device), seconds)
+    eos = tokenizer.eos_token_id
+    cut = sum(len(c) >= cfg.max_new_tokens and c[-1] != eos for c in roll.completion_ids)
+    return ScoredRollout(roll, rewards, batch.to(next(model.parameters()).device), seconds,
+                         cut / len(roll.completion_ids))
 
 
 def mean_metrics(rows: list[dict]) -> dict:
@@ -186,7 +191,7 @@ def mean_metrics(rows: list[dict]) -> dict:
 def minibatch_steps(trainer, n_rows: int, passes: int, mini_batches: int, step) -> dict:
     """`passes` x `mini_batches` optimizer steps of `trainer`: each pass shuffles the n_rows rows
     into minibatches, and `step(idx)` returns (loss, metrics) of the rows `idx`. Returns the mean
-    metrics, the mean and largest grad_norm."""
+    metrics, the mean and largest grad_norm, and the largest importance ratio of any step."""
     stats = []
     for _ in range(passes):
         for idx in torch.randperm(n_rows, device=trainer.device).chunk(mini_batches):
@@ -194,4 +199,7 @@ def minibatch_steps(trainer, n_rows: int, passes: int, mini_batches: int, step) 
             loss.backward()
             metrics["grad_norm"] = trainer.optimizer_step()
             stats.append(metrics)
-    return {**mean_metrics(stats), "grad_norm_max": max(s["grad_norm"] for s in stats)}
+    out = {**mean_metrics(stats), "grad_norm_max": max(s["grad_norm"] for s in stats)}
+    if "ratio_max" in stats[0]:
+        out["ratio_max"] = max(s["ratio_max"] for s in stats)
+    return out

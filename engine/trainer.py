@@ -30,6 +30,7 @@ from .config import ConfigError, TrainConfig, to_dict
 from .model import load_policy, quiet_transformers
 from .monitor import Monitor
 from .optim import make_optimizer
+from .overopt import GUARD_LOG, Guard
 
 
 def return_freed_memory(threshold: int = 1 << 20) -> None:
@@ -66,7 +67,7 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 # What a run writes into out_dir (overwrite=true removes exactly these).
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "alerts.jsonl", "plots", "tb")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "alerts.jsonl", "plots", "tb", GUARD_LOG)
 # Settings a resumed run cannot change: the checkpoint's state would be wrong for them (data
 # order, group shapes, the model), or would silently override them (the optimizer's
 # hyper-parameters live in its state). To change them, start a new run from the checkpoint
@@ -224,9 +225,11 @@ class Trainer:
         mon = self.monitor = Monitor(cfg.out_dir, self.total_steps, self.step, cfg.alerts,
                                      cfg.progress, desc=self.name, print_every=cfg.print_every)
         saved, saved_at, bad_run = self.step if cfg.resume else -1, time.monotonic(), 0
+        guard = None
         try:
+            guard = Guard(self)  # the over-optimization detector (config section guard)
             with checkpoint.GracefulExit() as stop:
-                while self.step < self.total_steps and not stop.requested:
+                while self.step < self.total_steps and not stop.requested and not guard.stopped:
                     metrics = self.train_step()
                     self.step += 1
                     bad = [k for k in ("loss", "grad_norm", "grad_norm_max")
@@ -237,6 +240,7 @@ class Trainer:
                                              f"({bad_run} step(s) in a row)")
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps or bad:
                         mon.log(self.step, {**metrics, "lr": self.sched.get_last_lr()[0]})
+                    guard.after_step()
                     if bad and (cfg.nonfinite == "stop" or bad_run >= cfg.max_nonfinite_skips):
                         raise NonFiniteError(
                             f"stopped at step {self.step}: non-finite {', '.join(bad)} in "
@@ -253,5 +257,7 @@ class Trainer:
                     self.save()
                 self.interrupted = stop.signal
         finally:
+            if guard is not None and plot:
+                guard.close()
             mon.close(plot=plot)
         return mon.history

@@ -28,3 +28,15 @@ else:
         "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
         "group_advantages", "gae", "value_loss", "set_lowp_gemm", "vocab_shard_range",
     ]
+
+    def __getattr__(name):
+        """`rlfuse.judge` (and `from rlfuse import judge`): the pairwise judge, which lives in the
+        engine because it runs transformers models; imported on first use, so the op layer itself
+        never imports the engine (PEP 562)."""
+        if name == "judge":
+            import importlib
+
+            module = importlib.import_module("rlfuse.engine.judge")
+            globals()[name] = module
+            return module
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
