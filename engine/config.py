@@ -239,6 +239,17 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """How the ranks of a torchrun job split the work (see rlfuse.engine.distributed); a single
+    process ignores it. Batch sizes stay global: each rank trains its share of every batch."""
+    strategy: str = "ddp"                # ddp: full replicas | fsdp: FSDP2, sharded parameters
+    vocab_parallel: bool = False         # shard the LM head's vocabulary over the ranks
+
+    def __post_init__(self):
+        _choice("distributed.strategy", self.strategy, ("ddp", "fsdp"))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     algo: str = "sft"                    # sft | grpo | dpo | ppo
     steps: int = 100                     # optimizer steps (GRPO: rollout steps); DPO: 0 -> epochs
@@ -263,6 +274,7 @@ class TrainConfig:
     grpo: GRPOConfig = GRPOConfig()
     dpo: DPOConfig = DPOConfig()
     ppo: PPOConfig = PPOConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     def __post_init__(self):
         _choice("algo", self.algo, ALGORITHMS)
