@@ -92,7 +92,21 @@ def _without_resume(argv: list[str]) -> list[str]:
     return out
 
 
+def hide_checkout_kernels() -> None:
+    """Drop the sys.path entries through which kernels/ (the package `rlfuse`) is also importable
+    as a bare `kernels`: `python -m` (and `torchrun -m rlfuse.engine.cli`) run in a checkout
+    puts the checkout first on sys.path, transformers imports `kernels` when it probes for
+    Hugging Face's kernels library, and that second copy registers rlfuse's custom ops again
+    (the op dispatcher then crashed, SIGSEGV or "vector::reserve", in 2-process runs)."""
+    import rlfuse
+
+    own = os.path.realpath(os.path.dirname(rlfuse.__file__))
+    sys.path[:] = [p for p in sys.path
+                   if os.path.realpath(os.path.join(p or os.curdir, "kernels")) != own]
+
+
 def main(argv=None) -> int:
+    hide_checkout_kernels()
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd, rest = (argv[0], argv[1:]) if argv else ("", [])
     try:

@@ -15,12 +15,12 @@ trainer has one code path.
 - Gradients: DDP and FSDP2 average them over the ranks. A loss averaged over this rank's rows is
   then the global average (the shares are equal); a loss normalized by a token count is rescaled
   to the global count (`token_share`).
-- Forward: the backbone and the fused loss run inside the wrapper's forward (`Wrapped.forward`,
-  which redirects the wrapped module's forward, as TRL does), so DDP's reducer and FSDP2's
-  unshard / reshard hooks fire and the fused ops see the full LM-head weight. FSDP2 shards each
+- Forward: the backbone and the fused loss run inside the wrapper's forward (`Wrapped.forward`:
+  the wrapped module's forward runs the trainer's call, the way TRL redirects a wrapped model's
+  forward), so DDP's reducer and FSDP2's unshard / reshard hooks fire and the fused ops see the full LM-head weight. FSDP2 shards each
   decoder layer (the model's `_no_split_modules`) and, as the root, the rest (embeddings, final
   norm, LM head, PPO's value head); the no-grad passes keep the layers gathered for their
-  duration (`Wrapped.gathered`) instead of all-gathering them once per generated token.
+  duration (`Wrapped.inference`) instead of all-gathering them once per generated token.
 - Checkpoints: rank 0 writes them; under FSDP it writes the gathered full state (`full_state`),
   so a checkpoint is the same save_pretrained folder a single process writes.
 - Metrics: `reduce_metrics` (means, sums of throughputs and counts, min and max).
@@ -247,12 +247,14 @@ class Wrapped:
         return self.outer(functools.partial(fn, *args, **kwargs))
 
     @contextlib.contextmanager
-    def gathered(self):
-        """FSDP2: every rank gathers the full weights once on entry and keeps them across the
-        forwards inside (rollouts, no-grad log-prob passes; ranks may run different numbers of
-        them, say a rollout that stops early), sharding them again at the end. Otherwise a no-op."""
+    def inference(self):
+        """For the no-grad passes (rollouts, old and reference log-probs): no gradient (DDP
+        prepares no reduction), and under FSDP2 every rank gathers the full weights once on entry
+        and keeps them across the forwards inside (ranks may run different numbers of them, say a
+        rollout that stops early), sharding them again at the end."""
         if self.strategy != "fsdp":
-            yield
+            with torch.no_grad():
+                yield
             return
         from torch.distributed.fsdp import FSDPModule
 
@@ -263,7 +265,8 @@ class Wrapped:
         for m in layers:
             m.set_reshard_after_forward(False, recurse=False)
         try:
-            yield
+            with torch.no_grad():
+                yield
         finally:
             for m in layers:
                 m.set_reshard_after_forward(True, recurse=False)

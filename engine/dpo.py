@@ -66,7 +66,7 @@ class DPOTrainer(Trainer):
     def reference_logprobs(self, chunk: int = 64) -> torch.Tensor:
         """[n, 2] sequence log-prob sums of every pair; each rank computes its share."""
         mine, out = distributed.share(range(len(self.pairs))), []
-        with self.wrapped.gathered():
+        with self.wrapped.inference():
             for s in range(0, len(mine), chunk):
                 seq = self.forward(sequence_logprobs, self.model,
                                    self.batch(mine[s:s + chunk])).sum(-1)  # [2b]

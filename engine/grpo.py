@@ -67,7 +67,7 @@ class GRPOTrainer(Trainer):
         rows = [self.prompts[i] for i in distributed.share(self.sampler.next())]
 
         # 1-2. rollout: G samples per prompt, grouped contiguously, and their rewards
-        with self.wrapped.gathered():
+        with self.wrapped.inference():
             scored = self.forward(rollout_and_score, self.model, self.tok, rows, g.rollout,
                                   self.reward_fn, self.cfg.max_length)
         batch = scored.batch
@@ -98,7 +98,7 @@ class GRPOTrainer(Trainer):
         g = self.cfg.grpo
         t = self.loss_cfg.temperature
         # old log-probs of the sampling policy (on-policy ratio when there is one update)
-        with self.wrapped.gathered():
+        with self.wrapped.inference():
             old = self.forward(sequence_logprobs, self.model, batch, t) \
                 if g.passes * g.mini_batches > 1 else None
             ref = self.reference.logprobs(batch, t) if self.reference else None

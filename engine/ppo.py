@@ -165,7 +165,7 @@ class PPOTrainer(Trainer):
         rows = [self.prompts[i] for i in distributed.share(self.sampler.next())]
 
         # 1-2. rollout and score
-        with self.wrapped.gathered():
+        with self.wrapped.inference():
             scored = self.forward(rollout_and_score, self.model, self.tok, rows, p.rollout,
                                   self.reward_fn, self.cfg.max_length)
         scores, batch = scored.rewards, scored.batch
@@ -194,7 +194,7 @@ class PPOTrainer(Trainer):
         # 3. old log-probs and values, reference log-probs (at the loss's = sampling temperature)
         t1 = time.perf_counter()
         t = self.loss_cfg.temperature
-        with self.wrapped.gathered():
+        with self.wrapped.inference():
             old_logp, old_values = self.forward(rollout_stats, self.model, self.value_head, batch,
                                                 t, self.critic)
         ref_logp = self.reference.logprobs(batch, t)

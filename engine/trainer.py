@@ -84,7 +84,9 @@ class NonFiniteError(RuntimeError):
 
 class _Silent:
     """The monitor of the ranks other than 0: they log and print nothing."""
-    history: list = []
+
+    def __init__(self):
+        self.history: list = []
 
     def log(self, step: int, metrics: dict) -> list:
         return []

@@ -1,14 +1,18 @@
 """The engine under torch.distributed: 2 CPU processes (gloo), one thread each.
 
 One spawn runs every case (a process start costs more than a tiny model's steps): each trainer
-under DDP and FSDP2, a resume, and a torchrun-free run of the same configs in this process as
-the single-process baseline. SFT and DPO must train the single process's weights; every
+under DDP and FSDP2, and the first half of a run that `torchrun ... rlfuse.engine.cli` resumes;
+this process trains the same configs as the single-process baseline. SFT and DPO must train the single process's weights; every
 checkpoint must load into a single process.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from rlfuse.engine import trainer_for
+from rlfuse.engine.checkpoint import CheckpointError
+from rlfuse.engine.cli import hide_checkout_kernels
 from rlfuse.engine.config import ConfigError, load_config
 from rlfuse.engine.data import write_jsonl
 
@@ -46,9 +52,10 @@ def _cases(tmp) -> list[tuple[str, list[str]]]:
     out.append(("ppo-fsdp-critic", _args(tmp, "ppo-fsdp-critic", "ppo", "ppo.critic=separate",
                                          "ppo.loss.loss_type=ppo", "distributed.strategy=fsdp",
                                          "ppo.kl_in=loss")))
-    for s in ("ddp", "fsdp"):  # 2 steps, then resumed to 3: the 3-step run's weights
-        first = _args(tmp, f"resume-{s}", "sft", f"distributed.strategy={s}", "steps=2")
-        out += [(f"resume-{s}-a", first), (f"resume-{s}", first + ["steps=3", "resume=true"])]
+    out += [("odd-batch", _args(tmp, "odd-batch", "sft", "sft.batch_size=3")),  # ConfigErrors
+            ("vocab-parallel", _args(tmp, "vocab-parallel", "sft", "distributed.vocab_parallel=true"))]
+    # 2 steps, resumed to 3 under torchrun by test_torchrun_resumes_a_run
+    out.append(("resume", _args(tmp, "resume", "sft", "distributed.strategy=fsdp", "steps=2")))
     return out
 
 
@@ -59,12 +66,17 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
+    hide_checkout_kernels()  # before transformers loads (the spawned ranks import the checkout)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     for name, args in _cases(tmp):
         cfg = load_config(None, args)
-        t = trainer_for(cfg.algo)(cfg)
+        try:
+            t = trainer_for(cfg.algo)(cfg)
+        except ConfigError as err:
+            torch.save({"error": str(err)}, os.path.join(tmp, f"{name}.rank{rank}.pt"))
+            continue
         rows = t.fit(plot=False)
         # DDP replicas must agree; FSDP2 holds each rank's shard
         total = sum(float(p.detach().double().sum()) for p in t.params
@@ -84,16 +96,18 @@ def runs(tmp_path_factory):
     write_jsonl(f"{tmp}/pairs.jsonl", [{"prompt": r["prompt"], "chosen": r["answer"],
                                         "rejected": r["answer"][::-1] + "1"} for r in ROWS])
     mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD)
+    hide_checkout_kernels()  # for the single-process runs in this process
     return tmp, {name: [torch.load(os.path.join(tmp, f"{name}.rank{r}.pt"), weights_only=False)
                         for r in range(WORLD)] for name, _ in _cases(tmp)}
 
 
-def _single(tmp, name, algo, *extra):
-    """The same config trained in this process: (trainer, weights)."""
-    cfg = load_config(None, _args(tmp, name, algo, *extra))
+@functools.cache
+def _single(tmp, algo):
+    """The same config trained in this process (3 steps): its weights."""
+    cfg = load_config(None, _args(tmp, f"{algo}-single", algo))
     t = trainer_for(algo)(cfg)
     t.fit(plot=False)
-    return t, {k: v.detach() for k, v in t.model.state_dict().items()}
+    return {k: v.detach() for k, v in t.model.state_dict().items()}
 
 
 def _weights(checkpoint_dir):
@@ -103,14 +117,14 @@ def _weights(checkpoint_dir):
 @pytest.mark.parametrize("algo", ["sft", "dpo"])
 def test_two_processes_train_the_single_process_weights(runs, algo):
     tmp, res = runs
-    _, want = _single(tmp, f"{algo}-single", algo)
+    want = _single(tmp, algo)
     for s in ("ddp", "fsdp"):
         got = _weights(res[f"{algo}-{s}"][0]["checkpoint"])
         assert set(got) == set(want)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=f"{s} {k}")
-        losses = [[r["loss"] for r in res[f"{algo}-{s}"][0]["rows"]]]
-        assert len(losses[0]) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
+        losses = torch.tensor([r["loss"] for r in res[f"{algo}-{s}"][0]["rows"]])
+        assert len(losses) == 3 and bool(losses.isfinite().all())
 
 
 @pytest.mark.parametrize("name", ["grpo-ddp", "grpo-fsdp", "ppo-ddp", "ppo-fsdp",
@@ -135,29 +149,32 @@ def test_rl_trainers_run_and_their_checkpoints_load_in_one_process(runs, name):
         assert "layers.0.mlp.up_proj.weight" in state["extra"]["critic"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_resume_under_two_processes(runs, strategy):
-    """2 steps, resumed to 3 under 2 processes: the single process's 3-step weights."""
-    tmp, res = runs
-    _, want = _single(tmp, f"resume-single-{strategy}", "sft")
-    main = res[f"resume-{strategy}"][0]
-    assert [r["step"] for r in main["rows"]] == [1, 2, 3]
-    got = _weights(main["checkpoint"])
+def test_torchrun_resumes_a_run(runs):
+    """`torchrun ... rlfuse.engine.cli train` continues the spawned FSDP2 run's 2 steps to 3: the
+    single process's 3-step weights; rank 0 alone prints and writes; the checkpoint of 2 processes
+    resumes only under 2."""
+    tmp, _ = runs
+    args = _args(tmp, "resume", "sft", "distributed.strategy=fsdp", "resume=true")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          f"--nproc-per-node={WORLD}", "-m", "rlfuse.engine.cli", "train", "sft",
+                          *args], capture_output=True, text=True, timeout=600, cwd=tmp,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("rlfuse: sft finished at step 3") == 1, out.stdout
+    assert out.stderr.count("rlfuse: resumed sft at step 2") == 1
+    with open(f"{tmp}/resume/metrics.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f] == [1, 2, 3]
+    got = _weights(f"{tmp}/resume/checkpoints/step-000003")
+    want = _single(tmp, "sft")
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
-
-
-def test_a_two_process_checkpoint_resumes_only_under_two(runs):
-    tmp, res = runs
-    cfg = load_config(None, _args(tmp, "resume-ddp", "sft", "distributed.strategy=ddp",
-                                  "steps=4", "resume=true"))
-    with pytest.raises(Exception, match="written by 2 process"):
+    cfg = load_config(None, args[:-1] + ["steps=4", "resume=true"])
+    with pytest.raises(CheckpointError, match="written by 2 process"):
         trainer_for("sft")(cfg).fit(plot=False)
 
 
-def test_global_batch_sizes_must_split_over_the_ranks(tmp_path, monkeypatch):
-    from rlfuse.engine import distributed
-
-    monkeypatch.setattr(distributed, "world", lambda: 3)
-    with pytest.raises(ConfigError, match="'sft.batch_size' is 4, which 3 processes"):
-        distributed.check_share("sft.batch_size", 4)
+def test_what_two_processes_cannot_do_is_refused(runs):
+    _, res = runs
+    assert res["odd-batch"][0]["error"].startswith(
+        "config key 'sft.batch_size' is 3, which 2 processes cannot share evenly")
+    assert "'distributed.vocab_parallel'" in res["vocab-parallel"][1]["error"]
