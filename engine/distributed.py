@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .config import ConfigError
 
+
 # ----------------------------------------------------------------------------- process group
 def setup(device: str) -> torch.device:
     """This process's device (`device` is auto | cpu | cuda). Under torchrun (WORLD_SIZE > 1) it
@@ -223,7 +224,7 @@ class Wrapped:
     def __init__(self, modules: dict[str, nn.Module], strategy: str, device: torch.device):
         self.inner = _Modules(modules)  # the modules themselves: parameters are shared
         self.strategy = strategy if world() > 1 else None
-        self.outer: nn.Module = self.inner
+        self.outer: Optional[nn.Module] = None
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -238,12 +239,14 @@ class Wrapped:
             for m in self.inner.modules():
                 if type(m).__name__ in blocks:
                     fully_shard(m)
-            fully_shard(self.inner)
+            self.outer = fully_shard(self.inner)
 
     def forward(self, fn, *args, **kwargs):
         """fn(*args, **kwargs), run as the wrapped module's forward: the wrapper's hooks fire
         (DDP prepares its gradient reduction; FSDP2 gathers the root's weights, the LM head's
-        among them, for the call and its backward)."""
+        among them, for the call and its backward). In one process, a plain call."""
+        if self.strategy is None:
+            return fn(*args, **kwargs)
         return self.outer(functools.partial(fn, *args, **kwargs))
 
     @contextlib.contextmanager

@@ -342,11 +342,7 @@ class Trainer:
 
 def _check_distributed(cfg: TrainConfig) -> None:
     """What the engine cannot do under torchrun (yet), as ConfigErrors naming the key."""
-    d = cfg.distributed
-    if d.vocab_parallel:
-        raise ConfigError("config key 'distributed.vocab_parallel': sharding the LM head's "
-                          "vocabulary over the ranks is not available yet; set it to false")
-    if d.strategy == "fsdp" and cfg.model.lora_r > 0:
+    if cfg.distributed.strategy == "fsdp" and cfg.model.lora_r > 0:
         raise ConfigError("config key 'distributed.strategy': fsdp does not train LoRA "
                           "policies (model.lora_r > 0) yet; use distributed.strategy=ddp")
     if cfg.algo == "ppo" and cfg.ppo.reward in ("model", "both") and cfg.ppo.reward_model.pairs:
