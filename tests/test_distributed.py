@@ -95,7 +95,9 @@ def runs(tmp_path_factory):
     write_jsonl(f"{tmp}/prompts.jsonl", ROWS)
     write_jsonl(f"{tmp}/pairs.jsonl", [{"prompt": r["prompt"], "chosen": r["answer"],
                                         "rejected": r["answer"][::-1] + "1"} for r in ROWS])
-    mp.spawn(_worker, args=(_free_port(), tmp), nprocs=WORLD)
+    import test_distributed as this  # the name the spawned ranks import it by (tests/ on sys.path)
+
+    mp.spawn(this._worker, args=(_free_port(), tmp), nprocs=WORLD)
     hide_checkout_kernels()  # for the single-process runs in this process
     return tmp, {name: [torch.load(os.path.join(tmp, f"{name}.rank{r}.pt"), weights_only=False)
                         for r in range(WORLD)] for name, _ in _cases(tmp)}
