@@ -240,11 +240,8 @@ def _worker(spec: dict) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 def _run_one(spec: dict) -> dict:
-    # PYTHONSAFEPATH: the cwd stays off sys.path, so a checkout's kernels/ is never imported as
-    # a bare `kernels` (transformers probes for Hugging Face's kernels library under that name)
     proc = subprocess.run([sys.executable, "-m", "rlfuse.benches.engine", "--worker",
-                           json.dumps(spec)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONSAFEPATH": "1"})
+                           json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {spec['system']}/{spec['trainer']} failed:\n"
                            f"{proc.stderr[-4000:]}")

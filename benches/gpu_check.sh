@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu_results}}
 py=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1  # the checkout stays off sys.path (kernels/ is not `kernels`)
+export PYTHONUNBUFFERED=1
 "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

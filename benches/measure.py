@@ -194,8 +194,7 @@ def measure_memory(spec: MemSpec, timeout: float = 1800.0) -> dict:
     env = dict(os.environ)
     # A fixed threshold also turns off glibc's dynamic one: every buffer >= 64 KiB is its own
     # mapping, returned to the OS when freed, so the resident set follows the live tensors.
-    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
-               PYTHONSAFEPATH="1")  # the cwd off sys.path: a checkout's kernels/ is not `kernels`
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     cmd = [sys.executable, "-m", "rlfuse.benches.measure", json.dumps(asdict(spec))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():

@@ -6,8 +6,8 @@ Layout of `<run>/checkpoints/step-000123/`:
                         `model.path` for the next stage (for LoRA: the merged model, unless
                         model.lora_merge_on_save=false)
     adapter/            LoRA only: the adapter (peft `save_pretrained`); resume reads it
-    trainer.pt          optimizer, scheduler, RNG and sampler states (tensors and plain
-                        containers only; loaded with torch.load(weights_only=True))
+    trainer.pt          optimizer, scheduler, RNG (one per rank) and sampler states (tensors
+                        and plain containers only; loaded with torch.load(weights_only=True))
     meta.json           step and config
 Each is written into a temporary folder renamed into place, then `latest` (a text file, also
 replaced atomically) names it, so a crash mid-save leaves the previous checkpoint intact.
@@ -15,6 +15,9 @@ Old checkpoints beyond `keep - 1` are deleted before a new one is written (never
 `latest` names), so the disk holds at most max(keep, 2) of them. Resume takes the newest checkpoint
 whose files all read back, setting aside (renaming to `*.corrupt`) newer ones that do not.
 `GracefulExit` turns SIGINT/SIGTERM into a flag the loop checks: it saves, then exits.
+Under torchrun rank 0 writes the checkpoint (under FSDP2 from the gathered full state, so the
+folder is the one a single process writes and loads into one); every rank resumes from it, under
+the same world size.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
+from . import distributed
 from .model import is_lora
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -82,11 +86,14 @@ def latest(ckpt_dir: str) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- saving
-def save(ckpt_dir: str, step: int, model, tokenizer, optimizer, scheduler,
-         extra: Optional[dict] = None, config: Optional[dict] = None, keep: int = 2,
-         merge_lora: bool = True) -> str:
-    """Write checkpoint `step` under ckpt_dir atomically; keep the newest `keep` (at least 1)."""
-    _check_finite(model, step, ckpt_dir)
+def save(ckpt_dir: str, step: int, model, tokenizer, state: dict,
+         config: Optional[dict] = None, keep: int = 2, merge_lora: bool = True,
+         weights: Optional[dict] = None) -> str:
+    """Write checkpoint `step` under ckpt_dir atomically; keep the newest `keep` (at least 1).
+    `state` is trainer.pt's contents (optimizer, scheduler, rng, extra); `weights`, when given
+    (FSDP2: the gathered full state), is saved instead of the model's own parameters."""
+    _check_finite(weights if weights is not None else
+                  {n: p for n, p in model.named_parameters() if p.requires_grad}, step, ckpt_dir)
     os.makedirs(ckpt_dir, exist_ok=True)
     name = f"step-{step:06d}"
     final, tmp = os.path.join(ckpt_dir, name), os.path.join(ckpt_dir, f".{name}.tmp")
@@ -96,9 +103,8 @@ def save(ckpt_dir: str, step: int, model, tokenizer, optimizer, scheduler,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        _write_model(model, tokenizer, tmp, merge_lora)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "extra": extra or {}}, os.path.join(tmp, "trainer.pt"))
+        _write_model(model, tokenizer, tmp, merge_lora, weights)
+        torch.save(state, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"step": step, "config": config}, f, indent=1)
         _fsync_tree(tmp)
@@ -119,8 +125,11 @@ def save(ckpt_dir: str, step: int, model, tokenizer, optimizer, scheduler,
     return final
 
 
-def _write_model(model, tokenizer, folder: str, merge_lora: bool) -> None:
-    if is_lora(model):
+def _write_model(model, tokenizer, folder: str, merge_lora: bool,
+                 weights: Optional[dict]) -> None:
+    if weights is not None:
+        model.save_pretrained(folder, state_dict=weights)
+    elif is_lora(model):
         model.save_pretrained(os.path.join(folder, "adapter"))
         if merge_lora:  # on a copy: merging in place and back would round the base weights
             merged = copy.deepcopy(model).merge_and_unload()
@@ -132,8 +141,8 @@ def _write_model(model, tokenizer, folder: str, merge_lora: bool) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def _check_finite(model, step: int, ckpt_dir: str) -> None:
-    bad = [n for n, p in model.named_parameters() if p.requires_grad
+def _check_finite(weights: dict, step: int, ckpt_dir: str) -> None:
+    bad = [n for n, p in weights.items() if p.is_floating_point()
            and not bool(torch.isfinite(p.detach()).all())]
     if bad:
         raise CheckpointError(
@@ -223,31 +232,41 @@ def read_newest(ckpt_dir: str) -> tuple[str, dict]:
         "set resume=false (with overwrite=true to replace the old run) to start over")
 
 
-def apply(ckpt: dict, model, optimizer=None, scheduler=None) -> tuple[int, dict]:
-    """Restore contents from `read` into model/optimizer/scheduler and the RNGs; (step, extra)."""
+def apply(ckpt: dict, model, optimizer=None, scheduler=None, load=None) -> tuple[int, dict]:
+    """Restore contents from `read` into model/optimizer/scheduler and this rank's RNGs;
+    (step, extra). `load(weights, optimizer_state)`, when given (FSDP2: into the sharded model),
+    loads the weights and the optimizer state instead and returns the keys the weights lacked."""
+    trainer = ckpt["trainer"]
+    if len(trainer["rng"]) != distributed.world():
+        raise CheckpointError(
+            f"checkpoint of step {ckpt['step']} was written by {len(trainer['rng'])} process(es); "
+            f"resume it under the same world size (now {distributed.world()}), or start a new run "
+            "from it with model.path=<its folder>")
     device = next(model.parameters()).device
     weights = {k: v.to(device) for k, v in ckpt["weights"].items()}
     if ckpt["lora"] != is_lora(model):
         raise CheckpointError(f"checkpoint {'has' if ckpt['lora'] else 'has no'} LoRA adapter "
                               f"but the model {'has none' if ckpt['lora'] else 'is LoRA'}")
-    if ckpt["lora"]:
+    unexpected: list = []
+    if load is not None:
+        missing = load(weights, trainer["optimizer"])
+    elif ckpt["lora"]:
         from peft import set_peft_model_state_dict
 
         unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
         missing = []
     else:
         missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or {})
-        missing = sorted(set(missing) - tied)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = sorted(set(missing) - tied)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not fit the model (missing {missing[:5]}, "
                               f"unexpected {list(unexpected)[:5]})")
-    trainer = ckpt["trainer"]
-    if optimizer is not None:
+    if optimizer is not None and load is None:
         optimizer.load_state_dict(trainer["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(trainer["scheduler"])
-    set_rng_state(trainer["rng"])
+    set_rng_state(trainer["rng"][distributed.rank()])
     return ckpt["step"], _to(trainer["extra"], device)
 
 

@@ -8,6 +8,9 @@
     rlfuse bench engine [key=value ...]       full GRPO / DPO training steps, rlfuse vs TRL
     rlfuse bench [op] [--shape ...] ...       op benchmarks (time, memory, correctness)
 
+Under torchrun (`torchrun --nproc-per-node N -m rlfuse.engine.cli train ...`) every rank runs
+the trainer (see rlfuse.engine.distributed); rank 0 alone writes and prints.
+
 `rlfuse <command> --help` lists every key with its type, default and meaning. Keys nest with dots
 (`grpo.loss.beta=0.04`); `--config f.yaml` holds the same keys nested by section, and the
 arguments after it override it. A user error (an unknown key, a bad value, a missing or
@@ -21,6 +24,7 @@ import signal
 import sys
 import textwrap
 
+from . import distributed
 from .checkpoint import CheckpointError
 from .config import ALGORITHMS, TrainConfig, UserError, parse, to_dict
 from .trainer import NonFiniteError
@@ -56,10 +60,17 @@ def train(argv: list[str]) -> int:
     import yaml
 
     trainer = trainer_for(algo)(cfg)  # first: it refuses an out_dir that holds another run
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    trainer.fit()
+    if distributed.is_main():
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    try:
+        trainer.fit()
+    finally:
+        main_rank = distributed.is_main()
+        distributed.close()
+    if not main_rank:
+        return 128 + trainer.interrupted if trainer.interrupted else 0
     if trainer.interrupted:
         again = " ".join(shlex.quote(a) for a in _without_resume(argv))
         print(f"rlfuse: interrupted by {signal.Signals(trainer.interrupted).name} at step "

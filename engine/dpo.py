@@ -4,7 +4,9 @@ Data: JSONL with "prompt", "chosen", "rejected". The reference policy is the pol
 starts: its sequence log-prob sums for all pairs are computed once, before the first step
 (no reference model stays in memory), and kept in the checkpoint. Reference-free types
 (simpo, orpo) skip that pass. Each step packs B pairs as [chosen rows; rejected rows] and
-calls `rlfuse.preference_loss` on the backbone's hidden states and the LM head.
+calls `rlfuse.preference_loss` on the backbone's hidden states and the LM head. Under torchrun
+each rank trains its share of the B pairs (the loss is a mean over pairs, and the wrappers
+average the gradients), and the reference pass is shared out over the ranks and gathered.
 """
 from __future__ import annotations
 
@@ -16,9 +18,19 @@ import torch
 import rlfuse
 from rlfuse.preference import REFERENCE_FREE
 
+from . import distributed
 from .data import Sampler, check_prompt_lengths, encode, pack, read_jsonl
 from .model import head, scored_hidden, sequence_logprobs
 from .trainer import Trainer
+
+
+def pair_loss(model, batch, ref, loss_cfg):
+    """preference_loss of the pairs in batch ([chosen rows; rejected rows])."""
+    h = head(model)
+    hid, c = scored_hidden(model, batch)
+    return rlfuse.preference_loss(hid, h.weight, batch.targets[:, c:], batch.mask[:, c:],
+                                  ref_logp=ref, bias=h.bias, config=loss_cfg)
+
 
 class DPOTrainer(Trainer):
     name = "dpo"
@@ -31,9 +43,11 @@ class DPOTrainer(Trainer):
         super().__init__(cfg, model, tokenizer)
         check_prompt_lengths(encode(self.tok, [r["prompt"] for r in self.pairs]), cfg.max_length,
                              cfg.dpo.data)
+        distributed.check_share("dpo.batch_size", cfg.dpo.batch_size)
         self.sampler = Sampler(len(self.pairs), cfg.dpo.batch_size, cfg.seed)
         self.loss_cfg = head(self.model).loss_config(cfg.dpo.loss, "dpo.loss")
         self.ref = None  # [n, 2] reference sums (chosen, rejected), computed at the first step
+        self.prepare()
 
     @property
     def total_steps(self) -> int:
@@ -50,26 +64,25 @@ class DPOTrainer(Trainer):
                     self.cfg.max_length).to(self.device)
 
     def reference_logprobs(self, chunk: int = 64) -> torch.Tensor:
-        out = []
-        for s in range(0, len(self.pairs), chunk):
-            idx = list(range(s, min(len(self.pairs), s + chunk)))
-            seq = sequence_logprobs(self.model, self.batch(idx)).sum(-1)  # [2b]
-            out.append(torch.stack(seq.chunk(2), dim=1))  # [b, 2]
-        return torch.cat(out)
+        """[n, 2] sequence log-prob sums of every pair; each rank computes its share."""
+        mine, out = distributed.share(range(len(self.pairs))), []
+        with self.wrapped.inference():
+            for s in range(0, len(mine), chunk):
+                seq = self.forward(sequence_logprobs, self.model,
+                                   self.batch(mine[s:s + chunk])).sum(-1)  # [2b]
+                out.append(torch.stack(seq.chunk(2), dim=1))  # [b, 2]
+        local = torch.cat(out) if out else torch.zeros(0, 2, device=self.device)
+        return distributed.gather_rows(local)[0]
 
     def train_step(self) -> dict:
         uses_ref = self.loss_cfg.loss_type not in REFERENCE_FREE
         if self.ref is None and uses_ref:
             self.ref = self.reference_logprobs()
         t0 = time.perf_counter()
-        idx = self.sampler.next()
+        idx = distributed.share(self.sampler.next())
         batch = self.batch(idx)
         ref = self.ref[idx].T.reshape(-1) if uses_ref else None  # [2B]: chosen; rejected
-        h = head(self.model)
-        hid, c = scored_hidden(self.model, batch)
-        loss, out = rlfuse.preference_loss(hid, h.weight, batch.targets[:, c:],
-                                           batch.mask[:, c:], ref_logp=ref, bias=h.bias,
-                                           config=self.loss_cfg)
+        loss, out = self.forward(pair_loss, self.model, batch, ref, self.loss_cfg)
         loss.backward()
         grad_norm = self.optimizer_step()
         dt = time.perf_counter() - t0

@@ -10,8 +10,10 @@ One step:
   4. optimize  `passes` passes x `mini_batches` optimizer steps of `rlfuse.policy_loss`
                (every PolicyLossConfig option: grpo/bnpo/dr_grpo/dapo/cispo/sapo/ppo, GSPO,
                clip-higher, KL estimators, entropy bonus...) + optional NLL on SFT data.
-Simplified: one process, rollouts and training alternate on the same model; the loss uses the
-sampling temperature (as TRL does), so old log-probs match the sampling distribution.
+Simplified: rollouts and training alternate on the same model; the loss uses the sampling
+temperature (as TRL does), so old log-probs match the sampling distribution. Under torchrun each
+rank samples the groups of its share of the prompts; the advantages come from every rank's
+rewards (gathered), and token-normalized losses from every rank's token count.
 """
 from __future__ import annotations
 
@@ -19,12 +21,18 @@ import time
 
 import rlfuse
 
+from . import distributed
+from .config import ConfigError
 from .data import Sampler, read_jsonl
 from .model import Reference, head, scored_hidden, sequence_logprobs
 from .rewards import build_rewards
 from .rollout import minibatch_steps, rollout_and_score
 from .sft import Demonstrations, nll_loss
 from .trainer import Trainer
+
+# The loss types whose normalizer is a token count (kernels/policy.py `_normalizer`); the others
+# average over sequences, which the wrappers' gradient averaging keeps global as it is.
+TOKEN_NORMALIZED = ("bnpo", "ppo", "dapo", "cispo")
 
 
 class GRPOTrainer(Trainer):
@@ -37,6 +45,11 @@ class GRPOTrainer(Trainer):
             raise ValueError("GRPO needs prompts: set grpo.data to a JSONL file with a "
                              "'prompt' field (and 'answer' for the exact_answer verifier)")
         self.prompts = read_jsonl(g.data, ("prompt",))
+        distributed.check_share("grpo.rollout.prompts_per_step", g.rollout.prompts_per_step)
+        if g.rollout.completions_per_step // distributed.world() % g.mini_batches:
+            raise ConfigError(f"config key 'grpo.mini_batches' must divide each rank's "
+                              f"{g.rollout.completions_per_step // distributed.world()} "
+                              f"completions per step under {distributed.world()} processes")
         self.sampler = Sampler(len(self.prompts), g.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or build_rewards(g.rollout.rewards)
         self.reference = Reference(self.model) if g.reference else None
@@ -47,19 +60,23 @@ class GRPOTrainer(Trainer):
                 raise ValueError("grpo.sft_coef > 0 needs SFT demonstrations in sft.data")
             self.sft = Demonstrations(read_jsonl(cfg.sft.data, ("prompt", "completion")),
                                       self.tok, cfg.sft.batch_size, cfg.max_length, cfg.seed + 1)
+        self.prepare()
 
     def train_step(self) -> dict:
         g = self.cfg.grpo
-        rows = [self.prompts[i] for i in self.sampler.next()]
+        rows = [self.prompts[i] for i in distributed.share(self.sampler.next())]
 
         # 1-2. rollout: G samples per prompt, grouped contiguously, and their rewards
-        scored = rollout_and_score(self.model, self.tok, rows, g.rollout, self.reward_fn,
-                                   self.cfg.max_length)
-        rewards, batch = scored.rewards, scored.batch
-        # group-relative advantages
+        with self.wrapped.inference():
+            scored = self.forward(rollout_and_score, self.model, self.tok, rows, g.rollout,
+                                  self.reward_fn, self.cfg.max_length)
+        batch = scored.batch
+        # group-relative advantages, over every rank's groups
+        rewards, mine = distributed.gather_rows(scored.rewards)
         adv, adv_stats = rlfuse.group_advantages(rewards, g.rollout.samples_per_prompt,
                                                  scale=g.advantage_scale,
                                                  estimator=g.advantage_estimator)
+        adv = adv[mine]
 
         # 3-4. old / reference log-probs, then the optimization passes
         t1 = time.perf_counter()
@@ -81,17 +98,21 @@ class GRPOTrainer(Trainer):
         g = self.cfg.grpo
         t = self.loss_cfg.temperature
         # old log-probs of the sampling policy (on-policy ratio when there is one update)
-        old = sequence_logprobs(self.model, batch, t) if g.passes * g.mini_batches > 1 else None
-        ref = self.reference.logprobs(batch, t) if self.reference else None
-        h = head(self.model)
+        with self.wrapped.inference():
+            old = self.forward(sequence_logprobs, self.model, batch, t) \
+                if g.passes * g.mini_batches > 1 else None
+            ref = self.reference.logprobs(batch, t) if self.reference else None
+        token_normalized = self.loss_cfg.loss_type in TOKEN_NORMALIZED
 
-        def step(mb):
-            b = batch[mb]
+        def losses(mb):  # inside the wrapper's forward
+            b, h = batch[mb], head(self.model)
             hid, c = scored_hidden(self.model, b)
             loss, out = rlfuse.policy_loss(
                 hid, h.weight, b.targets[:, c:], b.mask[:, c:], adv[mb], bias=h.bias,
                 old_logp=None if old is None else old[mb, c:],
                 ref_logp=None if ref is None else ref[mb, c:], config=self.loss_cfg)
+            if token_normalized:
+                loss = loss * distributed.token_share(out.metrics["tokens"])
             metrics = {"loss": loss.item(), **{k: v.item() for k, v in out.metrics.items()}}
             if ref is not None:  # per-token mean x tokens / rows: the mean sequence KL
                 metrics["kl_seq"] = metrics["kl"] * metrics["tokens"] / len(mb)
@@ -100,6 +121,9 @@ class GRPOTrainer(Trainer):
                 loss = loss + g.sft_coef * nll
                 metrics["sft_nll"] = nll.item()
             return loss, metrics
+
+        def step(mb):
+            return self.forward(losses, mb)
 
         return minibatch_steps(self, batch.input_ids.shape[0], g.passes, g.mini_batches, step)
 

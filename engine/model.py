@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import distributed
 from .config import ConfigError, ModelConfig, UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,8 +100,10 @@ def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
                                                                local_files_only=local)
         model = _from_pretrained(cfg, device, local)
     else:
-        print("rlfuse: WARNING: model.path is not set, so this trains a randomly initialized tiny "
-              "model; set model.path to a local checkpoint folder", file=sys.stderr, flush=True)
+        if distributed.is_main():
+            print("rlfuse: WARNING: model.path is not set, so this trains a randomly initialized "
+                  "tiny model; set model.path to a local checkpoint folder", file=sys.stderr,
+                  flush=True)
         tokenizer = tokenizer or char_tokenizer()
         model = tiny_model(cfg, tokenizer)
     if tokenizer.pad_token is None:

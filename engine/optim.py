@@ -29,6 +29,11 @@ def round_stochastic_(dst: torch.Tensor, src: torch.Tensor, gen: torch.Generator
     dst.copy_(src.view(torch.int32).add_(noise).bitwise_and_(-65536).view(torch.float32))
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, state or gradient; else `t`."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class StochasticRoundingAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias-corrected) for bf16 parameters, with the moments in
     the parameter's dtype and every bf16 write rounded stochastically (module docstring)."""
@@ -54,8 +59,9 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 t = float(state["step"])
                 step_size, bc2_sqrt = lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5
-                views = [x.view(-1) for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-                for s in range(0, p.numel(), SLAB):
+                views = [_local(x).view(-1)
+                         for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                for s in range(0, views[0].numel(), SLAB):
                     w, g, m, v = (x[s:s + SLAB] for x in views)
                     w32, g32, m32, v32 = (x.float() for x in (w, g, m, v))  # fp32 copies
                     m32.lerp_(g32, 1 - b1)
@@ -79,9 +85,11 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
 
 def make_optimizer(params: list, lr: float, betas: tuple, weight_decay: float, seed: int):
     """StochasticRoundingAdamW when any parameter is bf16, else torch's AdamW (fused on CPU and
-    CUDA: one vectorized kernel per tensor, ~6x faster than the default per-tensor loop on CPU)."""
-    if any(p.dtype == torch.bfloat16 for p in params):
+    CUDA: one vectorized kernel per tensor, ~6x faster than the default per-tensor loop on CPU).
+    `params`: tensors, or param-group dicts."""
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    if any(p.dtype == torch.bfloat16 for p in flat):
         return StochasticRoundingAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
                                        seed=seed)
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    fused = all(p.device.type in ("cpu", "cuda") for p in flat)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)

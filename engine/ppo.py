@@ -23,8 +23,11 @@ holds one [C, V] chunk of logits, the value head a [N] vector.
 Critic: critic="shared" (default) puts a linear value head on the policy's own hidden states (its
 gradient reaches the backbone, scaled by vf_coef); critic="separate" gives the value head its own
 trainable copy of the initial policy's backbone (one more forward/backward per minibatch).
-Simplified: one process, rollouts and training alternate on the same model; the loss uses the
-sampling temperature, so old log-probs match the sampler.
+Simplified: rollouts and training alternate on the same model; the loss uses the sampling
+temperature, so old log-probs match the sampler. Under torchrun each rank samples its share of
+the prompts; steps 4, 5 and 7 run on every rank's per-token vectors (gathered, [B, T]), so the
+whitening, the KL controller and the critic's start see the whole batch; the losses are
+normalized by every rank's token count.
 """
 from __future__ import annotations
 
@@ -38,11 +41,12 @@ from torch import Tensor, nn
 
 import rlfuse
 
+from . import distributed
 from .data import Sampler, read_jsonl
 from .model import Reference, head, head_logprobs, hidden_chunks, hidden_states
 from .rewards import Weighted, build_rewards
 from .rollout import minibatch_steps, rollout_and_score
-from .trainer import Trainer, lr_lambda
+from .trainer import Trainer
 
 
 class ValueHead(nn.Module):
@@ -106,7 +110,7 @@ def ppo_loss(model, value_head, batch, adv, old_logp, old_values, returns, *, re
                                  bias=h.bias, config=loss_cfg)
     values = value_head(hid if critic is None else critic_hidden(critic, batch))  # [b, T-1] fp32
     vf, vm = rlfuse.value_loss(values, old_values, returns, batch.mask, clip=value_clip)
-    loss = pg + vf_coef * vf
+    loss = (pg + vf_coef * vf) * distributed.token_share(batch.mask.sum())
     metrics = {"loss": loss.item(), "policy_loss": pg.item(), "value_loss": vf.item(),
                **{k: v.item() for k, v in vm.items()},
                **{k: v.item() for k, v in out.metrics.items()}}
@@ -134,6 +138,7 @@ class PPOTrainer(Trainer):
             raise ValueError("PPO needs prompts: set ppo.data to a JSONL file with a 'prompt' "
                              "field (and 'answer' for the exact_answer verifier)")
         self.prompts = read_jsonl(p.data, ("prompt",))
+        distributed.check_share("ppo.rollout.prompts_per_step", p.rollout.prompts_per_step)
         self.sampler = Sampler(len(self.prompts), p.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or self.build_reward()
         self.reference = Reference(self.model)
@@ -142,10 +147,11 @@ class PPOTrainer(Trainer):
         self.critic = None  # separate: a trainable copy of the initial policy's backbone
         if p.critic == "separate":
             self.critic = copy.deepcopy(self.model.get_decoder()).train()
-        self._add_to_optimizer([q for m in (self.value_head, self.critic) if m is not None
-                                for q in m.parameters() if q.requires_grad])
         self.kl_ctl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
         self.loss_cfg = h.loss_config(p.loss, "ppo.loss", p.rollout.temperature)
+        # the value head (and critic) join the policy's AdamW (lr x value_lr_scale) and schedule
+        critic = {"critic": self.critic} if self.critic is not None else {}
+        self.prepare({"value_head": self.value_head, **critic}, p.value_lr_scale)
 
     def build_reward(self) -> Weighted:
         p = self.cfg.ppo
@@ -158,21 +164,14 @@ class PPOTrainer(Trainer):
             terms.append(("reward_model", 1.0, scorer))
         return Weighted(terms)
 
-    def _add_to_optimizer(self, params: list) -> None:
-        """The value head joins the policy's AdamW (lr x value_lr_scale) and its schedule."""
-        o = self.cfg.optim
-        self.params += params
-        self.opt.add_param_group({"params": params, "lr": o.lr * self.cfg.ppo.value_lr_scale})
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(o.schedule, o.warmup_steps, max(1, self.total_steps)))
-
     def train_step(self) -> dict:
         p = self.cfg.ppo
-        rows = [self.prompts[i] for i in self.sampler.next()]
+        rows = [self.prompts[i] for i in distributed.share(self.sampler.next())]
 
         # 1-2. rollout and score
-        scored = rollout_and_score(self.model, self.tok, rows, p.rollout, self.reward_fn,
-                                   self.cfg.max_length)
+        with self.wrapped.inference():
+            scored = self.forward(rollout_and_score, self.model, self.tok, rows, p.rollout,
+                                  self.reward_fn, self.cfg.max_length)
         scores, batch = scored.rewards, scored.batch
         if not bool(scores.isfinite().all()):  # GAE has no "unscored": NaN would reach the critic
             raise ValueError(f"PPO needs a finite score for every completion; the reward gave "
@@ -186,6 +185,7 @@ class PPOTrainer(Trainer):
         if not bool(keep.all()):
             batch, scores = batch[keep], scores[keep.cpu()]
         scores, mask = scores.to(self.device), batch.mask
+        all_scores, _ = distributed.gather_rows(scores)
         if self.step == 0:
             # The critic starts at the score's scale, as TRL's and OpenRLHF's start from the reward
             # model: b <- mean score (with gamma = 1 the value of a final-token score is its
@@ -193,20 +193,27 @@ class PPOTrainer(Trainer):
             # weights would carry the mean instead, unevenly over positions: explained variance
             # went negative (to -0.46 on the demo) and the advantages carried that noise.
             with torch.no_grad():
-                self.value_head.proj.bias.fill_(scores.mean().item())
+                self.value_head.proj.bias.fill_(all_scores.mean().item())
 
         # 3. old log-probs and values, reference log-probs (at the loss's = sampling temperature)
         t1 = time.perf_counter()
         t = self.loss_cfg.temperature
-        old_logp, old_values = rollout_stats(self.model, self.value_head, batch, t, self.critic)
+        with self.wrapped.inference():
+            old_logp, old_values = self.forward(rollout_stats, self.model, self.value_head, batch,
+                                                t, self.critic)
         ref_logp = self.reference.logprobs(batch, t)
 
-        # 4. per-token rewards (KL in the reward, or only the score) and 5. GAE
+        # 4. per-token rewards (KL in the reward, or only the score) and 5. GAE, over every
+        # rank's rows ([B, T-1] each, padded to the longest T)
         kl_coef = self.kl_ctl.value
         kl = rlfuse.kl_estimate(old_logp, ref_logp, self.loss_cfg.kl_estimator) * mask  # [B, T-1]
-        shaped = token_rewards(scores, mask, kl, kl_coef if p.kl_in == "reward" else 0.0)
-        adv, returns = rlfuse.gae(shaped, old_values, mask, gamma=p.gamma, lam=p.lam,
-                                  whiten=p.whiten_advantages)
+        all_mask, mine = distributed.gather_rows(mask)
+        all_kl, all_values = (distributed.gather_rows(x)[0] for x in (kl, old_values))
+        shaped = token_rewards(all_scores, all_mask, all_kl,
+                               kl_coef if p.kl_in == "reward" else 0.0)
+        all_adv, all_returns = rlfuse.gae(shaped, all_values, all_mask, gamma=p.gamma, lam=p.lam,
+                                          whiten=p.whiten_advantages)
+        adv, returns = (x[mine, :mask.shape[1]] for x in (all_adv, all_returns))
 
         # 6. PPO epochs over minibatches
         loss_cfg = self.loss_cfg
@@ -214,41 +221,36 @@ class PPOTrainer(Trainer):
             loss_cfg = dataclasses.replace(loss_cfg, beta=kl_coef)
 
         def step(mb):
-            return ppo_loss(self.model, self.value_head, batch[mb], adv[mb], old_logp[mb],
-                            old_values[mb], returns[mb], ref_logp=ref_logp[mb], loss_cfg=loss_cfg,
-                            vf_coef=p.vf_coef, value_clip=p.value_clip, critic=self.critic)
+            return self.forward(ppo_loss, self.model, self.value_head, batch[mb], adv[mb],
+                                old_logp[mb], old_values[mb], returns[mb], ref_logp=ref_logp[mb],
+                                loss_cfg=loss_cfg, vf_coef=p.vf_coef, value_clip=p.value_clip,
+                                critic=self.critic)
 
         stats = minibatch_steps(self, len(scores), p.epochs, p.mini_batches, step)
         t_train = time.perf_counter() - t1
 
-        # 7. KL controller, on the rollout's mean sequence KL
-        kl_seq = kl.sum(-1).mean().item()
-        saturated = self.kl_ctl.update(kl_seq, len(scores))
-        non_score = -(kl_coef * kl.sum(-1)).mean().item() if p.kl_in == "reward" else 0.0
-        m = mask.float()
+        # 7. KL controller, on the rollout's mean sequence KL (every rank's rows)
+        kl_seq = all_kl.sum(-1).mean().item()
+        saturated = self.kl_ctl.update(kl_seq, len(all_scores))
+        non_score = -(kl_coef * all_kl.sum(-1)).mean().item() if p.kl_in == "reward" else 0.0
+        m = all_mask.float()
         return {**stats,
-                "reward_mean": scores.mean().item(),
-                "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+                "reward_mean": all_scores.mean().item(),
+                "reward_std": all_scores.std().item() if len(all_scores) > 1 else 0.0,
                 "non_score_reward": non_score,
-                "rlhf_reward": scores.mean().item() + non_score,
+                "rlhf_reward": all_scores.mean().item() + non_score,
                 "kl_seq": kl_seq, "kl_coef": kl_coef,
                 **({"kl_ctl_saturated": float(saturated)} if p.kl_target is not None else {}),
-                "value_mean": ((old_values * m).sum() / m.sum()).item(),
-                "returns_mean": ((returns * m).sum() / m.sum()).item(),
+                "value_mean": ((all_values * m).sum() / m.sum()).item(),
+                "returns_mean": ((all_returns * m).sum() / m.sum()).item(),
                 **getattr(self.reward_fn, "last", {}),
                 **scored.metrics(),
                 "train_tokens_per_s": batch.attention_mask.sum().item() * p.epochs / t_train}
 
-    def state_dict(self) -> dict:
-        state = {"sampler": self.sampler.state_dict(), "value_head": self.value_head.state_dict(),
-                 "kl_coef": torch.tensor(self.kl_ctl.value, dtype=torch.float64)}
-        if self.critic is not None:
-            state["critic"] = self.critic.state_dict()
-        return state
+    def state_dict(self) -> dict:  # the value head and critic: Trainer.save (prepare's extra)
+        return {"sampler": self.sampler.state_dict(),
+                "kl_coef": torch.tensor(self.kl_ctl.value, dtype=torch.float64)}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
-        self.value_head.load_state_dict(state["value_head"])
         self.kl_ctl.value = float(state["kl_coef"])
-        if self.critic is not None:
-            self.critic.load_state_dict(state["critic"])

@@ -2,7 +2,8 @@
 
 Loss: mean NLL of the completion tokens (the prompt is `ignore_index`), from the fused
 log-probs `rlfuse.linear_logprobs(hidden[:, :-1], W, input_ids[:, 1:])`: the [tokens, vocab]
-logits are never held, only a chunk of them at a time.
+logits are never held, only a chunk of them at a time. Under torchrun each rank trains its share
+of the batch, and the mean is over the whole batch's tokens.
 """
 from __future__ import annotations
 
@@ -10,33 +11,37 @@ import time
 
 import rlfuse
 
+from . import distributed
 from .data import Batch, Sampler, read_jsonl, sft_batch
 from .model import head, scored_hidden
 from .trainer import Trainer
 
 
 def nll_loss(model, batch):
-    """Mean NLL over completion tokens, and the token count."""
+    """Mean NLL over completion tokens (under torchrun: this rank's share of the mean over every
+    rank's tokens), and this rank's token count."""
     h = head(model)
     hid, c = scored_hidden(model, batch)  # [B, T-1-c, H]
     logp = rlfuse.linear_logprobs(hid, h.weight, batch.targets[:, c:], bias=h.bias,
                                   logit_scale=h.logit_scale,
                                   final_logit_softcapping=h.final_logit_softcapping)
-    n = batch.mask.sum()
-    return -logp.sum() / n.clamp(min=1), int(n)
+    n = int(batch.mask.sum())
+    return -logp.sum() / max(n, 1) * distributed.token_share(n), n
 
 
 class Demonstrations:
     """(prompt, completion) records drawn in shuffled batches of `batch_size` (SFT, and GRPO's
-    sft_coef NLL); a checkpoint keeps `sampler`'s state."""
+    sft_coef NLL; under torchrun each rank gets its share); a checkpoint keeps `sampler`'s
+    state."""
 
     def __init__(self, records: list[dict], tokenizer, batch_size: int, max_length: int,
                  seed: int):
+        distributed.check_share("sft.batch_size", batch_size)
         self.records, self.tok, self.max_length = records, tokenizer, max_length
         self.sampler = Sampler(len(records), batch_size, seed)
 
     def next(self, device) -> Batch:
-        rows = [self.records[i] for i in self.sampler.next()]
+        rows = [self.records[i] for i in distributed.share(self.sampler.next())]
         return sft_batch(self.tok, [r["prompt"] for r in rows], [r["completion"] for r in rows],
                          self.max_length).to(device)
 
@@ -53,11 +58,12 @@ class SFTTrainer(Trainer):
             records = read_jsonl(cfg.sft.data, ("prompt", "completion"))
         self.data = Demonstrations(records, self.tok, cfg.sft.batch_size, cfg.max_length,
                                    cfg.seed)
+        self.prepare()
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         batch = self.data.next(self.device)
-        loss, n_tokens = nll_loss(self.model, batch)
+        loss, n_tokens = self.forward(nll_loss, self.model, batch)
         loss.backward()
         grad_norm = self.optimizer_step()
         dt = time.perf_counter() - t0

@@ -1,7 +1,10 @@
 """What every trainer shares: device, optimizer and schedule, the step loop, checkpoints.
 
-A trainer subclass sets up its data in `__init__` and implements `train_step()` (one
-optimizer step, or one rollout step for GRPO) returning its metrics; `fit()` runs
+A trainer subclass sets up its data in `__init__`, ending it with `prepare()` (which wraps the
+trainable modules for the distributed strategy and builds the optimizer over them), and
+implements `train_step()` (one optimizer step, or one rollout step for GRPO) returning its
+metrics; the backbone and the fused losses run through `forward(fn, ...)`, inside the wrapper's
+forward (see rlfuse.engine.distributed). `fit()` runs
 `train_step` `total_steps` times with logging, alerts, periodic (every `save_every` steps and
 `save_every_minutes`) and final checkpoints, `resume`, and a save on SIGINT/SIGTERM
 (`interrupted` then names the signal).
@@ -9,7 +12,9 @@ optimizer step, or one rollout step for GRPO) returning its metrics; `fit()` run
 No work is lost silently: an out_dir that holds a previous run is refused unless resume=true
 (continue it) or overwrite=true (replace it); resume takes the newest readable checkpoint and
 refuses settings it cannot honour; a NaN/inf gradient never reaches the weights (the update
-is skipped, and the run stops by the `nonfinite` policy).
+is skipped, and the run stops by the `nonfinite` policy). Under torchrun, rank 0 alone prints,
+logs metrics (reduced over the ranks) and writes checkpoints; the ranks agree each step on
+stopping (a signal on any rank) and on saving.
 """
 from __future__ import annotations
 
@@ -19,13 +24,14 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from typing import Optional
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .config import ConfigError, TrainConfig, to_dict
 from .model import load_policy, quiet_transformers
 from .monitor import Monitor
@@ -43,14 +49,6 @@ def return_freed_memory(threshold: int = 1 << 20) -> None:
             ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD
         except (OSError, AttributeError):
             pass
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but CUDA is not available")
-    return torch.device(name)
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -79,11 +77,27 @@ RESUME_FIXED = ("algo", "model.path", "model.hidden_size", "model.num_layers",
                 "dpo.data", "dpo.batch_size", "dpo.loss.loss_type", "ppo.data",
                 "ppo.rollout.prompts_per_step", "ppo.rollout.samples_per_prompt", "ppo.critic",
                 "optim.lr", "optim.weight_decay",
-                "optim.beta1", "optim.beta2")
+                "optim.beta1", "optim.beta2", "distributed.strategy")
 
 
 class NonFiniteError(RuntimeError):
     """The run stopped on NaN/inf losses or gradients (by the `nonfinite` policy)."""
+
+
+class _Silent:
+    """The monitor of the ranks other than 0: they log and print nothing."""
+
+    def __init__(self):
+        self.history: list = []
+
+    def log(self, step: int, metrics: dict) -> list:
+        return []
+
+    def alert(self, step: int, msg: str) -> None:
+        pass
+
+    def close(self, plot: bool = True) -> None:
+        pass
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -110,23 +124,48 @@ class Trainer:
         quiet_transformers()
         return_freed_memory()
         self.cfg = cfg
+        self.device = distributed.setup(cfg.device)
+        if distributed.world() > 1:
+            _check_distributed(cfg)
         self.prepare_out_dir()
-        self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if model is None:
             model, tokenizer = load_policy(cfg.model, self.device)
         self.model, self.tok = model.to(self.device), tokenizer
         self.model.train()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        o = cfg.optim
-        self.opt = make_optimizer(self.params, o.lr, (o.beta1, o.beta2), o.weight_decay, cfg.seed)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(o.schedule, o.warmup_steps, max(1, self.total_steps)))
         self.step = 0
         self.monitor = None
         self.last_checkpoint: Optional[str] = None  # the newest checkpoint of this run
         self.interrupted: Optional[int] = None      # the signal that stopped fit(), if any
+
+    def prepare(self, extra: Optional[dict] = None, extra_lr_scale: float = 1.0) -> None:
+        """Wrap the policy and `extra` ({name: module}, trained along, with lr x extra_lr_scale;
+        their states go into the checkpoint's extra under those names) for the distributed
+        strategy, then build the optimizer and schedule over their trainable parameters. Every
+        subclass calls it at the end of its __init__, after any copy of the initial policy."""
+        cfg = self.cfg
+        self.extra = {k: m.to(self.device) for k, m in (extra or {}).items()}
+        self.wrapped = distributed.Wrapped({"policy": self.model, **self.extra},
+                                           cfg.distributed.strategy, self.device)
+        if distributed.world() > 1:  # each rank samples its own rollouts
+            torch.manual_seed(cfg.seed + distributed.rank())
+            random.seed(cfg.seed + distributed.rank())
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": self.params}]
+        extra_params = [p for m in self.extra.values() for p in m.parameters() if p.requires_grad]
+        if extra_params:
+            groups.append({"params": extra_params, "lr": cfg.optim.lr * extra_lr_scale})
+            self.params = self.params + extra_params
+        o = cfg.optim
+        self.opt = make_optimizer(groups, o.lr, (o.beta1, o.beta2), o.weight_decay, cfg.seed)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(o.schedule, o.warmup_steps, max(1, self.total_steps)))
+
+    def forward(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) inside the wrapper's forward: every backbone pass and fused loss
+        goes through here (in one process, a plain call)."""
+        return self.wrapped.forward(fn, *args, **kwargs)
 
     # -- per-trainer hooks
     @property
@@ -148,6 +187,7 @@ class Trainer:
         gradient skips the update: it would poison the weights and Adam's moments."""
         max_norm = self.cfg.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else math.inf)
+        norm = distributed.full(norm)  # FSDP2: the norm over every rank's shards
         if bool(torch.isfinite(norm)):
             self.opt.step()
             self.sched.step()
@@ -177,6 +217,9 @@ class Trainer:
                 f"config key 'out_dir': {cfg.out_dir} holds a previous run ({len(ckpts)} "
                 f"checkpoint(s){', metrics.jsonl' if logged else ''}); set resume=true to "
                 "continue it, overwrite=true to replace it, or choose another out_dir")
+        distributed.barrier()  # every rank has looked before rank 0 removes anything
+        if not distributed.is_main():
+            return
         for name in RUN_OUTPUTS:
             path = os.path.join(cfg.out_dir, name)
             if os.path.isdir(path):
@@ -187,27 +230,58 @@ class Trainer:
               f"{cfg.out_dir}", file=sys.stderr, flush=True)
 
     def save(self) -> str:
-        self.last_checkpoint = checkpoint.save(
-            self.ckpt_dir, self.step, self.model, self.tok, self.opt, self.sched,
-            self.state_dict(), to_dict(self.cfg), self.cfg.keep_checkpoints,
-            merge_lora=self.cfg.model.lora_merge_on_save)
-        return self.last_checkpoint
+        """Write a checkpoint (rank 0; every rank calls this); returns its folder."""
+        weights, optim = self.wrapped.full_state(self.opt)
+        modules = weights or {k: m.state_dict() for k, m in self.extra.items()}
+        state = {"optimizer": optim or self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "rng": distributed.gather_objects(checkpoint.rng_state()),
+                 "extra": {**self.state_dict(), **{k: modules[k] for k in self.extra}}}
+        path = error = None
+        if distributed.is_main():
+            try:
+                path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.tok, state,
+                                       to_dict(self.cfg), self.cfg.keep_checkpoints,
+                                       merge_lora=self.cfg.model.lora_merge_on_save,
+                                       weights=weights and weights["policy"])
+            except checkpoint.CheckpointError as err:
+                error = str(err)
+        path, error = distributed.from_main((path, error))
+        if error:
+            raise checkpoint.CheckpointError(error)
+        self.last_checkpoint = path
+        return path
 
     def resume(self) -> str:
         """Restore the newest readable checkpoint; returns its folder."""
+        if not distributed.is_main():  # rank 0 first sets unreadable ones aside
+            distributed.barrier()
         path, ckpt = checkpoint.read_newest(self.ckpt_dir)
+        if distributed.is_main():
+            distributed.barrier()
         self.check_resume_config(ckpt["config"] or {}, path)
-        self.step, extra = checkpoint.apply(ckpt, self.model, self.opt, self.sched)
+        extra = ckpt["trainer"]["extra"]
+        modules = {k: extra.pop(k) for k in self.extra}
+        load = None
+        if self.wrapped.strategy == "fsdp":
+            def load(weights, optim):
+                missing = self.wrapped.load_full_state({"policy": weights, **modules}, self.opt,
+                                                       optim)
+                return [k.partition(".")[2] for k in missing]
+        self.step, extra = checkpoint.apply(ckpt, self.model, self.opt, self.sched, load)
+        if load is None:
+            for k, m in self.extra.items():
+                m.load_state_dict(modules[k])
         self.load_state_dict(extra)
         self.last_checkpoint = path
-        print(f"rlfuse: resumed {self.name} at step {self.step} from {path}", file=sys.stderr,
-              flush=True)
+        if distributed.is_main():
+            print(f"rlfuse: resumed {self.name} at step {self.step} from {path}", file=sys.stderr,
+                  flush=True)
         return path
 
     def check_resume_config(self, old: dict, path: str) -> None:
         """Warn on every setting that differs from the checkpoint's; refuse RESUME_FIXED ones."""
         changes = config_changes(old, to_dict(self.cfg))
-        for key, a, b in changes:
+        for key, a, b in changes if distributed.is_main() else ():
             print(f"rlfuse: warning: resuming with {key} changed: {a!r} -> {b!r}",
                   file=sys.stderr, flush=True)
         fixed = [k for k, _, _ in changes if k in RESUME_FIXED]
@@ -223,14 +297,15 @@ class Trainer:
         if cfg.resume:
             self.resume()
         mon = self.monitor = Monitor(cfg.out_dir, self.total_steps, self.step, cfg.alerts,
-                                     cfg.progress, desc=self.name, print_every=cfg.print_every)
+                                     cfg.progress, desc=self.name, print_every=cfg.print_every
+                                     ) if distributed.is_main() else _Silent()
         saved, saved_at, bad_run = self.step if cfg.resume else -1, time.monotonic(), 0
         guard = None
         try:
             guard = Guard(self)  # the over-optimization detector (config section guard)
             with checkpoint.GracefulExit() as stop:
                 while self.step < self.total_steps and not stop.requested and not guard.stopped:
-                    metrics = self.train_step()
+                    metrics = distributed.reduce_metrics(self.train_step())
                     self.step += 1
                     bad = [k for k in ("loss", "grad_norm", "grad_norm_max")
                            if k in metrics and not math.isfinite(metrics[k])]
@@ -249,8 +324,13 @@ class Trainer:
                             f"were skipped; last checkpoint: {self.last_checkpoint or '(none)'}."
                             " Lower optim.lr or check the data and rewards, then resume")
                     minutes = (time.monotonic() - saved_at) / 60
-                    if not bad and ((cfg.save_every and self.step % cfg.save_every == 0) or
-                                    (cfg.save_every_minutes and minutes >= cfg.save_every_minutes)):
+                    # one decision for all ranks: a signal on any rank stops every rank
+                    late, stopping = distributed.any_rank(
+                        bool(cfg.save_every_minutes) and minutes >= cfg.save_every_minutes,
+                        stop.requested)
+                    if stopping and not stop.requested:  # another rank got the signal
+                        stop.signal = signal.SIGTERM
+                    if not bad and ((cfg.save_every and self.step % cfg.save_every == 0) or late):
                         self.save()
                         saved, saved_at = self.step, time.monotonic()
                 if saved != self.step and (stop.requested or cfg.keep_checkpoints > 0):
@@ -261,3 +341,14 @@ class Trainer:
                 guard.close()
             mon.close(plot=plot)
         return mon.history
+
+
+def _check_distributed(cfg: TrainConfig) -> None:
+    """What the engine cannot do under torchrun (yet), as ConfigErrors naming the key."""
+    if cfg.distributed.strategy == "fsdp" and cfg.model.lora_r > 0:
+        raise ConfigError("config key 'distributed.strategy': fsdp does not train LoRA "
+                          "policies (model.lora_r > 0) yet; use distributed.strategy=ddp")
+    if cfg.algo == "ppo" and cfg.ppo.reward in ("model", "both") and cfg.ppo.reward_model.pairs:
+        raise ConfigError("config key 'ppo.reward_model.pairs': under torchrun, train the reward "
+                          "model in one process first and set ppo.reward_model.path to its "
+                          "folder (<out_dir>/reward_model)")

@@ -1,0 +1,179 @@
+"""The engine under torch.distributed: 2 CPU processes (gloo), one thread each.
+
+One spawn runs every case (a process start costs more than a tiny model's steps): each trainer
+under DDP and FSDP2, and the first half of a run that `torchrun ... rlfuse.engine.cli` resumes;
+this process trains the same configs as the single-process baseline. SFT and DPO must train the single process's weights; every
+checkpoint must load into a single process.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from rlfuse.engine import trainer_for
+from rlfuse.engine.checkpoint import CheckpointError
+from rlfuse.engine.config import ConfigError, load_config
+from rlfuse.engine.data import write_jsonl
+
+from conftest import importable
+
+WORLD = 2
+LENGTH = '[{"name": "length_penalty", "kwargs": {"max_chars": 1}}]'  # varies on a random model
+ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in
+        [(1, 2), (3, 4), (12, 5), (7, 7), (20, 3), (9, 1), (4, 40), (6, 2)]]
+
+
+def _args(tmp, name: str, algo: str, *extra) -> list[str]:
+    return [f"algo={algo}", "steps=3", "device=cpu", f"out_dir={tmp}/{name}", "progress=false",
+            "max_length=24", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+            "model.num_kv_heads=1", "model.intermediate_size=64", "optim.lr=1e-3",
+            "save_every_minutes=0", f"sft.data={tmp}/sft.jsonl", "sft.batch_size=4",
+            f"dpo.data={tmp}/pairs.jsonl", "dpo.batch_size=4",
+            f"grpo.data={tmp}/prompts.jsonl", "grpo.rollout.prompts_per_step=2",
+            "grpo.rollout.samples_per_prompt=2", "grpo.rollout.max_new_tokens=4",
+            "grpo.loss.beta=0.05", f"grpo.rollout.rewards={LENGTH}", f"ppo.data={tmp}/prompts.jsonl",
+            "ppo.rollout.prompts_per_step=2", "ppo.rollout.samples_per_prompt=2",
+            "ppo.rollout.max_new_tokens=4", "ppo.epochs=1", f"ppo.rollout.rewards={LENGTH}",
+            *extra]
+
+
+def _cases(tmp) -> list[tuple[str, list[str]]]:
+    """(name, config arguments) run under 2 processes, in order."""
+    out = [(f"{algo}-{s}", _args(tmp, f"{algo}-{s}", algo, f"distributed.strategy={s}"))
+           for algo in ("sft", "dpo", "grpo", "ppo") for s in ("ddp", "fsdp")]
+    out.append(("ppo-fsdp-critic", _args(tmp, "ppo-fsdp-critic", "ppo", "ppo.critic=separate",
+                                         "ppo.loss.loss_type=ppo", "distributed.strategy=fsdp",
+                                         "ppo.kl_in=loss")))
+    out += [("odd-batch", _args(tmp, "odd-batch", "sft", "sft.batch_size=3")),  # ConfigErrors
+            ("vocab-parallel", _args(tmp, "vocab-parallel", "sft", "distributed.vocab_parallel=true"))]
+    # 2 steps, resumed to 3 under torchrun by test_torchrun_resumes_a_run
+    out.append(("resume", _args(tmp, "resume", "sft", "distributed.strategy=fsdp", "steps=2")))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    for name, args in _cases(tmp):
+        try:
+            cfg = load_config(None, args)
+            t = trainer_for(cfg.algo)(cfg)
+        except ConfigError as err:
+            torch.save({"error": str(err)}, os.path.join(tmp, f"{name}.rank{rank}.pt"))
+            continue
+        rows = t.fit(plot=False)
+        # DDP replicas must agree; FSDP2 holds each rank's shard
+        total = sum(float(p.detach().double().sum()) for p in t.params
+                    if not hasattr(p, "full_tensor"))
+        torch.save({"rows": rows, "checksum": total, "checkpoint": t.last_checkpoint},
+                   os.path.join(tmp, f"{name}.rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every case under 2 processes; {name: [rank 0's result, rank 1's]}."""
+    tmp = str(tmp_path_factory.mktemp("dist"))
+    write_jsonl(f"{tmp}/sft.jsonl", [{"prompt": r["prompt"], "completion": r["answer"]}
+                                     for r in ROWS])
+    write_jsonl(f"{tmp}/prompts.jsonl", ROWS)
+    write_jsonl(f"{tmp}/pairs.jsonl", [{"prompt": r["prompt"], "chosen": r["answer"],
+                                        "rejected": r["answer"][::-1] + "1"} for r in ROWS])
+    mp.spawn(importable(_worker), args=(_free_port(), tmp), nprocs=WORLD)
+    return tmp, {name: [torch.load(os.path.join(tmp, f"{name}.rank{r}.pt"), weights_only=False)
+                        for r in range(WORLD)] for name, _ in _cases(tmp)}
+
+
+@functools.cache
+def _single(tmp, algo):
+    """The same config trained in this process (3 steps): its weights."""
+    cfg = load_config(None, _args(tmp, f"{algo}-single", algo))
+    t = trainer_for(algo)(cfg)
+    t.fit(plot=False)
+    return {k: v.detach() for k, v in t.model.state_dict().items()}
+
+
+def _weights(checkpoint_dir):
+    return load_file(os.path.join(checkpoint_dir, "model.safetensors"))
+
+
+@pytest.mark.parametrize("algo", ["sft", "dpo"])
+def test_two_processes_train_the_single_process_weights(runs, algo):
+    tmp, res = runs
+    want = _single(tmp, algo)
+    for s in ("ddp", "fsdp"):
+        got = _weights(res[f"{algo}-{s}"][0]["checkpoint"])
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=f"{s} {k}")
+        losses = torch.tensor([r["loss"] for r in res[f"{algo}-{s}"][0]["rows"]])
+        assert len(losses) == 3 and bool(losses.isfinite().all())
+
+
+@pytest.mark.parametrize("name", ["grpo-ddp", "grpo-fsdp", "ppo-ddp", "ppo-fsdp",
+                                  "ppo-fsdp-critic"])
+def test_rl_trainers_run_and_their_checkpoints_load_in_one_process(runs, name):
+    from transformers import AutoModelForCausalLM
+
+    tmp, res = runs
+    main, other = res[name]
+    assert [r["step"] for r in main["rows"]] == [1, 2, 3] and other["rows"] == []  # rank 0 logs
+    for key in ("loss", "grad_norm", "reward_mean", "completion_length"):
+        assert all(r[key] is not None for r in main["rows"]), key
+    if name.endswith("ddp"):  # the replicas stayed equal
+        assert main["checksum"] == pytest.approx(other["checksum"], rel=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(main["checkpoint"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = torch.load(os.path.join(main["checkpoint"], "trainer.pt"), weights_only=True)
+    assert len(state["rng"]) == WORLD  # one RNG state per rank
+    if name.startswith("ppo"):
+        assert state["extra"]["value_head"]["proj.weight"].shape == (1, 32)
+    if name == "ppo-fsdp-critic":
+        assert "layers.0.mlp.up_proj.weight" in state["extra"]["critic"]
+
+
+def test_torchrun_resumes_a_run(runs):
+    """`torchrun ... rlfuse.engine.cli train` continues the spawned FSDP2 run's 2 steps to 3: the
+    single process's 3-step weights; rank 0 alone prints and writes; the checkpoint of 2 processes
+    resumes only under 2."""
+    tmp, _ = runs
+    args = _args(tmp, "resume", "sft", "distributed.strategy=fsdp", "resume=true")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          f"--nproc-per-node={WORLD}", "-m", "rlfuse.engine.cli", "train", "sft",
+                          *args], capture_output=True, text=True, timeout=600, cwd=tmp,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("rlfuse: sft finished at step 3") == 1, out.stdout
+    assert out.stderr.count("rlfuse: resumed sft at step 2") == 1
+    with open(f"{tmp}/resume/metrics.jsonl") as f:
+        assert [json.loads(x)["step"] for x in f] == [1, 2, 3]
+    got = _weights(f"{tmp}/resume/checkpoints/step-000003")
+    want = _single(tmp, "sft")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    cfg = load_config(None, args[:-1] + ["steps=4", "resume=true"])
+    with pytest.raises(CheckpointError, match="written by 2 process"):
+        trainer_for("sft")(cfg).fit(plot=False)
+
+
+def test_what_two_processes_cannot_do_is_refused(runs):
+    _, res = runs
+    assert res["odd-batch"][0]["error"].startswith(
+        "config key 'sft.batch_size' is 3, which 2 processes cannot share evenly")
+    assert "'distributed.vocab_parallel' is not available yet" in res["vocab-parallel"][1]["error"]
