@@ -352,3 +352,6 @@ def _check_distributed(cfg: TrainConfig) -> None:
         raise ConfigError("config key 'ppo.reward_model.pairs': under torchrun, train the reward "
                           "model in one process first and set ppo.reward_model.path to its "
                           "folder (<out_dir>/reward_model)")
+    if cfg.guard.every:  # it samples from the unwrapped model, which FSDP2 holds sharded
+        raise ConfigError("config key 'guard.every': the over-optimization guard does not run "
+                          "under torchrun yet; set guard.every=0 or run in one process")
