@@ -202,8 +202,7 @@ class Guard:
         with open(self.path, "a") as f:
             f.write(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n")
         if self.detector.best is None or row["gold"] > self.detector.best.gold:
-            checkpoint.save(self.best_dir, t.step, t.model, t.tok, t.opt, t.sched, t.state_dict(),
-                            None, keep=1, merge_lora=t.cfg.model.lora_merge_on_save)
+            t.save(self.best_dir, keep=1)
         alert = self.detector.update(Point(t.step, row["d"], row["proxy"], row["gold"],
                                            row["gold_spread"]))
         if alert is None:

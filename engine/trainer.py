@@ -229,8 +229,10 @@ class Trainer:
         print(f"rlfuse: overwrite=true: removed the previous run's checkpoints and logs in "
               f"{cfg.out_dir}", file=sys.stderr, flush=True)
 
-    def save(self) -> str:
-        """Write a checkpoint (rank 0; every rank calls this); returns its folder."""
+    def save(self, ckpt_dir: Optional[str] = None, keep: Optional[int] = None) -> str:
+        """Write a checkpoint (rank 0; every rank calls this) into ckpt_dir (default: the run's,
+        which then names it the last checkpoint), keeping the newest `keep` (default: the
+        config's keep_checkpoints); returns its folder."""
         weights, optim = self.wrapped.full_state(self.opt)
         modules = weights or {k: m.state_dict() for k, m in self.extra.items()}
         state = {"optimizer": optim or self.opt.state_dict(), "scheduler": self.sched.state_dict(),
@@ -239,8 +241,9 @@ class Trainer:
         path = error = None
         if distributed.is_main():
             try:
-                path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.tok, state,
-                                       to_dict(self.cfg), self.cfg.keep_checkpoints,
+                path = checkpoint.save(ckpt_dir or self.ckpt_dir, self.step, self.model,
+                                       self.tok, state, to_dict(self.cfg),
+                                       keep or self.cfg.keep_checkpoints,
                                        merge_lora=self.cfg.model.lora_merge_on_save,
                                        weights=weights and weights["policy"])
             except checkpoint.CheckpointError as err:
@@ -248,7 +251,8 @@ class Trainer:
         path, error = distributed.from_main((path, error))
         if error:
             raise checkpoint.CheckpointError(error)
-        self.last_checkpoint = path
+        if ckpt_dir is None:
+            self.last_checkpoint = path
         return path
 
     def resume(self) -> str:
