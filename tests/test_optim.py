@@ -9,7 +9,7 @@ from rlfuse.engine import trainer_for
 from rlfuse.engine.config import PPOConfig
 from rlfuse.engine.optim import StochasticRoundingAdamW, make_optimizer, round_stochastic_
 
-from test_engine_trainers import TINY, make_cfg  # noqa: F401 (the shared tiny-run config)
+from test_engine_trainers import TINY, make_cfg  # the shared tiny-run config
 
 
 def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
