@@ -67,7 +67,7 @@ def _one_thread():
 
 def _allowed(naive, want, atol, rounding, scale=0.0):
     """The rule's allowance: 2 x PyTorch's error in the dtype + atol x max(1, |want|, scale),
-    plus the logits' rounding (`_rounding`), times the natural scale for a gradient."""
+    plus the logits' rounding (`_head_allowances`), times the natural scale for a gradient."""
     want = want.double()
     budget = (naive.double() - want).abs().max().item()
     # PyTorch's own computation in this dtype overflowed: no budget to hold the impl to
@@ -78,7 +78,7 @@ def _allowed(naive, want, atol, rounding, scale=0.0):
 
 def _check(op, case, names, got, naive, truth, atol, rounding, scale=None, carried=None):
     """err(impl) <= _allowed(...) + carried, per quantity: `scale` is a gradient's natural
-    magnitude (`_grad_scales`), `carried` the allowance a loss inherits from the per-token
+    magnitude (`_head_allowances`), `carried` the allowance a loss inherits from the per-token
     values it is computed from; both optional per-quantity dicts."""
     scale, carried = scale or {}, carried or {}
     for name, g, n, want in zip(names, got, naive, truth):
@@ -106,21 +106,34 @@ def _row_sensitivity(x, w, b, t, tf, ignore_index, dx):
     return ae[:, 0], ae[:, 1]
 
 
-def _grad_scales(x, w, b, t, tf, ignore_index, a, e):
-    """Natural magnitudes of dx, dw, db (fp64): their sums with every term taken absolute.
+def _head_allowances(x, w, b, t, tf, ignore_index, a, e):
+    """(rounding, scale) of a head op's case, from its fp64 logits z.
 
-    dL/dz_nv = s [a_n (onehot - p_nv) + e_n dentropy_n/dz_nv] with s <= logit_scale/temperature;
-    rounding errs relative to the terms, not to their sum, which can cancel to ~0 (V = 1: the
-    exact gradient is 0, while p = 1 is one ulp off in fp32)."""
-    logz = tf.apply(x @ w.T + (b if b is not None else 0)).log_softmax(-1)  # [N, V]
+    rounding: the error every impl inherits from its fp32 logits, whose GEMM (and bias and
+    temperature) round z to ~eps |z| before any softmax; it matters on offset rows, where
+    |z| ~ 1e3 / T. scale: the natural magnitudes of dx, dw and db, their sums with every term
+    taken absolute, from dL/dz_nv = s [a_n (onehot - p_nv) + e_n dentropy_n/dz_nv] with
+    s <= logit_scale/temperature: rounding errs relative to the terms, not to their sum, which can
+    cancel to ~0 (V = 1: the exact gradient is 0, while p = 1 is one ulp off in fp32)."""
+    z = tf.apply(x @ w.T + (b if b is not None else 0))  # [N, V]
+    logz = z.log_softmax(-1)
     p = logz.exp()
     valid = t != ignore_index
     onehot = torch.nn.functional.one_hot(torch.where(valid, t, 0), w.shape[0]) * valid[:, None]
     ent = -(p * logz).sum(-1, keepdim=True)
     g = (a.abs()[:, None] * (onehot + p) + e.abs()[:, None] * p * (logz.abs() + ent))
     g = g * (tf.logit_scale / tf.temperature)  # [N, V]
-    return {"dx": (g @ w.abs()).max().item(), "dw": (g.T @ x.abs()).max().item(),
-            "db": g.sum(0).max().item()}
+    rounding = 2 * torch.finfo(torch.float32).eps * z.abs().max().item()
+    return rounding, {"dx": (g @ w.abs()).max().item(), "dw": (g.T @ x.abs()).max().item(),
+                      "db": g.sum(0).max().item()}
+
+
+def _loss_allowances(x, w, b, t, tf, ignore_index, dx):
+    """(a, e, rounding, scale) of a loss case: the per-row sensitivities from the fp64 gradient
+    dx (`_row_sensitivity`), and `_head_allowances` with them."""
+    head = (*_f64(x.reshape(-1, x.shape[-1]), w, b), t.reshape(-1), tf, ignore_index)
+    a, e = _row_sensitivity(*head, dx.reshape(-1, x.shape[-1]))
+    return (a, e, *_head_allowances(*head, a, e))
 
 
 def _transforms():
@@ -147,16 +160,6 @@ def _head(gen, lead, h, v, dtype, rows, bias):
 
 def _f64(*tensors):
     return [None if a is None else a.double() for a in tensors]
-
-
-def _rounding(x, w, b, tf):
-    """The error every impl inherits from its fp32 logits: the GEMM (and the bias and the
-    temperature) round z to ~eps |z| before any softmax. It matters on offset rows, where
-    |z| ~ 1e3 / T; it is added to the allowance of values, and times the natural scale to that of
-    gradients."""
-    x, w, b = _f64(x, w, b)
-    z = tf.apply(x @ w.T + (b if b is not None else 0))
-    return 2 * torch.finfo(torch.float32).eps * z.abs().max().item()
 
 
 def _grads(out, leaves, coefs):
@@ -200,10 +203,10 @@ def test_linear_logprobs(n, h, v, dtype, tf, rows, bias, ignore_index, ignore_fr
         ignore_index=ignore_index, **tf), lambda a: a)
     case = dict(n=n, v=v, dtype=str(dtype)[6:], rows=rows, impl=impl, seed=seed, **tf)
     valid = t != ignore_index
-    scale = _grad_scales(*_f64(x, w, b), t, transform, ignore_index, coefs[0] * valid,
-                         coefs[1] * valid)
+    rounding, scale = _head_allowances(*_f64(x, w, b), t, transform, ignore_index,
+                                       coefs[0] * valid, coefs[1] * valid)
     _check(f"linear_logprobs[{impl}]", case, ["logp", "entropy", "dx", "dw", "db"], got, budget, truth,
-           ATOL[dtype], _rounding(x, w, b, transform), scale=scale)
+           ATOL[dtype], rounding, scale=scale)
 
 
 # ----------------------------------------------------------------------------- policy_loss
@@ -281,15 +284,14 @@ def test_policy_loss(b, t, v, dtype, rows, adv_2d, bias, data, impl, seed):
     case = dict(b=b, t=t, v=v, dtype=str(dtype)[6:], rows=rows, seed=seed,
                 cfg={k: val for k, val in cfg.__dict__.items()
                      if val != PolicyLossConfig.__dataclass_fields__[k].default})
-    head = (*_f64(x.reshape(-1, h), w, bb), tg.reshape(-1), cfg.transform(), cfg.ignore_index)
-    a, e = _row_sensitivity(*head, truth[3].reshape(-1, h))
-    scale = _grad_scales(*head, a, e)
+    a, e, rounding, scale = _loss_allowances(x, w, bb, tg, cfg.transform(), cfg.ignore_index,
+                                             truth[3])
     # The scalar loss is a function of the per-token log-probs and entropies, each held to its
     # allowance: the loss may carry those allowances through |dL/dlogp| and |dL/dentropy| (one
     # sample of PyTorch's own scalar error can be small by luck: its token errors cancel). CISPO's
     # value also moves through its stop-gradient ratio weight: by |a| (1 + |logp|) per unit of
     # log-prob, where its gradient moves by |a|.
-    atol, rounding = 4e-3 if dtype == torch.bfloat16 else 2e-5, _rounding(x, w, bb, cfg.transform())
+    atol = 4e-3 if dtype == torch.bfloat16 else 2e-5
     if cfg.loss_type == "cispo":
         a = a * (1 + truth[1].double().abs().reshape(-1))
     carried = {"loss": a.abs().sum().item() * _allowed(budget[1], truth[1], atol, rounding)
@@ -354,11 +356,15 @@ def test_preference_loss(b, t, v, dtype, rows, bias, with_ref, data, impl, seed)
     case = dict(b=b, t=t, v=v, dtype=str(dtype)[6:], rows=rows, seed=seed,
                 cfg={k: val for k, val in cfg.__dict__.items()
                      if val != PreferenceLossConfig.__dataclass_fields__[k].default})
-    head = (*_f64(x.reshape(-1, 16), w, bb), tg.reshape(-1), cfg.transform(), cfg.ignore_index)
-    a, e = _row_sensitivity(*head, truth[2].reshape(-1, 16))
+    a, _, rounding, scale = _loss_allowances(x, w, bb, tg, cfg.transform(), cfg.ignore_index,
+                                             truth[2])
+    # as for policy_loss: the loss carries the sequence log-probs' allowance through |dL/dseq|
+    # (a token's a_n is its sequence's dL/dseq)
+    atol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    carried = {"loss": a.view(2 * b, t).abs().amax(-1).sum().item()
+               * _allowed(budget[1], truth[1], atol, rounding)}
     _check(f"preference_loss[{impl}]", case, ["loss", "seq_logp", "dx", "dw", "db"], got, budget, truth,
-           2e-2 if dtype == torch.bfloat16 else 2e-5, _rounding(x, w, bb, cfg.transform()),
-           scale=_grad_scales(*head, a, e))
+           atol, rounding, scale=scale, carried=carried)
 
 
 # ----------------------------------------------------------------------------- advantages
