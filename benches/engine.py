@@ -64,6 +64,8 @@ class EngineBench:
     dtype: str = "float32"           # float32 | bfloat16: the weights' dtype in every system (TRL's
                                      # AdamW on bf16 weights, rlfuse's stochastic-rounding AdamW)
     threads: int = 0                 # torch CPU threads in each run; 0 keeps torch's default
+    step_in_backward: bool = False   # rlfuse systems: optim.step_in_backward=true (no gradient
+                                     # buffer; no clipping in rlfuse then, TRL keeps its own)
 
     def __post_init__(self):
         for name in self.systems.split(","):
@@ -128,7 +130,8 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
                   device=b.device, progress=False, keep_checkpoints=0, save_every_minutes=0,
                   overwrite=True,
                   model=ModelConfig(path=model_dir, lora_r=b.lora_r, dtype=b.dtype),
-                  optim=OptimConfig(lr=1e-6))
+                  optim=OptimConfig(lr=1e-6, max_grad_norm=0.0 if b.step_in_backward else 1.0,
+                                    step_in_backward=b.step_in_backward))
     if trainer == "grpo":
         roll = RolloutConfig(prompts_per_step=1, samples_per_prompt=b.group_size,
                              max_new_tokens=b.max_new_tokens, rewards=(RewardSpec("exact_answer"),))

@@ -83,9 +83,15 @@ class OptimConfig:
     warmup_steps: int = 0                # linear warmup from lr / (warmup_steps + 1)
     schedule: str = "constant"           # constant | linear | cosine (decay to 0 at the last step)
     max_grad_norm: float = 1.0           # <= 0 disables clipping (grad_norm is still reported)
+    step_in_backward: bool = False       # update each parameter as soon as backward has its
+                                         # gradient, then free it: no model-sized gradient buffer
+                                         # (needs max_grad_norm=0, one process)
 
     def __post_init__(self):
         _check("optim.lr", self.lr > 0, "must be > 0")
+        _check("optim.step_in_backward", not (self.step_in_backward and self.max_grad_norm > 0),
+               "needs optim.max_grad_norm=0: each parameter is updated before the others' "
+               "gradients exist, so there is no global norm to clip by")
         _check("optim.weight_decay", self.weight_decay >= 0, "must be >= 0")
         _check("optim.warmup_steps", self.warmup_steps >= 0, "must be >= 0")
         _choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))

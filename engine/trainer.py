@@ -161,6 +161,20 @@ class Trainer:
         self.opt = make_optimizer(groups, o.lr, (o.beta1, o.beta2), o.weight_decay, cfg.seed)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(o.schedule, o.warmup_steps, max(1, self.total_steps)))
+        self.grad_sq: Optional[torch.Tensor] = None  # step_in_backward: sum of squared grads
+        if o.step_in_backward:
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._step_in_backward)
+
+    def _step_in_backward(self, p: torch.Tensor) -> None:
+        """optim.step_in_backward: update p the moment backward has finished its gradient, and
+        free the gradient. One backward per optimizer step sets every other .grad to None
+        (optimizer_step), so `opt.step()` updates p alone; a non-finite gradient skips p."""
+        sq = p.grad.detach().float().square().sum()
+        self.grad_sq = sq if self.grad_sq is None else self.grad_sq + sq
+        if bool(torch.isfinite(sq)):
+            self.opt.step()
+        p.grad = None
 
     def forward(self, fn, *args, **kwargs):
         """fn(*args, **kwargs) inside the wrapper's forward: every backbone pass and fused loss
@@ -185,6 +199,12 @@ class Trainer:
     def optimizer_step(self) -> float:
         """Clip (if max_grad_norm > 0), step, schedule; returns the pre-clip grad norm. A NaN/inf
         gradient skips the update: it would poison the weights and Adam's moments."""
+        if self.cfg.optim.step_in_backward:  # the hooks have stepped (or skipped) every parameter
+            norm, self.grad_sq = (self.grad_sq if self.grad_sq is not None
+                                  else torch.zeros(())).sqrt(), None
+            if bool(torch.isfinite(norm)):
+                self.sched.step()
+            return float(norm)
         max_norm = self.cfg.optim.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else math.inf)
         norm = distributed.full(norm)  # FSDP2: the norm over every rank's shards
@@ -315,7 +335,10 @@ class Trainer:
                            if k in metrics and not math.isfinite(metrics[k])]
                     bad_run = bad_run + 1 if bad else 0
                     if bad:
-                        mon.alert(self.step, f"non-finite {', '.join(bad)}: update skipped "
+                        skipped = ("the non-finite parameters' updates skipped (optim."
+                                   "step_in_backward)" if cfg.optim.step_in_backward
+                                   else "update skipped")
+                        mon.alert(self.step, f"non-finite {', '.join(bad)}: {skipped} "
                                              f"({bad_run} step(s) in a row)")
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps or bad:
                         mon.log(self.step, {**metrics, "lr": self.sched.get_last_lr()[0]})
@@ -349,6 +372,9 @@ class Trainer:
 
 def _check_distributed(cfg: TrainConfig) -> None:
     """What the engine cannot do under torchrun (yet), as ConfigErrors naming the key."""
+    if cfg.optim.step_in_backward:  # DDP / FSDP2 reduce the gradients after their hooks
+        raise ConfigError("config key 'optim.step_in_backward': not under torchrun (the "
+                          "gradients are reduced over the ranks after backward); set it false")
     if cfg.distributed.strategy == "fsdp" and cfg.model.lora_r > 0:
         raise ConfigError("config key 'distributed.strategy': fsdp does not train LoRA "
                           "policies (model.lora_r > 0) yet; use distributed.strategy=ddp")

@@ -1,6 +1,7 @@
 """bf16 training: the stochastic-rounding AdamW against fp32 AdamW, and every trainer end to end
 with model.dtype=bfloat16 (tiny sizes: a bf16 GEMM is slow on a CPU without native bf16)."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -130,3 +131,62 @@ def test_every_trainer_trains_in_bf16_and_resumes(tmp_path, algo):
     assert all(torch.equal(a, b) for a, b in zip(after, resumed.model.parameters()))
     moments = [s["exp_avg_sq"] for p, s in resumed.opt.state.items() if p.dtype == torch.bfloat16]
     assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+
+
+# ----------------------------------------------------------------------------- step in backward
+def _in_backward_cfg(tmp_path, algo, on, **kw):
+    base = make_cfg(tmp_path / ("on" if on else "off"), "sft")  # writes the data files
+    if algo == "ppo":
+        kw["ppo"] = PPOConfig(data=base.grpo.data, rollout=base.grpo.rollout, epochs=2)
+    optim = dataclasses.replace(base.optim, max_grad_norm=0.0, step_in_backward=on)
+    return dataclasses.replace(base, algo=algo, steps=3, keep_checkpoints=0, optim=optim, **kw)
+
+
+@pytest.mark.parametrize("algo", ["sft", "grpo", "dpo", "ppo"])
+def test_step_in_backward_trains_the_same_weights_without_a_gradient_buffer(tmp_path, algo):
+    runs = {}
+    for on in (False, True):
+        t = trainer_for(algo)(_in_backward_cfg(tmp_path, algo, on))
+        alive = []  # gradients held right after each parameter's update (hooks run in order)
+        if on:
+            for p in t.params:
+                p.register_post_accumulate_grad_hook(
+                    lambda _: alive.append(sum(q.grad is not None for q in t.params)))
+        rows = t.fit(plot=False)
+        assert all(p.grad is None for p in t.params)
+        runs[on] = (rows, [p.detach().clone() for p in t.params], alive)
+    (rows_off, w_off, _), (rows_on, w_on, alive) = runs[False], runs[True]
+    assert alive and len(alive) % len(w_on) == 0 and max(alive) == 0  # every step, every param
+    for a, b in zip(w_off, w_on):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)  # AdamW is per-parameter
+    for r_off, r_on in zip(rows_off, rows_on):
+        assert r_on["grad_norm"] == pytest.approx(r_off["grad_norm"], rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(w_on, trainer_for(algo)(
+        _in_backward_cfg(tmp_path / "fresh", algo, True)).params))  # it did train
+
+
+def test_step_in_backward_skips_a_nonfinite_gradient(tmp_path, monkeypatch):
+    from rlfuse.engine import sft
+
+    real, calls = sft.nll_loss, [0]
+
+    def nll(model, batch):
+        calls[0] += 1
+        loss, n = real(model, batch)
+        return (loss * math.nan if calls[0] == 2 else loss), n
+    monkeypatch.setattr(sft, "nll_loss", nll)
+    t = trainer_for("sft")(_in_backward_cfg(tmp_path, "sft", True))
+    weights, step = [], t.train_step
+    t.train_step = lambda: (weights.append([p.detach().clone() for p in t.params]), step())[1]
+    rows = t.fit(plot=False)
+    assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))  # step 2 skipped
+    assert rows[1]["grad_norm"] is None and rows[2]["grad_norm"] is not None
+    with open(tmp_path / "on" / "run" / "alerts.jsonl") as f:
+        assert "non-finite parameters' updates skipped" in f.read()
+
+
+def test_step_in_backward_needs_no_clipping():
+    from rlfuse.engine.config import ConfigError, OptimConfig
+
+    with pytest.raises(ConfigError, match="'optim.step_in_backward' needs optim.max_grad_norm=0"):
+        OptimConfig(step_in_backward=True)
