@@ -49,6 +49,7 @@ class EngineBench:
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
+    num_kv_heads: int = 0            # 0: num_heads (no GQA)
     intermediate_size: int = 1024
     vocab_size: int = 32000
     steps: int = 5
@@ -64,6 +65,7 @@ class EngineBench:
     dtype: str = "float32"           # float32 | bfloat16: the weights' dtype in every system (TRL's
                                      # AdamW on bf16 weights, rlfuse's stochastic-rounding AdamW)
     threads: int = 0                 # torch CPU threads in each run; 0 keeps torch's default
+    gradient_checkpointing: bool = False  # in every system
     step_in_backward: bool = False   # rlfuse systems: optim.step_in_backward=true (no gradient
                                      # buffer; no clipping in rlfuse then, TRL keeps its own)
 
@@ -90,7 +92,8 @@ def _write_model(b: EngineBench, path: str) -> None:
     tok = char_tokenizer(vocab_size=b.vocab_size)
     torch.manual_seed(0)
     cfg = ModelConfig(hidden_size=b.hidden_size, num_layers=b.num_layers, num_heads=b.num_heads,
-                      num_kv_heads=b.num_heads, intermediate_size=b.intermediate_size)
+                      num_kv_heads=b.num_kv_heads or b.num_heads,
+                      intermediate_size=b.intermediate_size)
     tiny_model(cfg, tok, max_positions=512).save_pretrained(path)
     tok.save_pretrained(path)
 
@@ -129,7 +132,8 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
     common = dict(steps=b.warmup + b.steps, out_dir=os.path.dirname(data["prompts"]),
                   device=b.device, progress=False, keep_checkpoints=0, save_every_minutes=0,
                   overwrite=True,
-                  model=ModelConfig(path=model_dir, lora_r=b.lora_r, dtype=b.dtype),
+                  model=ModelConfig(path=model_dir, lora_r=b.lora_r, dtype=b.dtype,
+                                    gradient_checkpointing=b.gradient_checkpointing),
                   optim=OptimConfig(lr=1e-6, max_grad_norm=0.0 if b.step_in_backward else 1.0,
                                     step_in_backward=b.step_in_backward))
     if trainer == "grpo":
@@ -190,7 +194,8 @@ def _trl(b: EngineBench, trainer: str, model_dir: str, data: dict, drop_in: bool
     common = dict(output_dir=os.path.join(os.path.dirname(data["prompts"]), "trl"),
                   max_steps=b.warmup + b.steps, learning_rate=1e-6, logging_steps=1,
                   report_to="none", save_strategy="no", disable_tqdm=True,
-                  use_cpu=b.device == "cpu", bf16=False, model_init_kwargs={"dtype": b.dtype})
+                  use_cpu=b.device == "cpu", bf16=False, model_init_kwargs={"dtype": b.dtype},
+                  gradient_checkpointing=b.gradient_checkpointing)
     if b.lora_r:
         from peft import LoraConfig
 

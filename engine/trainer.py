@@ -198,8 +198,10 @@ class Trainer:
     # -- shared
     def optimizer_step(self) -> float:
         """Clip (if max_grad_norm > 0), step, schedule; returns the pre-clip grad norm. A NaN/inf
-        gradient skips the update: it would poison the weights and Adam's moments."""
-        if self.cfg.optim.step_in_backward:  # the hooks have stepped (or skipped) every parameter
+        gradient skips the update: it would poison the weights and Adam's moments. With
+        optim.step_in_backward the hooks have already updated each parameter (skipping those with
+        a NaN/inf gradient): only the norm and the schedule are left."""
+        if self.cfg.optim.step_in_backward:
             norm, self.grad_sq = (self.grad_sq if self.grad_sq is not None
                                   else torch.zeros(())).sqrt(), None
             if bool(torch.isfinite(norm)):
