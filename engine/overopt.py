@@ -49,7 +49,9 @@ def gao_fit(d, gain) -> dict:
     f = torch.tensor([[x, -x * math.log(x)] for x, _ in pts], dtype=torch.float64)  # [m, 2]
     y = torch.tensor([g for _, g in pts], dtype=torch.float64)
     a, b = torch.linalg.lstsq(f, y[:, None]).solution[:, 0].tolist()
-    if b <= 0:  # no interior maximum: gold rises (or falls) monotonically in d
+    # no interior maximum: gold rises (or falls) monotonically in d, or b is a rounding error
+    # of 0 on straight-line data (its peak beyond any float)
+    if b <= 0 or a / b - 1 > 700:
         return {"a": a, "b": b, "peak_d": None, "peak_gain": None}
     peak = math.exp(a / b - 1)
     return {"a": a, "b": b, "peak_d": peak, "peak_gain": b * peak}
@@ -137,6 +139,24 @@ class Guard:
         self.best_dir = os.path.join(trainer.ckpt_dir, "best-gold")
         if trainer.step == 0:
             self.evaluate()
+        else:
+            self.replay(trainer.step)
+
+    def replay(self, step: int) -> None:
+        """A resumed run: the evaluations up to its checkpoint's step, back into the rows and
+        the detector (its best-gold point, streak and whether it fired); later ones were lost
+        with the interrupted run and are dropped from the log, as metrics.jsonl's are."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            rows = [json.loads(x) for x in f if x.strip()]
+        self.rows = [r for r in rows if r["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        nan = lambda v: math.nan if v is None else v  # noqa: E731  (JSON null: not finite)
+        for r in self.rows:
+            self.detector.update(Point(r["step"], nan(r["d"]), nan(r["proxy"]), nan(r["gold"]),
+                                       nan(r["gold_spread"])))
 
     def after_step(self) -> None:
         if self.cfg.every and self.trainer.step % self.cfg.every == 0:

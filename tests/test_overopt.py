@@ -99,10 +99,10 @@ class Falling:
         return [1.0 - 0.2 * self.calls] * len(completions)
 
 
-def guarded(tmp_path, tok, monkeypatch, **guard):
+def guarded(tmp_path, tok, monkeypatch, steps=4, resume=False, **guard):
     """A 4-step GRPO run whose proxy rises at every call; gold falls at every call, unless a
     judge is given."""
-    cfg = make_cfg(tmp_path, "grpo", steps=4)
+    cfg = make_cfg(tmp_path, "grpo", steps=steps, resume=resume)
     monkeypatch.setattr(rewards, "build_rewards", lambda specs: Falling())
     data = str(tmp_path / "heldout.jsonl")
     write_jsonl(data, [{**r, "reference": r["answer"]} for r in ROWS[:4]])
@@ -127,6 +127,23 @@ def test_guard_logs_keeps_the_best_and_plots(tmp_path, monkeypatch):
     assert sum("over-optimization" in a for a in alerts) == 1
     assert (out / "plots" / "goodhart.png").read_bytes()[:4] == b"\x89PNG"
     assert t.step == 4  # no stop_at_peak: it trains on
+
+
+def test_a_resumed_run_keeps_the_guards_best_gold_and_its_alert(tmp_path, monkeypatch):
+    tok = char_tokenizer()
+    guarded(tmp_path, tok, monkeypatch, steps=2).fit()  # evaluations at 0 (best) and 2 (alert)
+    out = tmp_path / "run"
+    (out / "guard.jsonl").write_text((out / "guard.jsonl").read_text()
+                                     + json.dumps({"step": 3, "gold": 9.0}) + "\n")  # lost
+    t = guarded(tmp_path, tok, monkeypatch, steps=4, resume=True)  # fresh rewards: gold 0.8 again
+    t.fit()
+    rows = [json.loads(x) for x in (out / "guard.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert t.step == 4 and rows[2]["gold"] == pytest.approx(rows[0]["gold"])
+    best = checkpoint.latest(str(out / "checkpoints" / "best-gold"))
+    assert best.endswith("step-000000")  # step 4 only ties the best of the first run
+    alerts = [json.loads(x)["alert"] for x in (out / "alerts.jsonl").read_text().splitlines()]
+    assert sum("over-optimization" in a for a in alerts) == 1  # not fired again
 
 
 def test_stop_at_peak_restores_the_best_gold_policy(tmp_path, monkeypatch):
