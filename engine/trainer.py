@@ -152,6 +152,9 @@ class Trainer:
         self.vocab = None
         if cfg.distributed.vocab_parallel and distributed.world() > 1:
             self.vocab = vocab_parallel.shard_head(self.model)
+            reference = getattr(self, "reference", None)  # GRPO / PPO: a frozen copy
+            if reference is not None and reference.copy is not None:
+                vocab_parallel.shard_head(reference.copy, announce=False)
         head = list(vocab_parallel.head_params(self.model).values()) if self.vocab else []
         self.wrapped = distributed.Wrapped({"policy": self.model, **self.extra},
                                            cfg.distributed.strategy, self.device, ignore=head)

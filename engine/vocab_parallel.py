@@ -64,9 +64,10 @@ class HeadShard:
     vocab_size: int
 
 
-def shard_head(model) -> HeadShard:
+def shard_head(model, announce: bool = True) -> HeadShard:
     """Replace the LM head's weight (and bias) by this rank's rows of rank 0's, untying a tied
-    input embedding first (module docstring); returns the shard, which `model.head` reads."""
+    input embedding first (module docstring, and a message unless not `announce`); returns the
+    shard, which `model.head` reads. The trainer shards the policy and the frozen reference."""
     out, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if emb is not None and out.weight is emb.weight:
         out.weight = nn.Parameter(out.weight.detach().clone(),
@@ -74,7 +75,7 @@ def shard_head(model) -> HeadShard:
         for c in {id(model.config): model.config,
                   id(model.config.get_text_config()): model.config.get_text_config()}.values():
             c.tie_word_embeddings = False
-        if distributed.is_main():
+        if announce and distributed.is_main():
             print("rlfuse: distributed.vocab_parallel=true unties the input embedding from the "
                   "LM head (they were one matrix): each is trained on its own, and checkpoints "
                   "hold both (tie_word_embeddings=false)", file=sys.stderr, flush=True)
