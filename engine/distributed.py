@@ -24,6 +24,8 @@ trainer has one code path.
 - Checkpoints: rank 0 writes them; under FSDP it writes the gathered full state (`full_state`),
   so a checkpoint is the same save_pretrained folder a single process writes.
 - Metrics: `reduce_metrics` (means, sums of throughputs and counts, min and max).
+- distributed.vocab_parallel=true: the LM head's rows are sharded over the ranks and left out of
+  the wrappers (`Wrapped(ignore=...)`); rlfuse.engine.vocab_parallel says how.
 """
 from __future__ import annotations
 

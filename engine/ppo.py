@@ -42,7 +42,7 @@ from torch import Tensor, nn
 import rlfuse
 
 from . import distributed, vocab_parallel
-from .data import IGNORE, Sampler, read_jsonl
+from .data import IGNORE, Sampler, check_prompt_lengths, encode, read_jsonl
 from .model import Reference, head, head_logprobs, hidden_chunks, hidden_states
 from .rewards import Weighted, build_rewards
 from .rollout import minibatch_steps, rollout_and_score
@@ -145,6 +145,10 @@ class PPOTrainer(Trainer):
                              "field (and 'answer' for the exact_answer verifier)")
         self.prompts = read_jsonl(p.data, ("prompt",))
         distributed.check_share("ppo.rollout.prompts_per_step", p.rollout.prompts_per_step)
+        if distributed.world() > 1:  # a rank that dropped rows (train_step's `keep`) would run
+            # fewer minibatch forwards than the others, and the ranks' collectives would not pair
+            check_prompt_lengths(encode(self.tok, [r["prompt"] for r in self.prompts]),
+                                 cfg.max_length, p.data)
         self.sampler = Sampler(len(self.prompts), p.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or self.build_reward()
         self.reference = Reference(self.model)
@@ -187,7 +191,7 @@ class PPOTrainer(Trainer):
             stopped = torch.tensor([bool(c) and c[-1] == eos
                                     for c in scored.rollout.completion_ids])
             scores = scores - p.missing_eos_penalty * (~stopped).float()
-        keep = batch.mask.any(-1)  # rows whose completion max_length cut away entirely
+        keep = batch.mask.any(-1)  # rows whose completion max_length cut away (one process only)
         if not bool(keep.all()):
             batch, scores = batch[keep], scores[keep.cpu()]
         scores, mask = scores.to(self.device), batch.mask

@@ -16,6 +16,9 @@ Two decoders, the same distribution:
             is drawn by inverse CDF from one uniform per row (torch.multinomial draws an
             exponential variate per vocabulary entry: over 10x slower at 32k).
   "hf"      `model.generate` (any model `generate` supports).
+With a vocab-parallel LM head (distributed.vocab_parallel) the "rlfuse" decoder gathers each
+step's full-vocabulary logits of this rank's rows from every shard and steps in lockstep with
+the other ranks (rlfuse.engine.vocab_parallel); "hf" is refused there.
 """
 from __future__ import annotations
 
