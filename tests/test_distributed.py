@@ -26,6 +26,7 @@ from rlfuse.engine import trainer_for, vocab_parallel
 from rlfuse.engine.checkpoint import CheckpointError
 from rlfuse.engine.config import UserError, load_config
 from rlfuse.engine.data import write_jsonl
+from rlfuse.engine.model import load_policy
 
 from conftest import importable
 
@@ -63,6 +64,7 @@ def _cases(tmp) -> list[tuple[str, list[str]]]:
     out += [(f"vp-resume-{n}", _args(tmp, "vp-resume", "sft", "distributed.strategy=fsdp", vp,
                                      f"steps={n}", *(["resume=true"] if n == 3 else [])))
             for n in (2, 3)]
+    out.append(("vp-tied", _args(tmp, "vp-tied", "sft", vp)))  # _worker ties its embeddings
     out += [("odd-batch", _args(tmp, "odd-batch", "sft", "sft.batch_size=3")),  # refusals
             ("vp-lora", _args(tmp, "vp-lora", "sft", vp, "model.lora_r=4")),
             ("vp-hf", _args(tmp, "vp-hf", "grpo", vp, "grpo.rollout.decoder=hf")),
@@ -85,7 +87,13 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     for name, args in _cases(tmp):
         try:
             cfg = load_config(None, args)
-            t = trainer_for(cfg.algo)(cfg)
+            model = tok = None
+            if name == "vp-tied":  # a tied tiny model: input embedding = LM head
+                model, tok = load_policy(cfg.model, torch.device("cpu"))
+                model.config.tie_word_embeddings = True
+                model.lm_head.weight = model.get_input_embeddings().weight
+                start = model.lm_head.weight.detach().clone()
+            t = trainer_for(cfg.algo)(cfg, model=model, tokenizer=tok)
         except UserError as err:
             torch.save({"error": str(err)}, os.path.join(tmp, f"{name}.rank{rank}.pt"))
             continue
@@ -98,6 +106,8 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             out.update(head_rows=tuple(t.model.lm_head.weight.shape),
                        head=vocab_parallel.full_head(t.model)["lm_head.weight"],
                        head_exp_avg=next(iter(t.head_opt.state.values()))["exp_avg"].clone())
+        if name == "vp-tied":
+            out.update(start=start, embedding=t.model.get_input_embeddings().weight.detach())
         torch.save(out, os.path.join(tmp, f"{name}.rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -178,6 +188,25 @@ def test_vocab_parallel_rl_samples_and_trains_as_data_parallel(runs, algo, strat
         assert math.isfinite(a["loss"]) and a["grad_norm"] > 0
         assert a["tokens"] == b["tokens"]  # the reduced token count is not counted twice
     _assert_same_weights(_weights(vp["checkpoint"]), _weights(dp["checkpoint"]), algo)
+
+
+def test_vocab_parallel_unties_tied_embeddings(runs):
+    """A tied model trains its input embedding and its sharded LM head apart, and saves both."""
+    from transformers import AutoModelForCausalLM
+
+    _, res = runs
+    main, other = res["vp-tied"]
+    assert (main["head_rows"], other["head_rows"]) == ((25, 32), (26, 32))
+    torch.testing.assert_close(main["embedding"], other["embedding"], rtol=0, atol=0)  # DDP
+    model = AutoModelForCausalLM.from_pretrained(main["checkpoint"])
+    assert not model.config.tie_word_embeddings
+    emb, head = model.get_input_embeddings().weight, model.lm_head.weight
+    assert emb.data_ptr() != head.data_ptr()
+    torch.testing.assert_close(head.detach(), main["head"], rtol=0, atol=0)
+    torch.testing.assert_close(emb.detach(), main["embedding"], rtol=0, atol=0)
+    for trained in (emb, head):  # both moved from the one matrix they started as, differently
+        assert not torch.equal(trained.detach(), main["start"])
+    assert not torch.equal(emb, head)
 
 
 def test_vocab_parallel_resumes_its_shards_and_their_optimizer_state(runs):
