@@ -167,7 +167,8 @@ def own_logits(logits: Tensor, counts: list[int], shard: HeadShard) -> Tensor:
 
 # ----------------------------------------------------------------------------- checkpoints
 def full_head(model) -> dict[str, Tensor]:
-    """{state-dict key: the full tensor} of the sharded head, on every rank (all must call)."""
+    """{state-dict key: the full tensor} of the sharded head, on every rank (all must call): a
+    transient V x H per rank while a checkpoint is written, what a data-parallel replica holds."""
     return {k: distributed.gather_rows(p.detach())[0] for k, p in head_params(model).items()}
 
 
