@@ -276,13 +276,10 @@ class DistributedConfig:
     """How the ranks of a torchrun job split the work (see rlfuse.engine.distributed); a single
     process ignores it. Batch sizes stay global: each rank trains its share of every batch."""
     strategy: str = "ddp"                # ddp: full replicas | fsdp: FSDP2, sharded parameters
-    vocab_parallel: bool = False         # shard the LM head's vocabulary over the ranks (not yet)
+    vocab_parallel: bool = False         # shard the LM head's vocabulary rows over the ranks
 
     def __post_init__(self):
         _choice("distributed.strategy", self.strategy, ("ddp", "fsdp"))
-        _check("distributed.vocab_parallel", not self.vocab_parallel,
-               "is not available yet: the engine does not shard the LM head over the ranks "
-               "(the ops' vocab_group= is not wired in); leave it false")
 
 
 @dataclass(frozen=True)

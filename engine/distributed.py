@@ -24,6 +24,8 @@ trainer has one code path.
 - Checkpoints: rank 0 writes them; under FSDP it writes the gathered full state (`full_state`),
   so a checkpoint is the same save_pretrained folder a single process writes.
 - Metrics: `reduce_metrics` (means, sums of throughputs and counts, min and max).
+- distributed.vocab_parallel=true: the LM head's rows are sharded over the ranks and left out of
+  the wrappers (`Wrapped(ignore=...)`); rlfuse.engine.vocab_parallel says how.
 """
 from __future__ import annotations
 
@@ -124,9 +126,10 @@ def token_share(n_local) -> float:
     return float(n_local) * world() / max(float(all_sum(float(n_local))), 1.0)
 
 
-def gather_rows(x: Tensor) -> tuple[Tensor, slice]:
-    """(every rank's rows of x [b_r, ...] concatenated in rank order, its trailing dims zero-padded
-    to the largest; the slice of this rank's rows). Per-row vectors only: rewards, masks, KL."""
+def gather_rows(x: Tensor, fill=0) -> tuple[Tensor, slice]:
+    """(every rank's rows of x [b_r, ...] concatenated in rank order, its trailing dims padded with
+    `fill` to the largest; the slice of this rank's rows). Per-row vectors (rewards, masks, KL),
+    and the vocab-parallel head's inputs (rlfuse.engine.vocab_parallel)."""
     if world() == 1:
         return x, slice(0, x.shape[0])
     dev = _comm_device()
@@ -135,7 +138,7 @@ def gather_rows(x: Tensor) -> tuple[Tensor, slice]:
     dist.all_gather(shapes, shape)
     shapes = [s.tolist() for s in shapes]
     full = [max(s[d] for s in shapes) for d in range(x.dim())]
-    padded = x.new_zeros(full, device=dev)
+    padded = x.new_full(full, fill, device=dev)
     padded[tuple(slice(0, n) for n in x.shape)] = x
     parts = [torch.empty_like(padded) for _ in range(world())]
     dist.all_gather(parts, padded)
@@ -221,13 +224,19 @@ class Wrapped:
     """The trainable modules (the policy, and PPO's value head / critic) under one module, wrapped
     for `strategy` when there is more than one process; `forward(fn, ...)` runs fn inside it."""
 
-    def __init__(self, modules: dict[str, nn.Module], strategy: str, device: torch.device):
+    def __init__(self, modules: dict[str, nn.Module], strategy: str, device: torch.device,
+                 ignore: tuple = ()):
+        """`ignore`: parameters the wrapper leaves alone (neither synchronized, averaged nor
+        sharded): the vocab-parallel LM head's shard, whose gradient is already its own."""
         self.inner = _Modules(modules)  # the modules themselves: parameters are shared
         self.strategy = strategy if world() > 1 else None
         self.outer: Optional[nn.Module] = None
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
+            skip = {id(p) for p in ignore}
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                self.inner, [n for n, p in self.inner.named_parameters() if id(p) in skip])
             self.outer = DistributedDataParallel(
                 self.inner, device_ids=[device] if device.type == "cuda" else None,
                 forward_sync_buffers=False)  # no trained buffers; rank 0's weights are broadcast
@@ -239,7 +248,7 @@ class Wrapped:
             for m in self.inner.modules():
                 if type(m).__name__ in blocks:
                     fully_shard(m)
-            self.outer = fully_shard(self.inner)
+            self.outer = fully_shard(self.inner, ignored_params=set(ignore) or None)
 
     def forward(self, fn, *args, **kwargs):
         """fn(*args, **kwargs), run as the wrapped module's forward: the wrapper's hooks fire

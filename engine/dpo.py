@@ -18,18 +18,25 @@ import torch
 import rlfuse
 from rlfuse.preference import REFERENCE_FREE
 
-from . import distributed
-from .data import Sampler, check_prompt_lengths, encode, pack, read_jsonl
+from . import distributed, vocab_parallel
+from .data import IGNORE, Sampler, check_prompt_lengths, encode, pack, read_jsonl
 from .model import head, scored_hidden, sequence_logprobs
 from .trainer import Trainer
 
 
 def pair_loss(model, batch, ref, loss_cfg):
-    """preference_loss of the pairs in batch ([chosen rows; rejected rows])."""
+    """(loss, output, reference sums) of preference_loss on the pairs in batch ([chosen rows;
+    rejected rows]); with a vocab-parallel head, on every rank's pairs (and their reference)."""
     h = head(model)
     hid, c = scored_hidden(model, batch)
-    return rlfuse.preference_loss(hid, h.weight, batch.targets[:, c:], batch.mask[:, c:],
-                                  ref_logp=ref, bias=h.bias, config=loss_cfg)
+    hid, targets, ref, _ = vocab_parallel.whole_batch(h, hid, batch.targets[:, c:], ref)
+    if h.vocab is not None:  # [c_0; r_0; c_1; r_1; ...] -> [c_0; c_1; ...; r_0; r_1; ...]
+        order = vocab_parallel.chosen_first(targets.shape[0]).to(targets.device)
+        hid, targets = hid[order], targets[order]
+        ref = None if ref is None else ref[order]
+    loss, out = rlfuse.preference_loss(hid, h.weight, targets, targets != IGNORE, ref_logp=ref,
+                                       bias=h.bias, config=loss_cfg, vocab_group=h.vocab_group)
+    return loss, out, ref
 
 
 class DPOTrainer(Trainer):
@@ -64,15 +71,21 @@ class DPOTrainer(Trainer):
                     self.cfg.max_length).to(self.device)
 
     def reference_logprobs(self, chunk: int = 64) -> torch.Tensor:
-        """[n, 2] sequence log-prob sums of every pair; each rank computes its share."""
-        mine, out = distributed.share(range(len(self.pairs))), []
+        """[n, 2] sequence log-prob sums of every pair; each rank computes its share, ceil(n / w)
+        pairs (the last ranks' padded with the last pair), so that every rank runs as many
+        forwards: a vocab-parallel head's run together."""
+        n, w, r = len(self.pairs), distributed.world(), distributed.rank()
+        per = -(-n // w)
+        mine = list(range(min(n, r * per), min(n, (r + 1) * per)))
+        mine += [n - 1] * (per - len(mine))
+        out = []
         with self.wrapped.inference():
             for s in range(0, len(mine), chunk):
                 seq = self.forward(sequence_logprobs, self.model,
                                    self.batch(mine[s:s + chunk])).sum(-1)  # [2b]
                 out.append(torch.stack(seq.chunk(2), dim=1))  # [b, 2]
         local = torch.cat(out) if out else torch.zeros(0, 2, device=self.device)
-        return distributed.gather_rows(local)[0]
+        return distributed.gather_rows(local)[0][:n]  # the full shares come first
 
     def train_step(self) -> dict:
         uses_ref = self.loss_cfg.loss_type not in REFERENCE_FREE
@@ -82,7 +95,7 @@ class DPOTrainer(Trainer):
         idx = distributed.share(self.sampler.next())
         batch = self.batch(idx)
         ref = self.ref[idx].T.reshape(-1) if uses_ref else None  # [2B]: chosen; rejected
-        loss, out = self.forward(pair_loss, self.model, batch, ref, self.loss_cfg)
+        loss, out, ref = self.forward(pair_loss, self.model, batch, ref, self.loss_cfg)
         loss.backward()
         grad_norm = self.optimizer_step()
         dt = time.perf_counter() - t0

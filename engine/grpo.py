@@ -21,9 +21,9 @@ import time
 
 import rlfuse
 
-from . import distributed
+from . import distributed, vocab_parallel
 from .config import ConfigError
-from .data import Sampler, read_jsonl
+from .data import IGNORE, Sampler, read_jsonl
 from .model import Reference, head, scored_hidden, sequence_logprobs
 from .rewards import build_rewards
 from .rollout import minibatch_steps, rollout_and_score
@@ -107,15 +107,20 @@ class GRPOTrainer(Trainer):
         def losses(mb):  # inside the wrapper's forward
             b, h = batch[mb], head(self.model)
             hid, c = scored_hidden(self.model, b)
+            # a vocab-parallel head scores every rank's rows: its loss is the global one
+            hid, targets, a, old_mb, ref_mb, _ = vocab_parallel.whole_batch(
+                h, hid, b.targets[:, c:], adv[mb], None if old is None else old[mb, c:],
+                None if ref is None else ref[mb, c:])
             loss, out = rlfuse.policy_loss(
-                hid, h.weight, b.targets[:, c:], b.mask[:, c:], adv[mb], bias=h.bias,
-                old_logp=None if old is None else old[mb, c:],
-                ref_logp=None if ref is None else ref[mb, c:], config=self.loss_cfg)
+                hid, h.weight, targets, targets != IGNORE, a, bias=h.bias, old_logp=old_mb,
+                ref_logp=ref_mb, config=self.loss_cfg, vocab_group=h.vocab_group)
             if token_normalized:
                 loss = loss * distributed.token_share(out.metrics["tokens"])
             metrics = {"loss": loss.item(), **{k: v.item() for k, v in out.metrics.items()}}
             if ref is not None:  # per-token mean x tokens / rows: the mean sequence KL
-                metrics["kl_seq"] = metrics["kl"] * metrics["tokens"] / len(mb)
+                metrics["kl_seq"] = metrics["kl"] * metrics["tokens"] / targets.shape[0]
+            if h.vocab is not None:
+                metrics = vocab_parallel.local_tokens(metrics, b.mask)
             if self.sft is not None:
                 nll, _ = nll_loss(self.model, self.sft.next(self.device))
                 loss = loss + g.sft_coef * nll

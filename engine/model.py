@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import distributed
+from . import distributed, vocab_parallel
 from .config import ConfigError, ModelConfig, UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -183,11 +183,18 @@ def scored_hidden(model, batch) -> tuple[Tensor, int]:
 @dataclass(frozen=True, eq=False)
 class LMHead:
     """The LM head as the fused ops take it: weight [V, H], bias [V] or None, and the model's
-    logit transform (transformers' config names)."""
+    logit transform (transformers' config names); under distributed.vocab_parallel, `vocab` is
+    this rank's shard and weight / bias hold its rows only (rlfuse.engine.vocab_parallel)."""
     weight: Tensor
     bias: Optional[Tensor] = None
     logit_scale: float = 1.0
     final_logit_softcapping: Optional[float] = None
+    vocab: Optional[vocab_parallel.HeadShard] = None
+
+    @property
+    def vocab_group(self):
+        """The fused ops' vocab_group= argument: None for a whole head."""
+        return None if self.vocab is None else self.vocab.group
 
     def loss_config(self, cfg, section: str, temperature: Optional[float] = None):
         """`cfg` (a fused-loss config, at config key `section`) with this head's logit transform,
@@ -214,19 +221,23 @@ def head(model) -> LMHead:
     c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return LMHead(lm_head.weight, getattr(lm_head, "bias", None),
                   float(getattr(c, "logit_scale", None) or 1.0),
-                  getattr(c, "final_logit_softcapping", None))
+                  getattr(c, "final_logit_softcapping", None),
+                  getattr(lm_head, "rlfuse_vocab", None))
 
 
 def head_logprobs(hid: Tensor, batch, h: LMHead, temperature: float = 1.0) -> Tensor:
     """Per-token log-probs [B, T-1] fp32 of batch.targets from hidden states hid [B, T-1, H]
-    (0 on ignored positions); the columns before batch.first_target skip the LM head."""
+    (0 on ignored positions); the columns before batch.first_target skip the LM head. A vocab
+    shard `h` scores every rank's rows and keeps this rank's (vocab_parallel.whole_batch)."""
     import rlfuse
 
     c = batch.first_target
     out = torch.zeros(batch.targets.shape, dtype=torch.float32, device=hid.device)
-    out[:, c:] = rlfuse.linear_logprobs(
-        hid[:, c:], h.weight, batch.targets[:, c:], bias=h.bias, temperature=temperature,
-        logit_scale=h.logit_scale, final_logit_softcapping=h.final_logit_softcapping)
+    x, targets, mine = vocab_parallel.whole_batch(h, hid[:, c:], batch.targets[:, c:])
+    logp = rlfuse.linear_logprobs(
+        x, h.weight, targets, bias=h.bias, temperature=temperature, logit_scale=h.logit_scale,
+        final_logit_softcapping=h.final_logit_softcapping, vocab_group=h.vocab_group)
+    out[:, c:] = logp[mine, :out.shape[1] - c]
     return out
 
 

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 
 import rlfuse
 
-from . import distributed
-from .data import Sampler, read_jsonl
+from . import distributed, vocab_parallel
+from .data import IGNORE, Sampler, check_prompt_lengths, encode, read_jsonl
 from .model import Reference, head, head_logprobs, hidden_chunks, hidden_states
 from .rewards import Weighted, build_rewards
 from .rollout import minibatch_steps, rollout_and_score
@@ -104,16 +104,22 @@ def ppo_loss(model, value_head, batch, adv, old_logp, old_values, returns, *, re
     h = head(model)
     hid = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [b, T-1, H]
     c = batch.first_target  # the LM head skips the columns that are prompt in every row
-    pg, out = rlfuse.policy_loss(hid[:, c:], h.weight, batch.targets[:, c:],
-                                 batch.mask[:, c:], adv[:, c:], old_logp=old_logp[:, c:],
-                                 ref_logp=None if ref_logp is None else ref_logp[:, c:],
-                                 bias=h.bias, config=loss_cfg)
+    # a vocab-parallel head scores every rank's rows: pg is then the global loss already
+    x, targets, a, old, ref, _ = vocab_parallel.whole_batch(
+        h, hid[:, c:], batch.targets[:, c:], adv[:, c:], old_logp[:, c:],
+        None if ref_logp is None else ref_logp[:, c:])
+    pg, out = rlfuse.policy_loss(x, h.weight, targets, targets != IGNORE, a, old_logp=old,
+                                 ref_logp=ref, bias=h.bias, config=loss_cfg,
+                                 vocab_group=h.vocab_group)
     values = value_head(hid if critic is None else critic_hidden(critic, batch))  # [b, T-1] fp32
     vf, vm = rlfuse.value_loss(values, old_values, returns, batch.mask, clip=value_clip)
-    loss = (pg + vf_coef * vf) * distributed.token_share(batch.mask.sum())
+    loss = (pg * distributed.token_share(out.metrics["tokens"])
+            + vf_coef * vf * distributed.token_share(batch.mask.sum()))
     metrics = {"loss": loss.item(), "policy_loss": pg.item(), "value_loss": vf.item(),
                **{k: v.item() for k, v in vm.items()},
                **{k: v.item() for k, v in out.metrics.items()}}
+    if h.vocab is not None:
+        metrics = vocab_parallel.local_tokens(metrics, batch.mask)
     return loss, metrics
 
 
@@ -139,6 +145,10 @@ class PPOTrainer(Trainer):
                              "field (and 'answer' for the exact_answer verifier)")
         self.prompts = read_jsonl(p.data, ("prompt",))
         distributed.check_share("ppo.rollout.prompts_per_step", p.rollout.prompts_per_step)
+        if distributed.world() > 1:  # a rank that dropped rows (train_step's `keep`) would run
+            # fewer minibatch forwards than the others, and the ranks' collectives would not pair
+            check_prompt_lengths(encode(self.tok, [r["prompt"] for r in self.prompts]),
+                                 cfg.max_length, p.data)
         self.sampler = Sampler(len(self.prompts), p.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or self.build_reward()
         self.reference = Reference(self.model)
@@ -181,7 +191,7 @@ class PPOTrainer(Trainer):
             stopped = torch.tensor([bool(c) and c[-1] == eos
                                     for c in scored.rollout.completion_ids])
             scores = scores - p.missing_eos_penalty * (~stopped).float()
-        keep = batch.mask.any(-1)  # rows whose completion max_length cut away entirely
+        keep = batch.mask.any(-1)  # rows whose completion max_length cut away (one process only)
         if not bool(keep.all()):
             batch, scores = batch[keep], scores[keep.cpu()]
         scores, mask = scores.to(self.device), batch.mask

@@ -16,6 +16,9 @@ Two decoders, the same distribution:
             is drawn by inverse CDF from one uniform per row (torch.multinomial draws an
             exponential variate per vocabulary entry: over 10x slower at 32k).
   "hf"      `model.generate` (any model `generate` supports).
+With a vocab-parallel LM head (distributed.vocab_parallel) the "rlfuse" decoder gathers each
+step's full-vocabulary logits of this rank's rows from every shard and steps in lockstep with
+the other ranks (rlfuse.engine.vocab_parallel); "hf" is refused there.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import distributed, vocab_parallel
 from .data import Batch, encode, pack
 
 DECODERS = ("rlfuse", "hf")
@@ -98,10 +102,21 @@ def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature
     for _ in range(max_new_tokens):
         x = decoder(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True,
                     **cache).last_hidden_state[:, -1]
-        tok = sample_tokens(head_logits(x, h), temperature, top_p, greedy).masked_fill(done, pad)
+        if h.vocab is None:
+            logits = head_logits(x, h)
+        else:  # every rank's shard of this rank's rows (vocab_parallel.own_logits)
+            xs, counts = vocab_parallel.all_rows(x)
+            logits = vocab_parallel.own_logits(head_logits(xs, h), counts, h.vocab)
+        if bool(done.all()):  # only while another rank's rows run: draw nothing
+            tok = torch.full_like(done, pad, dtype=torch.long)
+        else:
+            tok = sample_tokens(logits, temperature, top_p, greedy).masked_fill(done, pad)
         out.append(tok)
         done |= tok == eos
-        if done.all():
+        finished = bool(done.all())
+        if h.vocab is not None:  # the ranks step together until all of them are done
+            finished = not distributed.any_rank(not finished)[0]
+        if finished:
             break
         ids, pos = tok[:, None], pos[:, -1:] + 1
         att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)

@@ -11,21 +11,24 @@ import time
 
 import rlfuse
 
-from . import distributed
-from .data import Batch, Sampler, read_jsonl, sft_batch
+from . import distributed, vocab_parallel
+from .data import IGNORE, Batch, Sampler, read_jsonl, sft_batch
 from .model import head, scored_hidden
 from .trainer import Trainer
 
 
 def nll_loss(model, batch):
     """Mean NLL over completion tokens (under torchrun: this rank's share of the mean over every
-    rank's tokens), and this rank's token count."""
+    rank's tokens; with a vocab-parallel head, that mean itself, over the gathered batch), and
+    the number of tokens it averages."""
     h = head(model)
     hid, c = scored_hidden(model, batch)  # [B, T-1-c, H]
-    logp = rlfuse.linear_logprobs(hid, h.weight, batch.targets[:, c:], bias=h.bias,
+    hid, targets, _ = vocab_parallel.whole_batch(h, hid, batch.targets[:, c:])
+    logp = rlfuse.linear_logprobs(hid, h.weight, targets, bias=h.bias,
                                   logit_scale=h.logit_scale,
-                                  final_logit_softcapping=h.final_logit_softcapping)
-    n = int(batch.mask.sum())
+                                  final_logit_softcapping=h.final_logit_softcapping,
+                                  vocab_group=h.vocab_group)
+    n = int((targets != IGNORE).sum())  # the gathered batch's: token_share(n) is then 1
     return -logp.sum() / max(n, 1) * distributed.token_share(n), n
 
 

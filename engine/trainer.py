@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, vocab_parallel
 from .config import ConfigError, TrainConfig, to_dict
 from .model import load_policy, quiet_transformers
 from .monitor import Monitor
@@ -77,7 +77,8 @@ RESUME_FIXED = ("algo", "model.path", "model.hidden_size", "model.num_layers",
                 "dpo.data", "dpo.batch_size", "dpo.loss.loss_type", "ppo.data",
                 "ppo.rollout.prompts_per_step", "ppo.rollout.samples_per_prompt", "ppo.critic",
                 "optim.lr", "optim.weight_decay",
-                "optim.beta1", "optim.beta2", "distributed.strategy")
+                "optim.beta1", "optim.beta2", "distributed.strategy",
+                "distributed.vocab_parallel")
 
 
 class NonFiniteError(RuntimeError):
@@ -146,12 +147,22 @@ class Trainer:
         subclass calls it at the end of its __init__, after any copy of the initial policy."""
         cfg = self.cfg
         self.extra = {k: m.to(self.device) for k, m in (extra or {}).items()}
+        # distributed.vocab_parallel: this rank's LM-head rows, outside the wrapper, with their
+        # own optimizer (rlfuse.engine.vocab_parallel)
+        self.vocab = None
+        if cfg.distributed.vocab_parallel and distributed.world() > 1:
+            self.vocab = vocab_parallel.shard_head(self.model)
+            reference = getattr(self, "reference", None)  # GRPO / PPO: a frozen copy
+            if reference is not None and reference.copy is not None:
+                vocab_parallel.shard_head(reference.copy, announce=False)
+        head = list(vocab_parallel.head_params(self.model).values()) if self.vocab else []
         self.wrapped = distributed.Wrapped({"policy": self.model, **self.extra},
-                                           cfg.distributed.strategy, self.device)
+                                           cfg.distributed.strategy, self.device, ignore=head)
         if distributed.world() > 1:  # each rank samples its own rollouts
             torch.manual_seed(cfg.seed + distributed.rank())
             random.seed(cfg.seed + distributed.rank())
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        skip = {id(p) for p in head}
+        self.params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in skip]
         groups = [{"params": self.params}]
         extra_params = [p for m in self.extra.values() for p in m.parameters() if p.requires_grad]
         if extra_params:
@@ -159,6 +170,10 @@ class Trainer:
             self.params = self.params + extra_params
         o = cfg.optim
         self.opt = make_optimizer(groups, o.lr, (o.beta1, o.beta2), o.weight_decay, cfg.seed)
+        self.head_params = [p for p in head if p.requires_grad]
+        self.head_opt = make_optimizer(self.head_params, o.lr, (o.beta1, o.beta2),
+                                       o.weight_decay, cfg.seed + 1 + distributed.rank()
+                                       ) if self.head_params else None
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(o.schedule, o.warmup_steps, max(1, self.total_steps)))
         self.grad_sq: Optional[torch.Tensor] = None  # step_in_backward: sum of squared grads
@@ -208,6 +223,8 @@ class Trainer:
                 self.sched.step()
             return float(norm)
         max_norm = self.cfg.optim.max_grad_norm
+        if self.head_opt is not None:
+            return self._vocab_parallel_step(max_norm)
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else math.inf)
         norm = distributed.full(norm)  # FSDP2: the norm over every rank's shards
         if bool(torch.isfinite(norm)):
@@ -215,6 +232,28 @@ class Trainer:
             self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return float(norm)
+
+    def _vocab_parallel_step(self, max_norm: float) -> float:
+        """optimizer_step with the LM head sharded: the norm is over the data-parallel
+        parameters and every rank's head rows, the head's optimizer steps at the schedule's lr."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        head = [p.grad for p in self.head_params if p.grad is not None]
+        norm = distributed.full(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        head_sq = sum(float(g.double().pow(2).sum()) for g in head)
+        norm = math.sqrt(float(norm) ** 2 + float(distributed.all_sum(head_sq)))
+        if math.isfinite(norm):
+            coef = max_norm / (norm + 1e-6)
+            if max_norm > 0 and coef < 1.0:  # as clip_grad_norm_
+                for g in grads + head:
+                    g.mul_(coef)
+            for group in self.head_opt.param_groups:
+                group["lr"] = self.opt.param_groups[0]["lr"]
+            self.opt.step()
+            self.head_opt.step()
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.head_opt.zero_grad(set_to_none=True)
+        return norm
 
     @property
     def ckpt_dir(self) -> str:
@@ -260,6 +299,11 @@ class Trainer:
         state = {"optimizer": optim or self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                  "rng": distributed.gather_objects(checkpoint.rng_state()),
                  "extra": {**self.state_dict(), **{k: modules[k] for k in self.extra}}}
+        policy = weights and weights["policy"]
+        if self.vocab is not None:  # the full head, gathered, and its optimizer's full rows
+            policy = {**(policy if policy is not None else self.model.state_dict()),
+                      **vocab_parallel.full_head(self.model)}
+            state["vocab_head"] = vocab_parallel.optimizer_state(self.head_opt, self.vocab)
         path = error = None
         if distributed.is_main():
             try:
@@ -267,7 +311,7 @@ class Trainer:
                                        self.tok, state, to_dict(self.cfg),
                                        keep or self.cfg.keep_checkpoints,
                                        merge_lora=self.cfg.model.lora_merge_on_save,
-                                       weights=weights and weights["policy"])
+                                       weights=policy)
             except checkpoint.CheckpointError as err:
                 error = str(err)
         path, error = distributed.from_main((path, error))
@@ -287,6 +331,10 @@ class Trainer:
         self.check_resume_config(ckpt["config"] or {}, path)
         extra = ckpt["trainer"]["extra"]
         modules = {k: extra.pop(k) for k in self.extra}
+        if self.vocab is not None:  # this rank's rows of the full head and its optimizer state
+            vocab_parallel.slice_weights(ckpt["weights"], self.model, self.vocab)
+            vocab_parallel.load_optimizer_state(self.head_opt, ckpt["trainer"]["vocab_head"],
+                                                self.vocab)
         load = None
         if self.wrapped.strategy == "fsdp":
             def load(weights, optim):
@@ -384,6 +432,16 @@ def _check_distributed(cfg: TrainConfig) -> None:
         raise ConfigError("config key 'ppo.reward_model.pairs': under torchrun, train the reward "
                           "model in one process first and set ppo.reward_model.path to its "
                           "folder (<out_dir>/reward_model)")
+    if cfg.distributed.vocab_parallel and cfg.model.lora_r > 0:
+        raise ConfigError("config keys 'distributed.vocab_parallel' and 'model.lora_r': a "
+                          "vocab-parallel LM head does not train LoRA policies; set "
+                          "distributed.vocab_parallel=false or model.lora_r=0")
+    decoder = {"grpo": cfg.grpo.rollout.decoder, "ppo": cfg.ppo.rollout.decoder}.get(cfg.algo)
+    if cfg.distributed.vocab_parallel and decoder == "hf":
+        raise ConfigError(f"config keys 'distributed.vocab_parallel' and "
+                          f"'{cfg.algo}.rollout.decoder': model.generate cannot sample from a "
+                          f"vocab-parallel LM head (each rank holds some vocabulary rows); use "
+                          f"{cfg.algo}.rollout.decoder=rlfuse")
     if cfg.guard.every:  # it samples from the unwrapped model, which FSDP2 holds sharded
         raise ConfigError("config key 'guard.every': the over-optimization guard does not run "
                           "under torchrun yet; set guard.every=0 or run in one process")
