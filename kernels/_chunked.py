@@ -16,6 +16,19 @@ Either way autograd's backward only scales the saved gradients. linear_logprobs 
 lse and recomputes Z chunk by chunk in autograd's backward (`rlfuse::chunked_logprobs_backward`).
 Extra memory: one [C, V] buffer plus O(N) row statistics, and an fp32 dW accumulator.
 
+The vocabulary-slab order (`vocab_slab` decides; for bf16 / fp16 heads whose fp32 dW
+accumulator or fp32 weight copy would be large) runs the same steps with the loops swapped, as
+the vocab-parallel ops' shards (`_vocab_parallel`), combined locally:
+    stats pass, per slab W_s [Vs, H] (upcast per slab), per chunk: Z = X_c @ W_s^T -> row
+        partials (max, sum-exp, shifted sum p*z, target logit), merged online into [4, N]
+        -> lse, logp, entropy; the loss math on the [N] vectors (two phases)
+    gradient pass, per slab, per chunk: Z recomputed -> the slice-aware grad_ -> dZ,
+        dX += dZ @ W_s (fp32 [N, H], rounded once), dW_s += dZ^T @ X_c (fp32 [Vs, H], rounded
+        once into dW), db likewise
+So 8·N·H·V FLOPs for every fused loss (linear_logprobs: unchanged), and extra memory of one
+slab's buffers (its weight copy when upcasting, its fp32 dW, a [C, Vs] logits buffer) plus the
+fp32 dX and O(N) row statistics: no weight-sized buffer beyond the gradients themselves.
+
 bf16 / fp16 inputs: where `lowp_gemm_native` says the hardware multiplies them natively, the
 GEMMs take them as they are (no fp32 weight copy) and accumulate in fp32: Z lands in the
 epilogue's buffer (fp32 on CPU, written by MKL's bf16 -> fp32 GEMM, so the logits are not even
