@@ -424,12 +424,12 @@ def _slab_backward(inputs: Inputs, plan: ChunkPlan, lse: Tensor, entropy: Tensor
             x, z = g.logits(s, e)
             grad_(z, targets[s:e], lse[s:e], entropy[s:e], grad_logp[s:e], grad_entropy[s:e])
             acc.add(s, e, x, z)
-        _, dw_slab, db_slab = acc.result()  # rounded once
         v1 = v0 + g.w.shape[0]
         if dw is not None:
-            dw[v0:v1] = dw_slab
+            dw[v0:v1] = acc.dw  # rounded once
         if db is not None:
-            db[v0:v1] = db_slab
+            db[v0:v1] = acc.db
+        del acc  # this slab's fp32 buffers go before the next slab's
     if dx is not None:
         if plan.vocab is not None:  # one sum over the ranks, of the whole fp32 dX
             reducer = plan.vocab.dx_reducer()
