@@ -157,8 +157,8 @@ def test_no_grad_forward_and_single_output_grads(impl):
     torch.testing.assert_close(lp, lp2.detach())
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_frozen_head_skips_dw(impl, monkeypatch):
+@pytest.mark.parametrize("impl,pass_order", IMPL_ORDERS, indirect=["pass_order"])
+def test_frozen_head_skips_dw(impl, pass_order, monkeypatch):
     # a LoRA policy's LM head is frozen: the backward computes no dW (its GEMM and fp32 buffer)
     from rlfuse import _chunked
 
