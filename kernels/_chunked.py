@@ -660,6 +660,9 @@ def _setup_context(ctx, inputs, output):
     _, _, ent, lse, *grads = output
     s = _parse(spec)
     ctx.spec, ctx.n_rows = spec, len(rows)
+    # Outputs that get no gradient (lse, dX, dW, db) arrive in backward as None, not as zeros
+    # autograd would otherwise allocate: a weight-sized buffer for dW.
+    ctx.set_materialize_grads(False)
     if s.family.math is None:
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
     else:
@@ -692,7 +695,7 @@ def _scale_saved_grads(ctx, grad_output: Tensor):
 def _backward(ctx, grad_loss, grad_logp, grad_entropy, *_unused):
     s = _parse(ctx.spec)
     if s.family.math is not None:
-        grads = _scale_saved_grads(ctx, grad_loss)
+        grads = (None,) * 3 if grad_loss is None else _scale_saved_grads(ctx, grad_loss)
     else:
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (*ctx.needs_input_grad[:2], bias is not None and ctx.needs_input_grad[2])

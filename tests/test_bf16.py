@@ -455,3 +455,49 @@ def test_environment_variable_sets_the_pass_order():
     env["RLFUSE_VOCAB_SLAB"] = "rows"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "RLFUSE_VOCAB_SLAB must be one of" in out.stderr
+
+
+def _largest_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) while fn() runs, from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.cpu_memory_usage for e in prof.events()] + [0])
+
+
+@cpp
+@pytest.mark.parametrize("mode", ["native", "upcast"])
+@pytest.mark.parametrize("pass_order", ["rows", "slabs"], indirect=True)
+def test_slab_order_holds_no_weight_sized_fp32_buffer(mode, lowp_mode, pass_order):
+    """bf16 inputs: in the slab order nothing larger than the bf16 dW itself is allocated, in the
+    no-grad forward nothing weight-sized at all, and autograd's backward of a fused loss
+    allocates nothing weight-sized (its unused outputs' gradients are not materialized as
+    zeros). The row order holds an fp32 dW accumulator (and, upcasting, an fp32 weight copy):
+    twice the bf16 dW."""
+    lowp_mode(mode)
+    n, h, v = 48, 64, 4096
+    x, w, _, t = _head_inputs(n, h, v, big=3.0)
+    w_bytes = w.numel() * w.element_size()
+    cfg = PolicyLossConfig(loss_type="dapo", beta=0.04, chunk_size=16, impl="cpp")
+    xs, ws = x.view(1, n, h).requires_grad_(), w.clone().requires_grad_()
+    old = torch.full((1, n), -8.0)
+    out = {}
+
+    def forward():
+        out["loss"] = rlfuse.policy_loss(xs, ws, t.view(1, n), torch.ones(1, n), torch.ones(1),
+                                         old_logp=old, ref_logp=old, config=cfg)[0]
+
+    fwd = _largest_allocation(forward)
+    bwd = _largest_allocation(lambda: out["loss"].backward())
+    with torch.no_grad():
+        nograd = _largest_allocation(lambda: rlfuse.linear_logprobs(x, w, t, impl="cpp"))
+    assert bwd < w_bytes / 4, bwd
+    if pass_order == "slabs":
+        # the bf16 dW output (an op's count includes its small neighbours), never 2 bytes more a
+        # weight
+        assert w_bytes <= fwd < 1.5 * w_bytes and nograd < w_bytes / 4, (fwd, nograd)
+    else:
+        assert fwd >= 2 * w_bytes, fwd
+        assert (nograd >= 2 * w_bytes) == (mode == "upcast"), nograd
+    assert torch.isfinite(ws.grad.float()).all() and ws.grad.dtype == torch.bfloat16
