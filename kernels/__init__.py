@@ -13,7 +13,7 @@ if __name__ != "rlfuse":
 
     sys.modules[__name__] = rlfuse
 else:
-    from ._backend import IMPLS, set_lowp_gemm
+    from ._backend import IMPLS, set_lowp_gemm, set_vocab_slab
     from ._chunked import LogitTransform
     from .advantages import gae, group_advantages, value_loss
     from .logprobs import linear_logprobs, linear_logprobs_reference
@@ -26,7 +26,8 @@ else:
         "linear_logprobs", "linear_logprobs_reference", "LogitTransform", "IMPLS",
         "policy_loss", "PolicyLossConfig", "PolicyLossOutput", "kl_estimate",
         "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
-        "group_advantages", "gae", "value_loss", "set_lowp_gemm", "vocab_shard_range",
+        "group_advantages", "gae", "value_loss", "set_lowp_gemm", "set_vocab_slab",
+        "vocab_shard_range",
     ]
 
     def __getattr__(name):

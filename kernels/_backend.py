@@ -10,6 +10,12 @@ native on CUDA and on CPUs whose matmul units take that dtype (AMX / AVX512-BF16
 AMX-FP16 for fp16; their flags as torch's cpuinfo reports them), upcast on other CPUs (AVX2,
 where torch's bf16 GEMM runs several times slower than fp32). The user overrides it with the
 environment variable RLFUSE_LOWP_GEMM=auto|native|upcast or `rlfuse.set_lowp_gemm(mode)`.
+
+`vocab_slab_mode()` is the user's say over the driver's pass order (`_chunked.vocab_slab` decides
+from it): RLFUSE_VOCAB_SLAB=auto|off|on|ROWS or `rlfuse.set_vocab_slab(mode)`. "auto" runs the
+vocabulary-slab order where the row order would hold weight-sized fp32 buffers past a budget,
+"off" always runs the row order, "on" always the slab order, a positive integer the slab order
+with that many vocabulary rows per slab.
 """
 from __future__ import annotations
 
@@ -136,3 +142,34 @@ def lowp_gemm_native(device: torch.device, dtype: torch.dtype) -> bool:
                            "but rlfuse._C has no bf16/fp16 -> fp32 GEMM here (it calls the MKL "
                            "that x86-64 torch builds link); use 'auto' or 'upcast'")
     return True
+
+
+VOCAB_SLAB_MODES = ("auto", "off", "on")
+
+
+def _check_slab_mode(mode, where: str):
+    """mode as a VOCAB_SLAB_MODES string or a positive int (rows per slab)."""
+    if isinstance(mode, str) and mode.strip().isdigit():
+        mode = int(mode)
+    if isinstance(mode, bool) or not (mode in VOCAB_SLAB_MODES
+                                      or isinstance(mode, int) and mode > 0):
+        raise ValueError(f"{where} must be one of {VOCAB_SLAB_MODES} or a positive number of "
+                         f"vocabulary rows per slab, got {mode!r}")
+    return mode
+
+
+_slab_mode = _check_slab_mode(os.environ.get("RLFUSE_VOCAB_SLAB", "auto"),
+                              "the environment variable RLFUSE_VOCAB_SLAB")
+
+
+def set_vocab_slab(mode) -> None:
+    """The driver's pass order: "auto" (the vocabulary-slab order where the row order would hold
+    weight-sized fp32 buffers, see `rlfuse._chunked.vocab_slab`), "off" (the row order), "on"
+    (the slab order) or a positive int (the slab order, that many vocabulary rows per slab).
+    Overrides RLFUSE_VOCAB_SLAB for this process."""
+    global _slab_mode
+    _slab_mode = _check_slab_mode(mode, "set_vocab_slab(mode)")
+
+
+def vocab_slab_mode():
+    return _slab_mode

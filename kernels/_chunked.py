@@ -16,6 +16,19 @@ Either way autograd's backward only scales the saved gradients. linear_logprobs 
 lse and recomputes Z chunk by chunk in autograd's backward (`rlfuse::chunked_logprobs_backward`).
 Extra memory: one [C, V] buffer plus O(N) row statistics, and an fp32 dW accumulator.
 
+The vocabulary-slab order (`vocab_slab` decides; for bf16 / fp16 heads whose fp32 dW
+accumulator or fp32 weight copy would be large) runs the same steps with the loops swapped, as
+the vocab-parallel ops' shards (`_vocab_parallel`), combined locally:
+    stats pass, per slab W_s [Vs, H] (upcast per slab), per chunk: Z = X_c @ W_s^T -> row
+        partials (max, sum-exp, shifted sum p*z, target logit), merged online into [4, N]
+        -> lse, logp, entropy; the loss math on the [N] vectors (two phases)
+    gradient pass, per slab, per chunk: Z recomputed -> the slice-aware grad_ -> dZ,
+        dX += dZ @ W_s (fp32 [N, H], rounded once), dW_s += dZ^T @ X_c (fp32 [Vs, H], rounded
+        once into dW), db likewise
+So 8·N·H·V FLOPs for every fused loss (linear_logprobs: unchanged), and extra memory of one
+slab's buffers (its weight copy when upcasting, its fp32 dW, a [C, Vs] logits buffer) plus the
+fp32 dX and O(N) row statistics: no weight-sized buffer beyond the gradients themselves.
+
 bf16 / fp16 inputs: where `lowp_gemm_native` says the hardware multiplies them natively, the
 GEMMs take them as they are (no fp32 weight copy) and accumulate in fp32: Z lands in the
 epilogue's buffer (fp32 on CPU, written by MKL's bf16 -> fp32 GEMM, so the logits are not even
@@ -35,7 +48,8 @@ import torch
 from torch import Tensor
 
 from . import _vocab_parallel
-from ._backend import LOWP, cpp_ext, epilogues, lowp_gemm_native
+from ._backend import (LOWP, cpp_ext, epilogues, lowp_gemm_native, partials_epilogue,
+                       vocab_slab_mode)
 from ._checks import check_number
 
 # The [C, V] logits buffer when chunk_size is not given. CPU: 256 rows, as fast as one big GEMM
@@ -44,6 +58,14 @@ from ._checks import check_number
 # (2048 x 131072 bf16 is 512 MiB), so each GEMM fills an H100/H200 (unmeasured: no GPU yet).
 CHUNK_ROWS = {"cpu": 256, "cuda": 2048}
 CHUNK_BYTES = {"cpu": 160 * 2**20, "cuda": 2**30}
+# The pass order (`vocab_slab`): the row order may hold weight-sized buffers (an fp32 copy of a
+# bf16 / fp16 weight when upcasting, dW's fp32 accumulator for a bf16 / fp16 weight) up to
+# WEIGHT_BYTES; past it `auto` runs vocabulary slabs, whose buffers (the slab's weight copy and dW
+# accumulator, its [C, Vs] logits) fit SLAB_BYTES. At the qwen-0.5b head (H 896, V 151936) bf16
+# upcast: 545 MB + 545 MB in the row order, 19 slabs of 8192 rows (58 MB + 8 MB) in the other.
+WEIGHT_BYTES = 128 * 2**20
+SLAB_BYTES = 64 * 2**20
+SLAB_MULTIPLE = 256  # slab rows: the GEMMs' N dimension, kept large
 
 
 @dataclass(frozen=True)
@@ -119,26 +141,54 @@ def _mm_into(a: Tensor, b: Tensor, out: Tensor, accumulate: bool = False) -> Non
         torch.mm(a, b, out=out)
 
 
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
 def default_chunk_size(n: int, v: int, device: torch.device, dtype: torch.dtype) -> int:
     """Rows per chunk for N rows at vocabulary V, from the device's row and byte budgets."""
     kind = "cuda" if device.type == "cuda" else "cpu"
-    elem_bytes = torch.finfo(logits_dtype(device, compute_dtype(device, dtype))).bits // 8
+    elem_bytes = _bytes(logits_dtype(device, compute_dtype(device, dtype)))
     rows = min(CHUNK_ROWS[kind], CHUNK_BYTES[kind] // (v * elem_bytes))
     rows = rows // 32 * 32 if rows >= 64 else max(16, rows)  # GEMM-friendly multiples of 32
     return max(1, min(n, rows))
 
 
+def vocab_slab(n: int, h: int, v: int, device: torch.device, dtype: torch.dtype, chunk: int,
+               needs: "Needs") -> int:
+    """Vocabulary rows per slab, 0 for the row order: the one place that decides the pass order
+    (the user's say: `_backend.vocab_slab_mode`). `auto` runs slabs where the row order's
+    weight-sized buffers (an fp32 weight copy when upcasting, dW's fp32 accumulator when dW is
+    not fp32 itself) would pass WEIGHT_BYTES, sized so that the slab's own buffers fit
+    SLAB_BYTES; fp32 inputs never need it (dW accumulates in its own output)."""
+    mode = vocab_slab_mode()
+    if mode == "off" or v == 0:
+        return 0
+    gemm = compute_dtype(device, dtype)
+    copy = h * _bytes(gemm) if gemm != dtype else 0  # per vocabulary row
+    acc = h * _bytes(torch.promote_types(gemm, torch.float32)) if needs[1] else 0
+    if mode == "auto" and v * (copy + (acc if acc > h * _bytes(dtype) else 0)) <= WEIGHT_BYTES:
+        return 0
+    if isinstance(mode, int):
+        return min(mode, v)
+    z = logits_dtype(device, gemm)
+    per_row = copy + acc + min(chunk, n) * (_bytes(z) + (_bytes(gemm) if z != gemm else 0))
+    return min(v, max(SLAB_MULTIPLE, SLAB_BYTES // per_row // SLAB_MULTIPLE * SLAB_MULTIPLE))
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
     """How the driver runs an op, resolved: the logit transform, the ignored target id, rows per
-    chunk, the impl ("cpp" or "triton") and, for the vocab-parallel ops, this rank's shard of
-    the vocabulary (weight and bias are its rows; `_vocab_parallel.VocabShard`)."""
+    chunk, the impl ("cpp" or "triton"), for the vocab-parallel ops this rank's shard of the
+    vocabulary (weight and bias are its rows; `_vocab_parallel.VocabShard`), and the vocabulary
+    rows per slab of the slab order (`vocab_slab`; 0: the row order)."""
 
     transform: LogitTransform
     ignore_index: int
     chunk: int
     impl: str
     vocab: Optional[_vocab_parallel.VocabShard] = None
+    slab: int = 0
 
 
 class Inputs(NamedTuple):
@@ -162,19 +212,35 @@ def needs_of(inputs: Inputs) -> Needs:
 
 
 class _Gemms:
-    """The three GEMMs of a chunk, on one reused logits buffer."""
+    """The three GEMMs of a chunk, on one reused logits buffer, against the whole weight or (the
+    slab order) one vocabulary slab of it at a time (`slabs`)."""
 
-    def __init__(self, inputs: Inputs, chunk: int):
-        hidden, weight, bias, _ = inputs
+    def __init__(self, inputs: Inputs, chunk: int, slab: int = 0):
+        hidden, weight, _, _ = inputs
         self.inputs = inputs
         self.dtype = compute_dtype(hidden.device, hidden.dtype)
-        self.w = weight.to(self.dtype)  # [V, H], a copy only when upcasting
         n, v = hidden.shape[0], weight.shape[0]
-        self.chunk = chunk
-        self.buf = torch.empty(min(chunk, n), v, device=hidden.device,
-                               dtype=logits_dtype(hidden.device, self.dtype))  # [C, V]
-        self.b = None if bias is None else bias.to(self.buf.dtype)
-        self.dz_buf: Optional[Tensor] = None  # [C, V] GEMM dtype, when the buffer is wider
+        self.chunk, self.slab = chunk, slab or v
+        self.buf = torch.empty(min(chunk, n) * self.slab, device=hidden.device,
+                               dtype=logits_dtype(hidden.device, self.dtype))  # [C, Vs] flat
+        self.dz_buf: Optional[Tensor] = None  # [C, Vs] GEMM dtype, when the buffer is wider
+        self.w = self.b = None
+        self._select(0, self.slab)
+
+    def _select(self, v0: int, v1: int) -> None:
+        """Multiply by vocabulary rows [v0, v1) from now on."""
+        _, weight, bias, _ = self.inputs
+        self.w = self.b = None  # the previous slab's copies go first
+        self.w = weight[v0:v1].to(self.dtype)  # [Vs, H], a copy only when upcasting
+        self.b = None if bias is None else bias[v0:v1].to(self.buf.dtype)
+
+    def slabs(self):
+        """Each vocabulary slab's first row, selected in turn."""
+        v = self.inputs.weight.shape[0]
+        for v0 in range(0, v, self.slab):
+            if v0:
+                self._select(v0, min(v, v0 + self.slab))
+            yield v0
 
     def ranges(self):
         n = self.inputs.hidden.shape[0]
@@ -183,7 +249,7 @@ class _Gemms:
 
     def logits(self, s: int, e: int) -> tuple[Tensor, Tensor]:
         x = self.inputs.hidden[s:e].to(self.dtype)  # [c, H]
-        z = self.buf[: e - s]  # [c, V]
+        z = self.buf[: (e - s) * self.w.shape[0]].view(e - s, -1)  # [c, Vs]
         if self.b is not None and z.dtype == x.dtype:
             torch.addmm(self.b, x, self.w.t(), out=z)  # one pass over Z
         else:
@@ -198,32 +264,37 @@ class _Gemms:
             return dz
         if self.dz_buf is None:
             self.dz_buf = torch.empty_like(self.buf, dtype=self.dtype)
-        return self.dz_buf[: dz.shape[0]].copy_(dz)
+        return self.dz_buf[: dz.numel()].view_as(dz).copy_(dz)
 
 
 class _GradAccumulator:
-    def __init__(self, g: _Gemms, needs: Needs, vocab=None):
-        hidden, weight, bias, _ = g.inputs
+    """dX, dW, db of the GEMMs' current weight rows. `dx`: the slab order's fp32 [N, H]
+    accumulator, which every slab adds to (else dX rows are written once per chunk)."""
+
+    def __init__(self, g: _Gemms, needs: Needs, vocab=None, dx: Optional[Tensor] = None):
+        hidden, _, bias, _ = g.inputs
         n, h = hidden.shape
         dev = hidden.device
         acc = torch.promote_types(g.dtype, torch.float32)  # never rounded per chunk
+        v = g.w.shape[0]
         self.g = g
         # Vocab-parallel hook: each chunk's partial dX is summed over the ranks (async).
         self.reducer = vocab.dx_reducer() if vocab is not None and needs[0] else None
         dx_dtype = hidden.dtype if self.reducer is None else self.reducer.dtype(hidden.dtype)
-        self.dx = torch.empty(n, h, dtype=dx_dtype, device=dev) if needs[0] else None
-        self.dw = torch.zeros(weight.shape, dtype=acc, device=dev) if needs[1] else None
-        self.db = torch.zeros(weight.shape[0], dtype=acc, device=dev) \
-            if bias is not None and needs[2] else None
+        self.dx_adds = dx is not None
+        self.dx = dx if self.dx_adds or not needs[0] else torch.empty(n, h, dtype=dx_dtype,
+                                                                      device=dev)
+        self.dw = torch.zeros(v, h, dtype=acc, device=dev) if needs[1] else None
+        self.db = torch.zeros(v, dtype=acc, device=dev) if bias is not None and needs[2] else None
 
     def add(self, s: int, e: int, x: Tensor, dz: Tensor):
         dz_op = self.g.gemm_operand(dz) if self.dx is not None or self.dw is not None else None
         if self.dx is not None:
-            _mm_into(dz_op, self.g.w, self.dx[s:e])  # [c, H]
+            _mm_into(dz_op, self.g.w, self.dx[s:e], accumulate=self.dx_adds)  # [c, H]
             if self.reducer is not None:
                 self.reducer.add(self.dx[s:e])
         if self.dw is not None:
-            _mm_into(dz_op.t(), x, self.dw, accumulate=True)  # [V, H] fp32
+            _mm_into(dz_op.t(), x, self.dw, accumulate=True)  # [Vs, H] fp32
         if self.db is not None:
             self.db += dz.sum(0, dtype=self.db.dtype)
 
@@ -271,6 +342,8 @@ def forward_stats(inputs: Inputs, plan: ChunkPlan) -> tuple[Tensor, Tensor, Tens
            for dt in (torch.float64, torch.float32, torch.float32)]
     if n == 0:
         return tuple(out)
+    if plan.slab:
+        return _slab_stats(inputs, plan)
     g = _Gemms(inputs, plan.chunk)
     for s, e in g.ranges():
         for o, r in zip(out, chunk_stats(g, plan, s, e)[2:]):
@@ -282,6 +355,8 @@ def backward(inputs: Inputs, plan: ChunkPlan, lse: Tensor, entropy: Tensor, grad
              grad_entropy: Tensor, needs: Needs):
     """dX, dW, db from per-row gradients a = dL/dlogp and e = dL/dentropy ([N]; recomputes Z);
     None for those `needs` leaves out."""
+    if plan.slab:
+        return _slab_backward(inputs, plan, lse, entropy, grad_logp, grad_entropy, needs)
     g = _Gemms(inputs, plan.chunk)
     acc = _GradAccumulator(g, needs, plan.vocab)
     for s, e in g.ranges():
@@ -290,6 +365,78 @@ def backward(inputs: Inputs, plan: ChunkPlan, lse: Tensor, entropy: Tensor, grad
                     grad_entropy[s:e])
         acc.add(s, e, x, z)
     return acc.result()
+
+
+# ----------------------------------------------------------------------------- the slab order
+def _slab_kernels(plan: ChunkPlan, v0: int, v: int):
+    """(partials, grad_) for a slab whose first row is row v0 of a weight of v rows: its columns
+    are global ids from v0 (+ the shard's start, vocab-parallel) in a vocabulary of v ids (the
+    shard's vocab_size)."""
+    start, size = (0, v) if plan.vocab is None else (plan.vocab.start, plan.vocab.vocab_size)
+    partials, (_, grad_) = partials_epilogue(plan.impl), epilogues(plan.impl)
+    args = plan.transform.kernel_args()
+
+    def part(z, targets):
+        return partials(z, targets, *args, start + v0)  # [4, c] fp32
+
+    def grad(z, targets, lse, entropy, a, e):
+        grad_(z, targets, lse, entropy, a.float().contiguous(), e.float().contiguous(), *args,
+              plan.ignore_index, start + v0, size)
+
+    return part, grad
+
+
+def _slab_stats(inputs: Inputs, plan: ChunkPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """forward_stats in the slab order: each slab's row partials (max, sum-exp, shifted sum p*z,
+    target logit), merged online into [4, N] (`_vocab_parallel.merge`), then finished into lse,
+    logp, entropy (over the ranks first, vocab-parallel)."""
+    hidden, weight, _, targets = inputs
+    g = _Gemms(inputs, plan.chunk, plan.slab)
+    merged = None
+    for v0 in g.slabs():
+        partials, _ = _slab_kernels(plan, v0, weight.shape[0])
+        part = torch.empty(4, hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for s, e in g.ranges():
+            part[:, s:e] = partials(g.logits(s, e)[1], targets[s:e])
+        merged = part if merged is None else _vocab_parallel.merge(merged, part)
+    if plan.vocab is not None:
+        return _vocab_parallel.combine(merged, targets, plan.ignore_index, plan.vocab.group)
+    return _vocab_parallel.finish(merged, targets, plan.ignore_index)
+
+
+def _slab_backward(inputs: Inputs, plan: ChunkPlan, lse: Tensor, entropy: Tensor,
+                   grad_logp: Tensor, grad_entropy: Tensor, needs: Needs):
+    """backward in the slab order: per slab, every row chunk's Z recomputed and turned into dZ,
+    dX (an fp32 [N, H] accumulator, rounded once at the end) += dZ @ W_slab, dW_slab (fp32
+    [Vs, H]) += dZ^T @ X_c, written once into dW (and db likewise)."""
+    hidden, weight, bias, targets = inputs
+    dev = hidden.device
+    dx = torch.zeros(hidden.shape, dtype=torch.promote_types(hidden.dtype, torch.float32),
+                     device=dev) if needs[0] else None
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if needs[1] else None
+    db = torch.empty(bias.shape, dtype=bias.dtype, device=dev) \
+        if bias is not None and needs[2] else None
+    g = _Gemms(inputs, plan.chunk, plan.slab)
+    for v0 in g.slabs():
+        _, grad_ = _slab_kernels(plan, v0, weight.shape[0])
+        acc = _GradAccumulator(g, needs, dx=dx)
+        for s, e in g.ranges():
+            x, z = g.logits(s, e)
+            grad_(z, targets[s:e], lse[s:e], entropy[s:e], grad_logp[s:e], grad_entropy[s:e])
+            acc.add(s, e, x, z)
+        v1 = v0 + g.w.shape[0]
+        if dw is not None:
+            dw[v0:v1] = acc.dw  # rounded once
+        if db is not None:
+            db[v0:v1] = acc.db
+        del acc  # this slab's fp32 buffers go before the next slab's
+    if dx is not None:
+        if plan.vocab is not None:  # one sum over the ranks, of the whole fp32 dX
+            reducer = plan.vocab.dx_reducer()
+            reducer.add(dx)
+            reducer.wait()
+        dx = dx.to(hidden.dtype)
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------- fused losses
@@ -368,8 +515,9 @@ def _whole_groups(inputs: Inputs, plan: ChunkPlan, math: LossMath, needs: Needs)
 
 def run_loss(inputs: Inputs, plan: ChunkPlan, math: LossMath, needs: Needs):
     """loss (fp32 scalar), logp, entropy ([N] fp32) and (dX, dW, db), each None where `needs`
-    leaves it out: whole groups per chunk when they fit, else two phases."""
-    if not any(needs) or math.group is None or math.group > plan.chunk:
+    leaves it out: whole groups per chunk when they fit, else (and in the slab order) two
+    phases."""
+    if not any(needs) or math.group is None or math.group > plan.chunk or plan.slab:
         n = inputs.hidden.shape[0]
         lse, logp, ent = forward_stats(inputs, plan)
         lp, en = math.layout(logp), math.layout(ent)
@@ -405,10 +553,11 @@ class _Spec(NamedTuple):
 
     def plan(self, inputs: Inputs) -> ChunkPlan:
         o, (hidden, weight, _, _) = self.options, inputs
-        chunk = o.chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0],
-                                                   hidden.device, hidden.dtype)
+        (n, h), v = hidden.shape, weight.shape[0]
+        chunk = o.chunk_size or default_chunk_size(n, v, hidden.device, hidden.dtype)
         return ChunkPlan(o.transform(), o.ignore_index, chunk, o.impl,
-                         _vocab_parallel.VocabShard.from_spec(self.vocab))
+                         _vocab_parallel.VocabShard.from_spec(self.vocab),
+                         vocab_slab(n, h, v, hidden.device, hidden.dtype, chunk, self.needs))
 
 
 def _spec_string(family: str, options, impl: str, needs: Needs, vocab: str) -> str:
@@ -511,6 +660,9 @@ def _setup_context(ctx, inputs, output):
     _, _, ent, lse, *grads = output
     s = _parse(spec)
     ctx.spec, ctx.n_rows = spec, len(rows)
+    # Outputs that get no gradient (lse, dX, dW, db) arrive in backward as None, not as zeros
+    # autograd would otherwise allocate: a weight-sized buffer for dW.
+    ctx.set_materialize_grads(False)
     if s.family.math is None:
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
     else:
@@ -543,7 +695,7 @@ def _scale_saved_grads(ctx, grad_output: Tensor):
 def _backward(ctx, grad_loss, grad_logp, grad_entropy, *_unused):
     s = _parse(ctx.spec)
     if s.family.math is not None:
-        grads = _scale_saved_grads(ctx, grad_loss)
+        grads = (None,) * 3 if grad_loss is None else _scale_saved_grads(ctx, grad_loss)
     else:
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         needs = (*ctx.needs_input_grad[:2], bias is not None and ctx.needs_input_grad[2])

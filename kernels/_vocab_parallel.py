@@ -177,23 +177,30 @@ def shard(weight: Tensor, bias: Optional[Tensor], vocab_group
     return weight, bias, VocabShard(group, sum(sizes[:rank]), sum(sizes))
 
 
-def combine(part: Tensor, targets: Tensor, ignore_index: int, group
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """Full-vocabulary lse [c] fp64, logp and entropy [c] fp32 from this shard's partials
-    [4, c] fp32 (max, sum-exp, shifted sum p*z, target logit or 0): two collectives."""
+def _shifted(part: Tensor, mx: Tensor) -> Tensor:
+    """[3, c] (sum-exp, shifted sum p*z, target logit) of partials [4, c] re-shifted from their
+    own max to mx (>= it): a = exp(m - mx) scales the sums, t also moves by (m - mx) s."""
     m, s, t, zt = part
-    mx = m.clone()
-    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)  # [c]
     shift = m - mx  # <= 0
     alpha = torch.exp(shift)
-    sums = torch.stack([alpha * s, alpha * (t + shift * s), zt])  # [3, c]
-    dist.all_reduce(sums, group=group)
-    s, t, zt = sums
+    return torch.stack([alpha * s, alpha * (t + shift * s), zt])
+
+
+def merge(a: Tensor, b: Tensor) -> Tensor:
+    """The partials [4, c] of two disjoint vocabulary slices' partials [4, c] (online, as flash
+    attention merges its softmax blocks)."""
+    mx = torch.maximum(a[0], b[0])
+    return torch.cat([mx[None], _shifted(a, mx) + _shifted(b, mx)])
+
+
+def finish(part: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """lse [c] fp64, logp and entropy [c] fp32 from the whole vocabulary's partials [4, c]."""
+    mx, s, t, zt = part
     log_s = torch.log(s)
     lse = mx.double() + log_s.double()
     logp = (zt - mx) - log_s
     ent = log_s - t / s
-    # A non-finite logit on any rank leaves t non-finite: NaN row, as in the single-process
+    # A non-finite logit in any slice leaves t non-finite: NaN row, as in the single-process
     # kernels; ignored rows are 0.
     ok = torch.isfinite(t)
     keep = targets != ignore_index
@@ -201,6 +208,17 @@ def combine(part: Tensor, targets: Tensor, ignore_index: int, group
     logp = torch.where(keep, torch.where(ok, logp, float("nan")), 0.0)
     ent = torch.where(keep, torch.where(ok, ent, float("nan")), 0.0)
     return lse, logp, ent
+
+
+def combine(part: Tensor, targets: Tensor, ignore_index: int, group
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """Full-vocabulary lse [c] fp64, logp and entropy [c] fp32 from this shard's partials
+    [4, c] fp32 (max, sum-exp, shifted sum p*z, target logit or 0): two collectives."""
+    mx = part[0].clone()
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)  # [c]
+    sums = _shifted(part, mx)  # [3, c]
+    dist.all_reduce(sums, group=group)
+    return finish(torch.cat([mx[None], sums]), targets, ignore_index)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -5,9 +5,28 @@ import pytest
 import torch
 
 import rlfuse
+from rlfuse import _backend
 from rlfuse._backend import cpp_ext
 
 CHUNKED_IMPLS = ["cpp"] if cpp_ext() is not None else []
+# The driver's two pass orders, both forced on every machine: "rows" and "slabs" of SLAB_ROWS
+# vocabulary rows (V = 123 and 507 end on a short slab, V = 31 fits in one larger than V).
+SLAB_ROWS = 50
+# (impl, pass order) pairs for `@pytest.mark.parametrize("impl,pass_order", IMPL_ORDERS,
+# indirect=["pass_order"])`: the reference has no pass order.
+IMPL_ORDERS = [("reference", None)] + [(i, o) for i in CHUNKED_IMPLS for o in ("rows", "slabs")]
+
+
+@pytest.fixture
+def pass_order(request):
+    """The driver's pass order for one test: "rows", "slabs", a number of rows per slab, or None
+    (as configured)."""
+    order = getattr(request, "param", None)
+    before = _backend.vocab_slab_mode()
+    if order is not None:
+        _backend.set_vocab_slab({"rows": "off", "slabs": SLAB_ROWS}.get(order, order))
+    yield order
+    _backend.set_vocab_slab(before)
 
 
 def importable(fn):

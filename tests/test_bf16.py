@@ -1,7 +1,8 @@
 """bf16 / fp16 GEMMs: the run-time decision (native low-precision GEMMs vs fp32 upcasts), and
 the native path's accuracy against an fp64 reference, held to 2x PyTorch's own bf16 computation
 (bf16 GEMM, bf16 logits upcast to fp32 for the softmax), for values and every gradient, with
-peaked rows and large logits; dW must not lose accuracy as the number of chunks grows.
+peaked rows and large logits; dW must not lose accuracy as the number of chunks grows. Each in
+both pass orders of the driver (rows, vocabulary slabs); the pass-order decision itself.
 
 The native path is forced here whatever the CPU (at small sizes: on a CPU without bf16 matmul
 units it is slow, which is why `auto` does not pick it there)."""
@@ -184,7 +185,8 @@ def _assert_within_2x_of_torch(got, torch_lowp, truth, atol=1e-3):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("v", [123, 507])
 @pytest.mark.parametrize("mode", ["native", "upcast"])  # both paths, whatever this CPU
-def test_linear_logprobs_within_2x_of_torch(mode, lowp_mode, dtype, v):
+@pytest.mark.parametrize("pass_order", ["rows", "slabs"], indirect=True)
+def test_linear_logprobs_within_2x_of_torch(mode, lowp_mode, dtype, v, pass_order):
     lowp_mode(mode)
     x, w, b, t = _head_inputs(83, 40, v, dtype, big=8.0 if dtype == torch.bfloat16 else 4.0)
     gl, ge = torch.randn(83), torch.randn(83)
@@ -216,7 +218,8 @@ def _dapo(lp, old, ref, adv, valid, eps=0.2, beta=0.04):
 @cpp
 @pytest.mark.parametrize("v", [123, 507])
 @pytest.mark.parametrize("mode", ["native", "upcast"])  # both paths, whatever this CPU
-def test_policy_loss_within_2x_of_torch(mode, lowp_mode, v):
+@pytest.mark.parametrize("pass_order", ["rows", "slabs"], indirect=True)
+def test_policy_loss_within_2x_of_torch(mode, lowp_mode, v, pass_order):
     lowp_mode(mode)
     bsz, steps, h = 6, 13, 40
     x, w, b, t = _head_inputs(bsz * steps, h, v)
@@ -256,7 +259,8 @@ def test_policy_loss_within_2x_of_torch(mode, lowp_mode, v):
 
 @cpp
 @pytest.mark.parametrize("mode", ["native", "upcast"])  # both paths, whatever this CPU
-def test_preference_loss_within_2x_of_torch(mode, lowp_mode):
+@pytest.mark.parametrize("pass_order", ["rows", "slabs"], indirect=True)
+def test_preference_loss_within_2x_of_torch(mode, lowp_mode, pass_order):
     lowp_mode(mode)
     pairs, steps, h, v = 3, 11, 40, 123
     x, w, b, t = _head_inputs(2 * pairs * steps, h, v)
@@ -288,12 +292,13 @@ def test_preference_loss_within_2x_of_torch(mode, lowp_mode):
 
 
 @cpp
-def test_weight_gradient_error_does_not_grow_with_the_chunk_count(lowp_mode):
-    """dW accumulates in fp32 and is rounded once: 64 chunks give the dW of one chunk, up to the
-    rare element whose fp32 sum lands on the other side of a bf16 rounding boundary. (Measured
-    at this shape: rounding each chunk's dZ^T @ X_c to bf16 before an fp32 sum gives 1.2x the
-    error and changes ~37% of the elements; a bf16 accumulator gives 1.8x at 8 chunks, 3x at 64.)
-    """
+@pytest.mark.parametrize("pass_order", ["rows", "slabs"], indirect=True)
+def test_weight_gradient_error_does_not_grow_with_the_chunk_count(lowp_mode, pass_order):
+    """dW accumulates in fp32 and is rounded once (in the slab order: a slab's fp32 accumulator,
+    over every row chunk): 64 chunks give the dW of one chunk, up to the rare element whose fp32
+    sum lands on the other side of a bf16 rounding boundary. (Measured at this shape: rounding
+    each chunk's dZ^T @ X_c to bf16 before an fp32 sum gives 1.2x the error and changes ~37% of
+    the elements; a bf16 accumulator gives 1.8x at 8 chunks, 3x at 64.)"""
     lowp_mode("native")
     n, h, v = 512, 32, 123
     x, w, b, t = _head_inputs(n, h, v, big=3.0, peaked=0.0)
@@ -366,3 +371,133 @@ def test_fp32_inputs_opt_in_to_bf16_gemms_with_torchs_precision_switch(lowp_mode
     assert (opted[0] - exact).abs().max() > 1e-4  # it did run on rounded operands
     lowp_mode("upcast")  # a CPU without native bf16: the opt-in is a no-op
     assert torch.allclose(run(x, w, b)[0], exact, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the pass order
+QWEN = dict(n=2048, h=896, v=151936)  # the qwen-0.5b head
+ALL, FROZEN, NONE = (True, True, True), (True, False, False), (False, False, False)
+
+
+@pytest.fixture
+def slab_mode():
+    before = _backend.vocab_slab_mode()
+    yield _backend.set_vocab_slab
+    _backend.set_vocab_slab(before)
+
+
+def _slab(dtype, needs, chunk=256, **shape):
+    shape = {**QWEN, **shape}
+    return _chunked.vocab_slab(shape["n"], shape["h"], shape["v"], CPU, dtype, chunk, needs)
+
+
+def _slab_buffer_bytes(dtype, needs, rows, chunk=256, h=896):
+    """What the slab order holds per slab: the weight slab in the GEMM dtype when that is not the
+    input dtype, dW's fp32 slab accumulator, the [C, Vs] logits (and dZ in the GEMM dtype)."""
+    gemm = _chunked.compute_dtype(CPU, dtype)
+    size = lambda dt: torch.finfo(dt).bits // 8  # noqa: E731
+    copy = rows * h * size(gemm) if gemm != dtype else 0
+    acc = rows * h * 4 if needs[1] else 0
+    dz = chunk * rows * size(gemm) if gemm != torch.float32 and any(needs) else 0
+    return copy + acc + chunk * rows * 4 + dz
+
+
+@cpp
+@pytest.mark.parametrize("mode", ["native", "upcast"])
+def test_auto_runs_slabs_where_the_row_order_holds_weight_sized_fp32_buffers(mode, lowp_mode,
+                                                                             slab_mode):
+    """At the qwen-0.5b head, bf16: the row order's fp32 dW accumulator (545 MB) and, upcasting,
+    its fp32 weight copy (545 MB) are past the budget: slabs whose buffers fit SLAB_BYTES, with
+    GEMM-sized slabs. fp32 inputs and small heads keep the row order."""
+    lowp_mode(mode)
+    slab_mode("auto")
+    bf16 = torch.bfloat16
+    rows = _slab(bf16, ALL)
+    assert rows > 0 and rows % _chunked.SLAB_MULTIPLE == 0 and rows >= 4096
+    assert _slab_buffer_bytes(bf16, ALL, rows) <= _chunked.SLAB_BYTES
+    # no gradient: only the upcast holds a weight-sized buffer (the fp32 copy); a frozen head
+    # (LoRA) has no dW accumulator either
+    for needs in (NONE, FROZEN):
+        got = _slab(bf16, needs)
+        assert (got > 0) == (mode == "upcast"), (needs, got)
+        if got:
+            assert _slab_buffer_bytes(bf16, needs, got) <= _chunked.SLAB_BYTES
+    assert _slab(torch.float32, ALL) == 0 and _slab(torch.float32, NONE) == 0
+    assert _slab(bf16, ALL, v=32000, h=512) == 0  # copy + dW, 2 x 62.5 MiB: in budget
+    assert _slab(bf16, ALL, v=1000) == 0
+
+
+def test_pass_order_overrides(slab_mode):
+    slab_mode("off")
+    assert _slab(torch.bfloat16, ALL) == 0
+    slab_mode("on")
+    assert _slab(torch.float32, ALL, v=123, h=40) == 123  # one slab: the budget holds V
+    assert 0 < _slab(torch.float32, ALL) < QWEN["v"]
+    slab_mode(50)
+    assert _slab(torch.float32, NONE, v=123) == 50
+    assert _slab(torch.float32, NONE, v=31) == 31  # never more than V
+    slab_mode("7")  # as the environment variable spells it
+    assert _backend.vocab_slab_mode() == 7
+
+
+@pytest.mark.parametrize("bad", ["slabs", 0, -3, 2.5, True, "1e3"])
+def test_bad_pass_order_is_a_clear_error(slab_mode, bad):
+    with pytest.raises(ValueError, match=r"set_vocab_slab\(mode\) must be one of"):
+        slab_mode(bad)
+
+
+def test_environment_variable_sets_the_pass_order():
+    code = "import rlfuse._backend as b; print(b.vocab_slab_mode())"
+    for value, want in (("off", "off"), ("4096", "4096")):
+        env = dict(os.environ, RLFUSE_VOCAB_SLAB=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True)
+        assert out.returncode == 0 and out.stdout.split()[-1] == want, out.stderr
+    env["RLFUSE_VOCAB_SLAB"] = "rows"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "RLFUSE_VOCAB_SLAB must be one of" in out.stderr
+
+
+def _largest_allocation(fn) -> int:
+    """The largest single CPU allocation (bytes) while fn() runs, from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([e.cpu_memory_usage for e in prof.events()] + [0])
+
+
+@cpp
+@pytest.mark.parametrize("mode", ["native", "upcast"])
+@pytest.mark.parametrize("pass_order", ["rows", "slabs"], indirect=True)
+def test_slab_order_holds_no_weight_sized_fp32_buffer(mode, lowp_mode, pass_order):
+    """bf16 inputs: in the slab order nothing larger than the bf16 dW itself is allocated, in the
+    no-grad forward nothing weight-sized at all, and autograd's backward of a fused loss
+    allocates nothing weight-sized (its unused outputs' gradients are not materialized as
+    zeros). The row order holds an fp32 dW accumulator (and, upcasting, an fp32 weight copy):
+    twice the bf16 dW."""
+    lowp_mode(mode)
+    n, h, v = 48, 64, 4096
+    x, w, _, t = _head_inputs(n, h, v, big=3.0)
+    w_bytes = w.numel() * w.element_size()
+    cfg = PolicyLossConfig(loss_type="dapo", beta=0.04, chunk_size=16, impl="cpp")
+    xs, ws = x.view(1, n, h).requires_grad_(), w.clone().requires_grad_()
+    old = torch.full((1, n), -8.0)
+    out = {}
+
+    def forward():
+        out["loss"] = rlfuse.policy_loss(xs, ws, t.view(1, n), torch.ones(1, n), torch.ones(1),
+                                         old_logp=old, ref_logp=old, config=cfg)[0]
+
+    fwd = _largest_allocation(forward)
+    bwd = _largest_allocation(lambda: out["loss"].backward())
+    with torch.no_grad():
+        nograd = _largest_allocation(lambda: rlfuse.linear_logprobs(x, w, t, impl="cpp"))
+    assert bwd < w_bytes / 4, bwd
+    if pass_order == "slabs":
+        # the bf16 dW output (an op's count includes its small neighbours), never 2 bytes more a
+        # weight
+        assert w_bytes <= fwd < 1.5 * w_bytes and nograd < w_bytes / 4, (fwd, nograd)
+    else:
+        assert fwd >= 2 * w_bytes, fwd
+        assert (nograd >= 2 * w_bytes) == (mode == "upcast"), nograd
+    assert torch.isfinite(ws.grad.float()).all() and ws.grad.dtype == torch.bfloat16

@@ -67,7 +67,8 @@ def recorded(monkeypatch):
 
 
 @pytest.mark.parametrize("policy_case", [{}, {"top_entropy_quantile": 0.5}])
-def test_opcheck(recorded, policy_case):
+@pytest.mark.parametrize("pass_order", ["rows", 16], indirect=True)  # 16: slabs, V = 37
+def test_opcheck(recorded, policy_case, pass_order):
     # token-separable and two-phase policy losses, whole-pair preference, log-probs + backward
     x, w, b, t, m, side = _inputs()
     cfg = PolicyLossConfig(**{**POLICY.__dict__, **policy_case})

@@ -1,8 +1,9 @@
 """Property-based tests (hypothesis) of every op against an fp64 reference.
 
 Each case draws shapes (odd vocabularies 31 / 123 / 507, tiny ones), dtype (fp32 / bf16), the
-logit transform, masks, ignore_index, chunk size, the impl and the kind of rows (normal, peaked:
-one logit ~30 above the rest, flat, or a +1e3 logit offset), then holds values and gradients to
+logit transform, masks, ignore_index, chunk size, the impl, the driver's pass order (rows, or
+vocabulary slabs of 1 / 7 / 64 / 1000 rows) and the kind of rows (normal, peaked: one logit ~30
+above the rest, flat, or a +1e3 logit offset), then holds values and gradients to
 the project's rule: error of the impl <= 2 x error of PyTorch in the same dtype + atol x scale.
 The LM-head ops are checked on the impls that run here (reference, cpp); the Triton epilogues
 are held to the same inputs in tests/test_triton.py, under the interpreter. Advantage estimators
@@ -12,6 +13,7 @@ The default profile runs a few hundred derandomized cases (seconds); `make fuzz`
 (RLFUSE_FUZZ=1) runs more than 10,000 random ones and prints the worst error of each op and
 quantity, as a share of what the rule allows, at the end of the run.
 """
+import contextlib
 import math
 import os
 
@@ -23,7 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import rlfuse  # noqa: E402
-from rlfuse import (LogitTransform, PolicyLossConfig, PreferenceLossConfig,  # noqa: E402
+from rlfuse import (LogitTransform, _backend, PolicyLossConfig, PreferenceLossConfig,  # noqa: E402
                     gae, group_advantages, policy, policy_loss, preference, preference_loss)
 from rlfuse.logprobs import linear_logprobs_reference  # noqa: E402
 
@@ -45,6 +47,7 @@ IMPLS = ["reference"] + CHUNKED_IMPLS
 DTYPES = [torch.float32, torch.bfloat16]
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2}
 ROWS = ["normal", "peaked", "flat", "offset"]
+SLABS = [None, 1, 7, 64, 1000]  # the driver's pass order: None rows, else rows per slab
 
 # (op, quantity) -> (share of the allowed error, error, allowed, case): the worst seen.
 WORST: dict = {}
@@ -63,6 +66,16 @@ def _one_thread():
     torch.set_num_threads(1)  # tiny shapes: threads only add spin-up cost
     yield
     torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _pass_order(slab):
+    before = _backend.vocab_slab_mode()
+    _backend.set_vocab_slab("off" if slab is None else slab)
+    try:
+        yield
+    finally:
+        _backend.set_vocab_slab(before)
 
 
 def _allowed(naive, want, atol, rounding, scale=0.0):
@@ -173,9 +186,9 @@ def _grads(out, leaves, coefs):
        dtype=st.sampled_from(DTYPES), tf=_transforms(), rows=st.sampled_from(ROWS),
        bias=st.booleans(), ignore_index=st.sampled_from([-100, -1, 0]),
        ignore_frac=st.sampled_from([0.0, 0.3, 1.0]), chunk=st.none() | st.integers(1, 48),
-       impl=st.sampled_from(IMPLS), seed=st.integers(0, 2**31 - 1))
+       impl=st.sampled_from(IMPLS), slab=st.sampled_from(SLABS), seed=st.integers(0, 2**31 - 1))
 def test_linear_logprobs(n, h, v, dtype, tf, rows, bias, ignore_index, ignore_frac, chunk, impl,
-                         seed):
+                         slab, seed):
     gen = torch.Generator().manual_seed(seed)
     x, w, b, peak = _head(gen, (n,), h, v, dtype, rows, bias)
     t = torch.where(torch.rand(n, generator=gen) < 0.5, peak,
@@ -198,10 +211,11 @@ def test_linear_logprobs(n, h, v, dtype, tf, rows, bias, ignore_index, ignore_fr
     truth = run(lambda x_, w_, b_: linear_logprobs_reference(x_, w_, t, b_, transform,
                                                              ignore_index), lambda a: a.double())
     budget = run(naive, lambda a: a)
-    got = run(lambda x_, w_, b_: rlfuse.linear_logprobs(
-        x_, w_, t, bias=b_, return_entropy=True, chunk_size=chunk, impl=impl,
-        ignore_index=ignore_index, **tf), lambda a: a)
-    case = dict(n=n, v=v, dtype=str(dtype)[6:], rows=rows, impl=impl, seed=seed, **tf)
+    with _pass_order(slab):
+        got = run(lambda x_, w_, b_: rlfuse.linear_logprobs(
+            x_, w_, t, bias=b_, return_entropy=True, chunk_size=chunk, impl=impl,
+            ignore_index=ignore_index, **tf), lambda a: a)
+    case = dict(n=n, v=v, dtype=str(dtype)[6:], rows=rows, impl=impl, slab=slab, seed=seed, **tf)
     valid = t != ignore_index
     rounding, scale = _head_allowances(*_f64(x, w, b), t, transform, ignore_index,
                                        coefs[0] * valid, coefs[1] * valid)
@@ -248,8 +262,8 @@ def _far_from_kinks(cfg, lp, old, valid, ent):
 @given(b=st.integers(1, 4), t=st.integers(1, 8), v=st.sampled_from([31, 123, 507]),
        dtype=st.sampled_from(DTYPES), rows=st.sampled_from(ROWS), adv_2d=st.booleans(),
        bias=st.booleans(), data=st.data(), impl=st.sampled_from(IMPLS),
-       seed=st.integers(0, 2**31 - 1))
-def test_policy_loss(b, t, v, dtype, rows, adv_2d, bias, data, impl, seed):
+       slab=st.sampled_from(SLABS), seed=st.integers(0, 2**31 - 1))
+def test_policy_loss(b, t, v, dtype, rows, adv_2d, bias, data, impl, slab, seed):
     cfg = data.draw(_policy_cfg(impl, t))
     gen = torch.Generator().manual_seed(seed)
     h = 16
@@ -280,8 +294,9 @@ def test_policy_loss(b, t, v, dtype, rows, adv_2d, bias, data, impl, seed):
 
     truth = run(ref_cfg, lambda a: a.double())
     budget = run(ref_cfg, lambda a: a)
-    got = run(cfg, lambda a: a)
-    case = dict(b=b, t=t, v=v, dtype=str(dtype)[6:], rows=rows, seed=seed,
+    with _pass_order(slab):
+        got = run(cfg, lambda a: a)
+    case = dict(b=b, t=t, v=v, dtype=str(dtype)[6:], rows=rows, slab=slab, seed=seed,
                 cfg={k: val for k, val in cfg.__dict__.items()
                      if val != PolicyLossConfig.__dataclass_fields__[k].default})
     a, e, rounding, scale = _loss_allowances(x, w, bb, tg, cfg.transform(), cfg.ignore_index,
@@ -317,8 +332,8 @@ def _preference_cfg(draw, impl):
 @given(b=st.integers(1, 3), t=st.integers(1, 8), v=st.sampled_from([31, 123, 507]),
        dtype=st.sampled_from(DTYPES), rows=st.sampled_from(ROWS), bias=st.booleans(),
        with_ref=st.booleans(), data=st.data(), impl=st.sampled_from(IMPLS),
-       seed=st.integers(0, 2**31 - 1))
-def test_preference_loss(b, t, v, dtype, rows, bias, with_ref, data, impl, seed):
+       slab=st.sampled_from(SLABS), seed=st.integers(0, 2**31 - 1))
+def test_preference_loss(b, t, v, dtype, rows, bias, with_ref, data, impl, slab, seed):
     cfg = data.draw(_preference_cfg(impl))
     gen = torch.Generator().manual_seed(seed)
     x, w, bb, peak = _head(gen, (2 * b, t), 16, v, dtype, rows, bias)
@@ -352,8 +367,9 @@ def test_preference_loss(b, t, v, dtype, rows, bias, with_ref, data, impl, seed)
         seq = truth[1] - (0 if ref is None else ref.double())
         assume(bool(((cfg.beta * (seq[:b] - seq[b:]) - 1).abs() > 1e-3).all()))
     budget = run(ref_cfg, lambda a: a)
-    got = run(cfg, lambda a: a)
-    case = dict(b=b, t=t, v=v, dtype=str(dtype)[6:], rows=rows, seed=seed,
+    with _pass_order(slab):
+        got = run(cfg, lambda a: a)
+    case = dict(b=b, t=t, v=v, dtype=str(dtype)[6:], rows=rows, slab=slab, seed=seed,
                 cfg={k: val for k, val in cfg.__dict__.items()
                      if val != PreferenceLossConfig.__dataclass_fields__[k].default})
     a, _, rounding, scale = _loss_allowances(x, w, bb, tg, cfg.transform(), cfg.ignore_index,

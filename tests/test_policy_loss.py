@@ -15,7 +15,7 @@ from rlfuse import PolicyLossConfig, policy_loss
 from rlfuse import policy
 from rlfuse.logprobs import linear_logprobs_reference
 
-from conftest import CHUNKED_IMPLS
+from conftest import CHUNKED_IMPLS, IMPL_ORDERS
 
 IMPLS = ["reference"] + CHUNKED_IMPLS
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "ppo"]
@@ -88,11 +88,11 @@ def _assert_matches(inp, cfg, dtype, atol, **kw):
     return out
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,pass_order", IMPL_ORDERS, indirect=["pass_order"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_matches_fp64_reference(loss_type, level, dtype, impl):
+def test_matches_fp64_reference(loss_type, level, dtype, impl, pass_order):
     inp = _inputs(dtype)
     cfg = PolicyLossConfig(loss_type=loss_type, importance_level=level, eps_high=0.28, beta=0.04,
                            entropy_coef=0.01, temperature=0.9, max_completion_length=9,
@@ -114,10 +114,10 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,pass_order", IMPL_ORDERS, indirect=["pass_order"])
 @pytest.mark.parametrize("adv_2d", [False, True])
 @pytest.mark.parametrize("opt", list(OPTIONS))
-def test_options_match_fp64_reference(opt, adv_2d, impl):
+def test_options_match_fp64_reference(opt, adv_2d, impl, pass_order):
     inp = _inputs(torch.float32, adv_2d=adv_2d, bias=opt != "k1", v=31)
     cfg = PolicyLossConfig(loss_type="dapo" if adv_2d else "grpo", chunk_size=6, impl=impl,
                            **OPTIONS[opt])
@@ -379,7 +379,8 @@ def test_frozen_head_gets_no_gradient(impl, monkeypatch):
     ({"importance_level": "sequence", "chunk_size": T - 2}, False),
     ({"top_entropy_quantile": 0.5}, False),  # a whole-batch threshold
 ])
-def test_fused_when_groups_fit_a_chunk(case, fused, monkeypatch):
+@pytest.mark.parametrize("pass_order", ["rows", 7], indirect=True)  # slabs: always two phases
+def test_fused_when_groups_fit_a_chunk(case, fused, pass_order, monkeypatch):
     calls = {"fused": 0, "stats": 0, "backward": 0}
     for name, key in (("_whole_groups", "fused"), ("forward_stats", "stats"),
                       ("backward", "backward")):
@@ -393,6 +394,7 @@ def test_fused_when_groups_fit_a_chunk(case, fused, monkeypatch):
     inp = _inputs(torch.float32, v=31)
     cfg = PolicyLossConfig(impl="cpp", **{"chunk_size": 8, **case})
     got, _ = _run(inp, cfg)
+    fused = fused and pass_order == "rows"
     assert calls == ({"fused": 1, "stats": 0, "backward": 0} if fused else
                      {"fused": 0, "stats": 1, "backward": 1})
     want, _ = _run(inp, PolicyLossConfig(**{**cfg.__dict__, "impl": "reference"}))

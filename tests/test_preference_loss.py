@@ -9,7 +9,7 @@ import rlfuse
 from rlfuse import PreferenceLossConfig, preference_loss
 from rlfuse.preference import LOSS_TYPES, METRIC_KEYS, _pair_loss
 
-from conftest import CHUNKED_IMPLS
+from conftest import CHUNKED_IMPLS, IMPL_ORDERS
 
 IMPLS = ["reference"] + CHUNKED_IMPLS
 POLICY_ONLY = ("simpo", "orpo")
@@ -73,13 +73,14 @@ def _assert_close(got, naive, truth, atol):
         assert err <= 2 * budget + atol * max(1.0, scale), (i, err, budget, scale)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,pass_order", IMPL_ORDERS, indirect=["pass_order"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-# chunk 5 < 2T: two-phase path; 30 and None hold whole pairs (one chunk pass).
+# chunk 5 < 2T: two-phase path; 30 and None hold whole pairs (one chunk pass; two phases in the
+# slab order).
 @pytest.mark.parametrize("b,t,h,v,chunk", [(3, 7, 24, 31, 5), (3, 7, 24, 31, 30),
                                          (2, 7, 24, 123, None)])
-def test_matches_fp64_reference(impl, dtype, loss_type, b, t, h, v, chunk):
+def test_matches_fp64_reference(impl, pass_order, dtype, loss_type, b, t, h, v, chunk):
     x, w, bb, tg, mask = _inputs(b, t, h, v, dtype)
     ref = None if loss_type in POLICY_ONLY else _ref_logp(x, w, bb, tg, mask)
     cfg = _cfg(loss_type, sft_coef=0.3, chunk_size=chunk, impl=impl)

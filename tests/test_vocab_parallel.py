@@ -3,7 +3,9 @@
 Each case runs the op twice on every rank from the same seeded inputs: once single-process on
 the full weight, once with this rank's shard of the weight (and bias) and `vocab_group`; every
 output, metric and the hidden gradient must equal the single-process ones on every rank, and
-the shard's weight / bias gradients the matching rows of the full ones. The two processes are
+the shard's weight / bias gradients the matching rows of the full ones. A case with `slab` runs
+the sharded op in the vocabulary-slab order (slabs of that many of the shard's rows; the
+single-process run keeps the row order). The two processes are
 spawned once for the module: they run every case and report each case's failure (a
 traceback) or None; each test below asserts one case's report.
 """
@@ -36,10 +38,10 @@ SOFT = dict(final_logit_softcapping=3.0, temperature=0.7)
 
 
 def _case(name, op, impl="cpp", dtype="float32", V=123, bias=False, tf=None, chunk=5,
-          ignore_index=-100, loss=None, dtensor=False, grad=True):
+          ignore_index=-100, loss=None, dtensor=False, grad=True, slab=None):
     return dict(name=name, op=op, impl=impl, dtype=dtype, V=V, bias=bias, tf=tf or {},
                 chunk=chunk, ignore_index=ignore_index, loss=loss or {}, dtensor=dtensor,
-                grad=grad)
+                grad=grad, slab=slab)
 
 
 CASES = [
@@ -82,6 +84,13 @@ CASES = [
           loss=dict(loss_type="hinge")),
     _case("preference-reference-bf16-sigmoid", "preference", impl="reference",
           dtype="bfloat16", bias=True, loss=dict(loss_type="sigmoid")),
+    # the vocabulary-slab order within each rank's shard (61 / 62 rows: a short last slab)
+    _case("logprobs-cpp-fp32-slabs-softcap-ignore7", "logprobs", tf=SOFT, ignore_index=7,
+          bias=True, slab=20),
+    _case("policy-cpp-bf16-dapo-slabs", "policy", dtype="bfloat16", bias=True, slab=16,
+          loss=dict(loss_type="dapo", beta=0.04)),
+    _case("preference-cpp-fp32-sigmoid-slabs", "preference", chunk=20, slab=25,
+          loss=dict(loss_type="sigmoid")),
 ]
 if HAS_TRITON:  # under TRITON_INTERPRET=1 in the workers; small and few (the interpreter is slow)
     CASES += [
@@ -182,6 +191,7 @@ def _close(name, got, want):
 def _check_case(c, rank, group):
     x = _inputs(c)
     w, b = x["weight"], x["bias"]
+    rlfuse.set_vocab_slab("off")
     full = _run(c, x, w.clone(), None if b is None else b.clone(), None)
     if c["dtensor"]:
         from torch.distributed.device_mesh import init_device_mesh
@@ -195,7 +205,11 @@ def _check_case(c, rank, group):
         sharded = _run(c, x, ws, bs, None)
     else:
         s, e = vocab_shard_range(c["V"], rank, WORLD)
-        sharded = _run(c, x, w[s:e].clone(), None if b is None else b[s:e].clone(), group)
+        rlfuse.set_vocab_slab(c.get("slab") or "off")
+        try:
+            sharded = _run(c, x, w[s:e].clone(), None if b is None else b[s:e].clone(), group)
+        finally:
+            rlfuse.set_vocab_slab("auto")
     assert sharded.keys() == full.keys()
     for k, want in full.items():
         if want is None:
