@@ -1,8 +1,15 @@
 """The embedded demo: SFT -> GRPO -> DPO -> evaluation on multi-digit addition, on a CPU.
 
 No downloads: a character tokenizer and a tiny Qwen2-style model are built in code. Task:
-"a+b=" -> "c" with `digits`-digit operands; a held-out prompt set never seen in training.
-  1. SFT     a deliberately short run on demonstrations, so RL has headroom
+"a+b=" -> the digits of a+b, last digit first ("57+64=" -> "121", "15+5=" -> "02"), with
+`digits`-digit operands; a held-out prompt set never seen in training. Last digit first, each
+digit depends only on two operand digits and the carry, so the tiny model learns the sum in a
+few hundred steps (Lee et al. 2023, "Teaching arithmetic to small transformers").
+  1. SFT     on a noisy demonstrator: each training prompt has `sft_demos` demonstrations, each
+             wrong in one digit with probability `sft_noise`. Trained to its plateau, the model
+             knows the sum (greedy decoding is right) but imitates the demonstrator's errors:
+             sampled at temperature 1 it is right about 1 - sft_noise of the time, for every
+             seed. That gap is the RL stages' headroom: the verifier sees what imitation cannot.
   2. GRPO    G samples per prompt, exact-answer verifier (+ format check), group advantages
   3. DPO     pairs from the GRPO model's own samples: a correct vs an incorrect completion of
              the same training prompt, reference = the GRPO model
@@ -36,6 +43,7 @@ from .dpo import DPOTrainer
 from .evaluate import EvalConfig, RegressionSet, accuracy, at_n, compare
 from .grpo import GRPOTrainer
 from .model import char_tokenizer, quiet_transformers, tiny_model
+from .rewards import exact_text
 from .rollout import generate
 from .sft import SFTTrainer
 
@@ -50,13 +58,15 @@ class DemoConfig:
     n_heldout: int = 1024
     hidden_size: int = 96
     num_layers: int = 3
-    sft_steps: int = 500
-    sft_batch: int = 256
+    sft_noise: float = 0.5           # P(a demonstration has one wrong digit)
+    sft_demos: int = 4               # demonstrations per training prompt, each drawn apart
+    sft_steps: int = 600             # to the plateau: greedy accuracy ~0.95+ on every seed
+    sft_batch: int = 128
     sft_lr: float = 3e-3
-    grpo_steps: int = 60
+    grpo_steps: int = 30
     grpo_prompts: int = 64
     grpo_group: int = 8
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 5e-4
     dpo_pairs: int = 1024
     dpo_samples: int = 8             # samples per prompt when mining pairs
     dpo_steps: int = 120
@@ -91,6 +101,8 @@ class DemoConfig:
     progress: bool = True
 
 
+# the answers are digit strings read last digit first: "021" (120) must not pass as "21"
+VERIFIER = RewardSpec("exact_text", 1.0)
 QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_steps=6, sft_batch=16,
              grpo_steps=2, grpo_prompts=4, grpo_group=4, dpo_pairs=16, dpo_samples=4,
              dpo_steps=2, dpo_batch=8, eval_seeds=2, dpo_gold_chosen=True,
@@ -99,7 +111,8 @@ QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_steps=6, sft_batch=
 
 # ----------------------------------------------------------------------------- task
 def addition_task(digits: int, n_heldout: int, seed: int):
-    """(train, heldout) lists of {"prompt", "answer"}: all a+b pairs, split at random."""
+    """(train, heldout) lists of {"prompt", "answer"}: all a+b pairs, split at random; the
+    answer is the sum's digits, last first."""
     lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits
     rng = random.Random(seed)
     if (hi - lo) ** 2 <= 200_000:
@@ -111,8 +124,23 @@ def addition_task(digits: int, n_heldout: int, seed: int):
             seen.add((rng.randrange(lo, hi), rng.randrange(lo, hi)))
         pairs = sorted(seen)
         rng.shuffle(pairs)
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in pairs]
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)[::-1]} for a, b in pairs]
     return rows[n_heldout:], rows[:n_heldout]
+
+
+def noisy_demonstrations(train: list[dict], noise: float, demos: int, seed: int) -> list[dict]:
+    """`demos` (prompt, completion) records per training prompt from a demonstrator that gets the
+    carry out of the top digit wrong with probability `noise`: it drops the sum's leading 1
+    ("121" -> "12") or, when there is none, writes one ("52" -> "521"). The other digits are
+    always right, so SFT learns them as fast as from clean data."""
+    rng = random.Random(seed + 1)
+    out = []
+    for r in train:
+        a = r["answer"]
+        wrong = a[:-1] if len(a) > len(r["prompt"].split("+")[0]) else a + "1"
+        out += [{"prompt": r["prompt"], "completion": wrong if rng.random() < noise else a}
+                for _ in range(demos)]
+    return out
 
 
 def mine_pairs(model, tok, prompts: list[dict], n_pairs: int, samples: int,
@@ -159,14 +187,14 @@ def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: in
         rm = RewardModelConfig(pairs=os.path.join(out, "rm_pairs.jsonl"), steps=d.rm_steps,
                                batch_size=64)
     roll = RolloutConfig(prompts_per_step=d.ppo_prompts, samples_per_prompt=d.ppo_samples,
-                         max_new_tokens=budget, rewards=(RewardSpec("exact_answer", 1.0),))
+                         max_new_tokens=budget, rewards=(VERIFIER,))
     ppo = PPOConfig(data=os.path.join(out, "prompts.jsonl"), rollout=roll, epochs=2,
                     mini_batches=2, kl_coef=0.05, reward=d.ppo_reward, reward_model=rm)
     guard = GuardConfig()
     if d.ppo_reward == "model" and d.ppo_guard_every:
         write_jsonl(os.path.join(out, "guard_prompts.jsonl"), train[-128:])
         guard = GuardConfig(every=d.ppo_guard_every, data=os.path.join(out, "guard_prompts.jsonl"),
-                            max_prompts=128, seeds=(0, 1), stop_at_peak=True)
+                            max_prompts=128, seeds=(0, 1), gold=(VERIFIER,), stop_at_peak=True)
     PPOTrainer(stage_config(d, out, "ppo", d.ppo_steps, d.ppo_lr, ppo=ppo, guard=guard), model,
                tok).fit()
 
@@ -201,7 +229,7 @@ def _run(d: DemoConfig) -> dict:
     os.makedirs(out, exist_ok=True)
     train, heldout = addition_task(d.digits, d.n_heldout, d.seed)
     write_jsonl(os.path.join(out, "sft.jsonl"),
-                [{"prompt": r["prompt"], "completion": r["answer"]} for r in train])
+                noisy_demonstrations(train, d.sft_noise, d.sft_demos, d.seed))
     write_jsonl(os.path.join(out, "prompts.jsonl"), train)
     tok = char_tokenizer()
     budget = d.digits + 3
@@ -213,12 +241,13 @@ def _run(d: DemoConfig) -> dict:
            if d.regression_set else None)
 
     def evaluate(stage, model):
-        results[stage] = accuracy(model, tok, hp, ha, ev)
+        results[stage] = accuracy(model, tok, hp, ha, ev, verifier=exact_text)
         r = results[stage]
         print(f"[{stage}] held-out accuracy {r['mean']:.3f} +- {r['std']:.3f} "
               f"(seeds: {', '.join(f'{x:.3f}' for x in r['per_seed'])})", flush=True)
         if d.at_n:
-            r.update(at_n(model, tok, hp, ha, d.at_n, dataclasses.replace(ev, seeds=ev.seeds[:1])))
+            r.update(at_n(model, tok, hp, ha, d.at_n, dataclasses.replace(ev, seeds=ev.seeds[:1]),
+                          verifier=exact_text))
             print(f"[{stage}] best@1 {r['best@1']:.3f}, best@{d.at_n} {r[f'best@{d.at_n}']:.3f}, "
                   f"maj@{d.at_n} {r[f'maj@{d.at_n}']:.3f}", flush=True)
         if reg is not None:
@@ -255,7 +284,7 @@ def _run(d: DemoConfig) -> dict:
     t = time.time()
     roll = RolloutConfig(prompts_per_step=d.grpo_prompts, samples_per_prompt=d.grpo_group,
                          temperature=1.0, max_new_tokens=budget,
-                         rewards=(RewardSpec("exact_answer", 1.0),
+                         rewards=(VERIFIER,
                                   RewardSpec("regex_format", 0.1, {"pattern": r"\d+"})))
     grpo = GRPOConfig(data=os.path.join(out, "prompts.jsonl"), rollout=roll, passes=2,
                       reference=True,
