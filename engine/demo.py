@@ -5,12 +5,13 @@ No downloads: a character tokenizer and a tiny Qwen2-style model are built in co
 `digits`-digit operands; a held-out prompt set never seen in training. Last digit first, each
 digit depends only on two operand digits and the carry, so the tiny model learns the sum in a
 few hundred steps (Lee et al. 2023, "Teaching arithmetic to small transformers").
-  1. SFT     on a noisy demonstrator: each training prompt has `sft_demos` demonstrations, each
-             wrong in one digit with probability `sft_noise`. Trained to its plateau, the model
-             knows the sum (greedy decoding is right) but imitates the demonstrator's errors:
-             sampled at temperature 1 it is right about 1 - sft_noise of the time, for every
-             seed. That gap is the RL stages' headroom: the verifier sees what imitation cannot.
-  2. GRPO    G samples per prompt, exact-answer verifier (+ format check), group advantages
+  1. SFT     on a noisy demonstrator: `sft_demos` demonstrations per training prompt, each with
+             the carry out of the top digit wrong with probability `sft_noise` (the leading 1
+             dropped or added). Trained to its plateau, the model writes the other digits right
+             and imitates the demonstrator's carry-out: sampled at temperature 1 it is right
+             about 1 - sft_noise of the time, whatever the seed. Imitation cannot do better
+             than its demonstrator; the verifier in the RL stages can.
+  2. GRPO    G samples per prompt, exact-text verifier (+ format check), group advantages
   3. DPO     pairs from the GRPO model's own samples: a correct vs an incorrect completion of
              the same training prompt, reference = the GRPO model
   4. eval    after every stage: fixed sampling (temperature, top_p, budget) over the held-out
@@ -36,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from .config import (GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec, RolloutConfig,
+from .config import (_check, GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec, RolloutConfig,
                      SFTConfig, TrainConfig, parse)
 from .data import write_jsonl
 from .dpo import DPOTrainer
@@ -58,9 +59,9 @@ class DemoConfig:
     n_heldout: int = 1024
     hidden_size: int = 96
     num_layers: int = 3
-    sft_noise: float = 0.5           # P(a demonstration has one wrong digit)
+    sft_noise: float = 0.5           # P(a demonstration's carry-out digit is wrong)
     sft_demos: int = 4               # demonstrations per training prompt, each drawn apart
-    sft_steps: int = 600             # to the plateau: greedy accuracy ~0.95+ on every seed
+    sft_steps: int = 1000            # long enough to reach the plateau on every seed
     sft_batch: int = 128
     sft_lr: float = 3e-3
     grpo_steps: int = 30
@@ -82,10 +83,10 @@ class DemoConfig:
     # PPO: the critic barely predicts success on this task (explained variance ~0.05; a linear
     # probe on the SFT model's hidden states reaches ~0.03), so its baseline is about the batch
     # mean: large batches and a low lr keep Adam from random-walking on the gradient noise
-    ppo_steps: int = 60
+    ppo_steps: int = 40
     ppo_prompts: int = 256
     ppo_samples: int = 2             # completions per prompt
-    ppo_lr: float = 5e-5
+    ppo_lr: float = 2e-4
     ppo_reward: str = "verifier"     # verifier | model (an RM trained on pairs mined from SFT)
     ppo_guard_every: int = 5         # ppo_reward=model: over-optimization checks every N steps,
                                      # stopping at the best held-out accuracy; 0: off
@@ -100,11 +101,15 @@ class DemoConfig:
                                      # after every stage, diffed with the stage before
     progress: bool = True
 
+    def __post_init__(self):
+        _check("sft_noise", 0.0 <= self.sft_noise <= 1.0, "must be in [0, 1]")
+        _check("sft_demos", self.sft_demos >= 1, "must be >= 1")
+
 
 # the answers are digit strings read last digit first: "021" (120) must not pass as "21"
 VERIFIER = RewardSpec("exact_text", 1.0)
-QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_steps=6, sft_batch=16,
-             grpo_steps=2, grpo_prompts=4, grpo_group=4, dpo_pairs=16, dpo_samples=4,
+QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_demos=1, sft_steps=6,
+             sft_batch=16, grpo_steps=2, grpo_prompts=4, grpo_group=4, dpo_pairs=16, dpo_samples=4,
              dpo_steps=2, dpo_batch=8, eval_seeds=2, dpo_gold_chosen=True,
              ppo_steps=2, ppo_prompts=4, rm_pairs=16, rm_steps=2, ppo_guard_every=1)
 
