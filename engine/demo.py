@@ -80,9 +80,9 @@ class DemoConfig:
     eval_temperature: float = 1.0
     dpo_gold_chosen: bool = False    # no correct sample: the reference answer is chosen
     stages: str = "grpo,dpo"         # RL stages after SFT, run in this order: ppo, grpo, dpo
-    # PPO: the critic barely predicts success on this task (explained variance ~0.05; a linear
-    # probe on the SFT model's hidden states reaches ~0.03), so its baseline is about the batch
-    # mean: large batches and a low lr keep Adam from random-walking on the gradient noise
+    # PPO: on the demo's earlier task (sums written first digit first) the critic barely
+    # predicted success (explained variance ~0.05), so its baseline was about the batch mean:
+    # large batches keep Adam from random-walking on the gradient noise
     ppo_steps: int = 40
     ppo_prompts: int = 256
     ppo_samples: int = 2             # completions per prompt
@@ -90,8 +90,8 @@ class DemoConfig:
     ppo_reward: str = "verifier"     # verifier | model (an RM trained on pairs mined from SFT)
     ppo_guard_every: int = 5         # ppo_reward=model: over-optimization checks every N steps,
                                      # stopping at the best held-out accuracy; 0: off
-    # the reward model: 1024 pairs x 150 steps left it at chance (0.52 pair accuracy); pairs
-    # from every training prompt and 2000 steps reach ~0.8 (train) / ~0.72 (held-out prompts)
+    # the reward model, on the earlier task: 1024 pairs x 150 steps left it at chance (0.52 pair
+    # accuracy); pairs from every training prompt and 2000 steps reached ~0.8 / ~0.72 (held out)
     rm_pairs: int = 8192
     rm_steps: int = 2000
     threads: int = 1                 # torch CPU threads (1 is fastest for this size under load)
