@@ -1,17 +1,9 @@
 """The embedded demo: SFT -> GRPO -> DPO -> evaluation on multi-digit addition, on a CPU.
 
 No downloads: a character tokenizer and a tiny Qwen2-style model are built in code. Task:
-"a+b=" -> the digits of a+b, last digit first ("57+64=" -> "121", "15+5=" -> "02"), with
-`digits`-digit operands; a held-out prompt set never seen in training. Last digit first, each
-digit depends only on two operand digits and the carry, so the tiny model learns the sum in a
-few hundred steps (Lee et al. 2023, "Teaching arithmetic to small transformers").
-  1. SFT     on a noisy demonstrator: `sft_demos` demonstrations per training prompt, each with
-             the carry out of the top digit wrong with probability `sft_noise` (the leading 1
-             dropped or added). Trained to its plateau, the model writes the other digits right
-             and imitates the demonstrator's carry-out: sampled at temperature 1 it is right
-             about 1 - sft_noise of the time, whatever the seed. Imitation cannot do better
-             than its demonstrator; the verifier in the RL stages can.
-  2. GRPO    G samples per prompt, exact-text verifier (+ format check), group advantages
+"a+b=" -> "c" with `digits`-digit operands; a held-out prompt set never seen in training.
+  1. SFT     a deliberately short run on demonstrations, so RL has headroom
+  2. GRPO    G samples per prompt, exact-answer verifier (+ format check), group advantages
   3. DPO     pairs from the GRPO model's own samples: a correct vs an incorrect completion of
              the same training prompt, reference = the GRPO model
   4. eval    after every stage: fixed sampling (temperature, top_p, budget) over the held-out
@@ -37,14 +29,13 @@ from typing import Optional
 
 import torch
 
-from .config import (_check, GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec, RolloutConfig,
+from .config import (GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec, RolloutConfig,
                      SFTConfig, TrainConfig, parse)
 from .data import write_jsonl
 from .dpo import DPOTrainer
 from .evaluate import EvalConfig, RegressionSet, accuracy, at_n, compare
 from .grpo import GRPOTrainer
 from .model import char_tokenizer, quiet_transformers, tiny_model
-from .rewards import exact_text
 from .rollout import generate
 from .sft import SFTTrainer
 
@@ -59,15 +50,13 @@ class DemoConfig:
     n_heldout: int = 1024
     hidden_size: int = 96
     num_layers: int = 3
-    sft_noise: float = 0.5           # P(a demonstration's carry-out digit is wrong)
-    sft_demos: int = 4               # demonstrations per training prompt, each drawn apart
-    sft_steps: int = 1000            # long enough to reach the plateau on every seed
-    sft_batch: int = 128
+    sft_steps: int = 500
+    sft_batch: int = 256
     sft_lr: float = 3e-3
-    grpo_steps: int = 30
+    grpo_steps: int = 60
     grpo_prompts: int = 64
     grpo_group: int = 8
-    grpo_lr: float = 5e-4
+    grpo_lr: float = 1e-4
     dpo_pairs: int = 1024
     dpo_samples: int = 8             # samples per prompt when mining pairs
     dpo_steps: int = 120
@@ -80,18 +69,18 @@ class DemoConfig:
     eval_temperature: float = 1.0
     dpo_gold_chosen: bool = False    # no correct sample: the reference answer is chosen
     stages: str = "grpo,dpo"         # RL stages after SFT, run in this order: ppo, grpo, dpo
-    # PPO: on the demo's earlier task (sums written first digit first) the critic barely
-    # predicted success (explained variance ~0.05), so its baseline was about the batch mean:
-    # large batches keep Adam from random-walking on the gradient noise
-    ppo_steps: int = 40
+    # PPO: the critic barely predicts success on this task (explained variance ~0.05; a linear
+    # probe on the SFT model's hidden states reaches ~0.03), so its baseline is about the batch
+    # mean: large batches and a low lr keep Adam from random-walking on the gradient noise
+    ppo_steps: int = 60
     ppo_prompts: int = 256
     ppo_samples: int = 2             # completions per prompt
-    ppo_lr: float = 2e-4
+    ppo_lr: float = 5e-5
     ppo_reward: str = "verifier"     # verifier | model (an RM trained on pairs mined from SFT)
     ppo_guard_every: int = 5         # ppo_reward=model: over-optimization checks every N steps,
                                      # stopping at the best held-out accuracy; 0: off
-    # the reward model, on the earlier task: 1024 pairs x 150 steps left it at chance (0.52 pair
-    # accuracy); pairs from every training prompt and 2000 steps reached ~0.8 / ~0.72 (held out)
+    # the reward model: 1024 pairs x 150 steps left it at chance (0.52 pair accuracy); pairs
+    # from every training prompt and 2000 steps reach ~0.8 (train) / ~0.72 (held-out prompts)
     rm_pairs: int = 8192
     rm_steps: int = 2000
     threads: int = 1                 # torch CPU threads (1 is fastest for this size under load)
@@ -101,23 +90,16 @@ class DemoConfig:
                                      # after every stage, diffed with the stage before
     progress: bool = True
 
-    def __post_init__(self):
-        _check("sft_noise", 0.0 <= self.sft_noise <= 1.0, "must be in [0, 1]")
-        _check("sft_demos", self.sft_demos >= 1, "must be >= 1")
 
-
-# the answers are digit strings read last digit first: "021" (120) must not pass as "21"
-VERIFIER = RewardSpec("exact_text", 1.0)
-QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_demos=1, sft_steps=6,
-             sft_batch=16, grpo_steps=2, grpo_prompts=4, grpo_group=4, dpo_pairs=16, dpo_samples=4,
+QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_steps=6, sft_batch=16,
+             grpo_steps=2, grpo_prompts=4, grpo_group=4, dpo_pairs=16, dpo_samples=4,
              dpo_steps=2, dpo_batch=8, eval_seeds=2, dpo_gold_chosen=True,
              ppo_steps=2, ppo_prompts=4, rm_pairs=16, rm_steps=2, ppo_guard_every=1)
 
 
 # ----------------------------------------------------------------------------- task
 def addition_task(digits: int, n_heldout: int, seed: int):
-    """(train, heldout) lists of {"prompt", "answer"}: all a+b pairs, split at random; the
-    answer is the sum's digits, last first."""
+    """(train, heldout) lists of {"prompt", "answer"}: all a+b pairs, split at random."""
     lo, hi = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits
     rng = random.Random(seed)
     if (hi - lo) ** 2 <= 200_000:
@@ -129,23 +111,8 @@ def addition_task(digits: int, n_heldout: int, seed: int):
             seen.add((rng.randrange(lo, hi), rng.randrange(lo, hi)))
         pairs = sorted(seen)
         rng.shuffle(pairs)
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)[::-1]} for a, b in pairs]
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in pairs]
     return rows[n_heldout:], rows[:n_heldout]
-
-
-def noisy_demonstrations(train: list[dict], noise: float, demos: int, seed: int) -> list[dict]:
-    """`demos` (prompt, completion) records per training prompt from a demonstrator that gets the
-    carry out of the top digit wrong with probability `noise`: it drops the sum's leading 1
-    ("121" -> "12") or, when there is none, writes one ("52" -> "521"). The other digits are
-    always right, so SFT learns them as fast as from clean data."""
-    rng = random.Random(seed + 1)
-    out = []
-    for r in train:
-        a = r["answer"]
-        wrong = a[:-1] if len(a) > len(r["prompt"].split("+")[0]) else a + "1"
-        out += [{"prompt": r["prompt"], "completion": wrong if rng.random() < noise else a}
-                for _ in range(demos)]
-    return out
 
 
 def mine_pairs(model, tok, prompts: list[dict], n_pairs: int, samples: int,
@@ -192,14 +159,14 @@ def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: in
         rm = RewardModelConfig(pairs=os.path.join(out, "rm_pairs.jsonl"), steps=d.rm_steps,
                                batch_size=64)
     roll = RolloutConfig(prompts_per_step=d.ppo_prompts, samples_per_prompt=d.ppo_samples,
-                         max_new_tokens=budget, rewards=(VERIFIER,))
+                         max_new_tokens=budget, rewards=(RewardSpec("exact_answer", 1.0),))
     ppo = PPOConfig(data=os.path.join(out, "prompts.jsonl"), rollout=roll, epochs=2,
                     mini_batches=2, kl_coef=0.05, reward=d.ppo_reward, reward_model=rm)
     guard = GuardConfig()
     if d.ppo_reward == "model" and d.ppo_guard_every:
         write_jsonl(os.path.join(out, "guard_prompts.jsonl"), train[-128:])
         guard = GuardConfig(every=d.ppo_guard_every, data=os.path.join(out, "guard_prompts.jsonl"),
-                            max_prompts=128, seeds=(0, 1), gold=(VERIFIER,), stop_at_peak=True)
+                            max_prompts=128, seeds=(0, 1), stop_at_peak=True)
     PPOTrainer(stage_config(d, out, "ppo", d.ppo_steps, d.ppo_lr, ppo=ppo, guard=guard), model,
                tok).fit()
 
@@ -234,7 +201,7 @@ def _run(d: DemoConfig) -> dict:
     os.makedirs(out, exist_ok=True)
     train, heldout = addition_task(d.digits, d.n_heldout, d.seed)
     write_jsonl(os.path.join(out, "sft.jsonl"),
-                noisy_demonstrations(train, d.sft_noise, d.sft_demos, d.seed))
+                [{"prompt": r["prompt"], "completion": r["answer"]} for r in train])
     write_jsonl(os.path.join(out, "prompts.jsonl"), train)
     tok = char_tokenizer()
     budget = d.digits + 3
@@ -246,13 +213,12 @@ def _run(d: DemoConfig) -> dict:
            if d.regression_set else None)
 
     def evaluate(stage, model):
-        results[stage] = accuracy(model, tok, hp, ha, ev, verifier=exact_text)
+        results[stage] = accuracy(model, tok, hp, ha, ev)
         r = results[stage]
         print(f"[{stage}] held-out accuracy {r['mean']:.3f} +- {r['std']:.3f} "
               f"(seeds: {', '.join(f'{x:.3f}' for x in r['per_seed'])})", flush=True)
         if d.at_n:
-            r.update(at_n(model, tok, hp, ha, d.at_n, dataclasses.replace(ev, seeds=ev.seeds[:1]),
-                          verifier=exact_text))
+            r.update(at_n(model, tok, hp, ha, d.at_n, dataclasses.replace(ev, seeds=ev.seeds[:1])))
             print(f"[{stage}] best@1 {r['best@1']:.3f}, best@{d.at_n} {r[f'best@{d.at_n}']:.3f}, "
                   f"maj@{d.at_n} {r[f'maj@{d.at_n}']:.3f}", flush=True)
         if reg is not None:
@@ -289,7 +255,7 @@ def _run(d: DemoConfig) -> dict:
     t = time.time()
     roll = RolloutConfig(prompts_per_step=d.grpo_prompts, samples_per_prompt=d.grpo_group,
                          temperature=1.0, max_new_tokens=budget,
-                         rewards=(VERIFIER,
+                         rewards=(RewardSpec("exact_answer", 1.0),
                                   RewardSpec("regex_format", 0.1, {"pattern": r"\d+"})))
     grpo = GRPOConfig(data=os.path.join(out, "prompts.jsonl"), rollout=roll, passes=2,
                       reference=True,

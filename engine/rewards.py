@@ -2,9 +2,8 @@
 
 A reward function is any callable `fn(prompts, completions, **kw) -> list[float]`, one score
 per completion; `kw` carries the dataset's extra columns (e.g. `answer`, one per completion).
-Built-ins: an exact-answer verifier (numbers compared as numbers), an exact-text one, a regex
-format check, a length penalty, a repeated n-gram penalty and a pairwise judge (rlfuse.judge)
-against a baseline column. `Weighted` sums several of them and reports each one's mean.
+Built-ins: an exact-answer verifier, a regex format check, a length penalty, a repeated
+n-gram penalty and a pairwise judge (rlfuse.judge) against a baseline column. `Weighted` sums several of them and reports each one's mean.
 """
 from __future__ import annotations
 
@@ -52,14 +51,6 @@ def exact_answer(prompts, completions, answer=None, strict: bool = True, **kw) -
     return out
 
 
-def exact_text(prompts, completions, answer=None, **kw) -> list[float]:
-    """1.0 when the completion (stripped) is the `answer` string itself, else 0.0: for answers
-    that are not numbers, such as the demo's sums written last digit first ("021" is not "21")."""
-    if answer is None:
-        raise ValueError("exact_text needs an `answer` column in the data")
-    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
-
-
 def regex_format(prompts, completions, pattern: str = r"-?\d+", penalty: float = -1.0,
                  **kw) -> list[float]:
     """0.0 when the completion (stripped) fully matches `pattern`, else `penalty`."""
@@ -94,7 +85,6 @@ def pairwise_judge(prompts, completions, model: Optional[str] = None,
 
 BUILTINS: dict[str, Callable] = {
     "exact_answer": exact_answer,
-    "exact_text": exact_text,
     "regex_format": regex_format,
     "length_penalty": length_penalty,
     "repeated_ngram_penalty": repeated_ngram_penalty,

@@ -7,8 +7,8 @@ import pytest
 from rlfuse.engine import ALGORITHMS, trainer_for
 from rlfuse.engine.config import ConfigError, TrainConfig, field_help, load_config
 from rlfuse.engine.monitor import Alerts, plot_metrics
-from rlfuse.engine.rewards import (build_rewards, exact_answer, exact_text, extract_answer,
-                                   length_penalty, regex_format, repeated_ngram_penalty)
+from rlfuse.engine.rewards import (build_rewards, exact_answer, extract_answer, length_penalty,
+                                   regex_format, repeated_ngram_penalty)
 from rlfuse.engine.config import RewardSpec
 
 
@@ -146,15 +146,6 @@ def test_exact_answer():
     assert extract_answer("none") is None
     with pytest.raises(ValueError, match="answer"):
         exact_answer(p, ["3"] * 4)
-
-
-def test_exact_text_compares_strings_not_numbers():
-    p = ["20+1=", "50+70=", "1+1="]
-    # the demo's reversed sums: "021" (120) is not "21", which exact_answer would accept
-    assert exact_text(p, [" 12", "21", "2"], answer=["12", "021", "2"]) == [1, 0, 1]
-    assert exact_answer(p[1:2], ["21"], answer=["021"]) == [1]
-    with pytest.raises(ValueError, match="exact_text needs an `answer`"):
-        exact_text(p, ["3"] * 3)
 
 
 def test_format_length_ngram():

@@ -310,27 +310,6 @@ def test_demo_smoke(tmp_path):
     assert os.path.exists(out / "accuracy.png")
 
 
-def test_demo_task_and_noisy_demonstrator():
-    from rlfuse.engine.demo import addition_task, noisy_demonstrations
-
-    train, held = addition_task(2, 100, seed=3)
-    assert len(held) == 100 and len(train) == 90 * 90 - 100
-    assert not {r["prompt"] for r in held} & {r["prompt"] for r in train}
-    for r in train[:50]:
-        a, b = map(int, r["prompt"][:-1].split("+"))
-        assert r["answer"] == str(a + b)[::-1]  # last digit first
-    demos = noisy_demonstrations(train, noise=0.3, demos=4, seed=3)
-    assert len(demos) == 4 * len(train)
-    answer = {r["prompt"]: r["answer"] for r in train}
-    wrong = [d for d in demos if d["completion"] != answer[d["prompt"]]]
-    assert abs(len(wrong) / len(demos) - 0.3) < 0.02
-    for d in wrong:  # only the carry-out is wrong: the leading 1 dropped or added
-        a = answer[d["prompt"]]
-        assert d["completion"] == (a[:-1] if len(a) == 3 else a + "1")
-    assert noisy_demonstrations(train, 0.0, 2, 3) == [
-        {"prompt": r["prompt"], "completion": r["answer"]} for r in train for _ in range(2)]
-
-
 def test_engine_bench_smoke(tmp_path, capsys):
     rc = cli_main(["bench", "engine", f"out={tmp_path}", "hidden_size=32", "num_layers=1",
                    "intermediate_size=48", "vocab_size=100", "steps=1", "warmup=0",
