@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -167,11 +168,25 @@ def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: in
         write_jsonl(os.path.join(out, "guard_prompts.jsonl"), train[-128:])
         guard = GuardConfig(every=d.ppo_guard_every, data=os.path.join(out, "guard_prompts.jsonl"),
                             max_prompts=128, seeds=(0, 1), stop_at_peak=True)
-    PPOTrainer(stage_config(d, out, "ppo", d.ppo_steps, d.ppo_lr, ppo=ppo, guard=guard), model,
-               tok).fit()
+    fit(PPOTrainer(stage_config(d, out, "ppo", d.ppo_steps, d.ppo_lr, ppo=ppo, guard=guard),
+                   model, tok), "ppo")
 
 
 # ----------------------------------------------------------------------------- pipeline
+class Interrupted(Exception):
+    """A stage's trainer stopped on SIGINT / SIGTERM: the demo ends there, later stages unrun."""
+
+    def __init__(self, stage: str, signum: int):
+        super().__init__(stage, signum)
+        self.stage, self.signum = stage, signum
+
+
+def fit(trainer, stage: str) -> None:
+    trainer.fit()
+    if trainer.interrupted:
+        raise Interrupted(stage, trainer.interrupted)
+
+
 def stage_config(d: DemoConfig, out: str, algo: str, steps: int, lr: float, **sections):
     model = ModelConfig(hidden_size=d.hidden_size, num_layers=d.num_layers, num_heads=4,
                         num_kv_heads=2, intermediate_size=2 * d.hidden_size, dtype=d.dtype)
@@ -238,7 +253,7 @@ def _run(d: DemoConfig) -> dict:
     evaluate("base", model)
 
     t = time.time()
-    SFTTrainer(sft_cfg, model, tok).fit()
+    fit(SFTTrainer(sft_cfg, model, tok), "sft")
     timings["sft"] = time.time() - t
     evaluate("sft", model)
     stages, pairs = d.stages.split(","), []
@@ -262,8 +277,8 @@ def _run(d: DemoConfig) -> dict:
                       loss=rlfuse.PolicyLossConfig(loss_type="grpo", beta=d.grpo_beta,
                                                    eps_high=0.28))
     if "grpo" in stages:
-        GRPOTrainer(stage_config(d, out, "grpo", d.grpo_steps, d.grpo_lr, grpo=grpo), model,
-                    tok).fit()
+        fit(GRPOTrainer(stage_config(d, out, "grpo", d.grpo_steps, d.grpo_lr, grpo=grpo), model,
+                        tok), "grpo")
         timings["grpo"] = time.time() - t
         evaluate("grpo", model)
 
@@ -278,8 +293,8 @@ def _run(d: DemoConfig) -> dict:
                         loss=rlfuse.PreferenceLossConfig(loss_type="sigmoid", beta=d.dpo_beta,
                                                      sft_coef=d.dpo_sft_coef))
         if pairs:
-            DPOTrainer(stage_config(d, out, "dpo", d.dpo_steps, d.dpo_lr, dpo=dpo), model,
-                       tok).fit()
+            fit(DPOTrainer(stage_config(d, out, "dpo", d.dpo_steps, d.dpo_lr, dpo=dpo), model,
+                           tok), "dpo")
         timings["dpo"] = time.time() - t
         evaluate("dpo", model)
 
@@ -343,8 +358,15 @@ def main(argv=None) -> int:
     defaults = {**QUICK, "out_dir": "runs/demo-quick"} if quick else {}
     d = parse(DemoConfig, [a for a in argv if a != "--quick"], "rlfuse demo",
               __doc__ + "\n--quick: a smoke-sized run (seconds), into runs/demo-quick", defaults)
-    if d is not None:  # None: --help
+    if d is None:  # --help
+        return 0
+    try:
         run(d)
+    except Interrupted as e:
+        print(f"rlfuse demo: interrupted by {signal.Signals(e.signum).name} in its {e.stage} "
+              f"stage; the later stages did not run. The demo keeps no checkpoints: run it "
+              f"again to start over", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

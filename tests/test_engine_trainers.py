@@ -446,3 +446,18 @@ def test_grpo_and_ppo_share_the_rollout_core(tmp_path, tok):
     assert out.rewards.tolist() == [float(len(t)) for t in out.rollout.texts]
     assert out.batch.input_ids.shape[0] == 6
     assert out.metrics()["completion_length"] == sum(out.rollout.lengths) / 6
+
+
+def test_demo_stops_at_a_sigterm_and_runs_no_later_stage(tmp_path, monkeypatch, capsys):
+    from rlfuse.engine import demo
+
+    real = demo.GRPOTrainer.train_step
+
+    def step(self):  # a real SIGTERM to this process, inside the GRPO stage's first step
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+    monkeypatch.setattr(demo.GRPOTrainer, "train_step", step)
+    out = tmp_path / "demo"
+    assert demo.main(["--quick", f"out_dir={out}", "progress=false"]) == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM in its grpo stage" in capsys.readouterr().err
+    assert not (out / "dpo").exists() and not (out / "results.json").exists()
