@@ -185,7 +185,7 @@ class Trainer:
         """optim.step_in_backward: update p the moment backward has finished its gradient, and
         free the gradient. One backward per optimizer step sets every other .grad to None
         (optimizer_step), so `opt.step()` updates p alone; a non-finite gradient skips p."""
-        sq = p.grad.detach().float().square().sum()
+        sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()  # no grad copy
         self.grad_sq = sq if self.grad_sq is None else self.grad_sq + sq
         if bool(torch.isfinite(sq)):
             self.opt.step()
