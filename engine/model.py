@@ -189,7 +189,7 @@ class LMHead:
     bias: Optional[Tensor] = None
     logit_scale: float = 1.0
     final_logit_softcapping: Optional[float] = None
-    vocab: Optional[vocab_parallel.HeadShard] = None
+    vocab: Optional[vocab_parallel.VocabShard] = None
 
     @property
     def vocab_group(self):

@@ -239,7 +239,7 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         head = [p.grad for p in self.head_params if p.grad is not None]
         norm = distributed.full(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        head_sq = sum(float(g.double().pow(2).sum()) for g in head)
+        head_sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in head)
         norm = math.sqrt(float(norm) ** 2 + float(distributed.all_sum(head_sq)))
         if math.isfinite(norm):
             coef = max_norm / (norm + 1e-6)

@@ -43,28 +43,25 @@ and a resumed rank takes its rows of both again (`slice_weights`, `load_optimize
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 import rlfuse
+from rlfuse._vocab_parallel import VocabShard  # the ops' own record of a shard
 
 from . import distributed
 from .data import IGNORE
 
 
-@dataclass(frozen=True)
-class HeadShard:
-    """This rank's rows [start, end) of a vocabulary of `vocab_size`, over `group`."""
-    group: object  # torch.distributed ProcessGroup
-    start: int
-    end: int
-    vocab_size: int
+def rows(shard: VocabShard) -> slice:
+    """This rank's rows of the full vocabulary (`rlfuse.vocab_shard_range`)."""
+    return slice(*rlfuse.vocab_shard_range(shard.vocab_size, distributed.rank(),
+                                           distributed.world()))
 
 
-def shard_head(model, announce: bool = True) -> HeadShard:
+def shard_head(model, announce: bool = True) -> VocabShard:
     """Replace the LM head's weight (and bias) by this rank's rows of rank 0's, untying a tied
     input embedding first (module docstring, and a message unless not `announce`); returns the
     shard, which `model.head` reads. The trainer shards the policy and the frozen reference."""
@@ -89,7 +86,7 @@ def shard_head(model, announce: bool = True) -> HeadShard:
         dist.broadcast(full, 0)  # every rank slices rank 0's head, as DDP broadcasts the rest
         setattr(out, name, nn.Parameter(full[start:end].to(p.device).clone(),
                                         requires_grad=p.requires_grad))
-    out.rlfuse_vocab = HeadShard(dist.group.WORLD, start, end, vocab)
+    out.rlfuse_vocab = VocabShard(dist.group.WORLD, start, vocab)
     return out.rlfuse_vocab
 
 
@@ -150,7 +147,7 @@ def all_rows(x: Tensor) -> tuple[Tensor, list[int]]:
     return distributed.gather_rows(x)[0], counts
 
 
-def own_logits(logits: Tensor, counts: list[int], shard: HeadShard) -> Tensor:
+def own_logits(logits: Tensor, counts: list[int], shard: VocabShard) -> Tensor:
     """This rank's rows of the full-vocabulary logits [b_r, V] from every rank's shard logits
     [sum(counts), V_s] (all_rows' order): one all-to-all."""
     w, r = distributed.world(), distributed.rank()
@@ -172,30 +169,30 @@ def full_head(model) -> dict[str, Tensor]:
     return {k: distributed.gather_rows(p.detach())[0] for k, p in head_params(model).items()}
 
 
-def slice_weights(weights: dict, model, shard: HeadShard) -> None:
+def slice_weights(weights: dict, model, shard: VocabShard) -> None:
     """A full checkpoint's head tensors in `weights` cut to this rank's rows, in place."""
     for k in head_params(model):
         if k in weights:
-            weights[k] = weights[k][shard.start:shard.end]
+            weights[k] = weights[k][rows(shard)]
 
 
-def optimizer_state(opt, shard: HeadShard) -> dict:
+def optimizer_state(opt, shard: VocabShard) -> dict:
     """The head optimizer's state_dict with every per-row tensor gathered to the full vocabulary
     (and the bf16 optimizer's rounding RNG, one per rank); every rank must call it."""
     state = opt.state_dict()
-    rows = shard.end - shard.start
+    n = rows(shard).stop - shard.start
     state["state"] = {i: {k: distributed.gather_rows(v)[0]
-                          if torch.is_tensor(v) and v.dim() and v.shape[0] == rows else v
+                          if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
                           for k, v in s.items()} for i, s in state["state"].items()}
     if "rounding_rng" in state:
         state["rounding_rng"] = distributed.gather_objects(state["rounding_rng"])
     return state
 
 
-def load_optimizer_state(opt, state: dict, shard: HeadShard) -> None:
+def load_optimizer_state(opt, state: dict, shard: VocabShard) -> None:
     """optimizer_state's output, cut back to this rank's rows, into the head optimizer."""
     state = dict(state)
-    state["state"] = {i: {k: v[shard.start:shard.end]
+    state["state"] = {i: {k: v[rows(shard)]
                           if torch.is_tensor(v) and v.dim() and v.shape[0] == shard.vocab_size
                           else v for k, v in s.items()} for i, s in state["state"].items()}
     if "rounding_rng" in state:
