@@ -99,13 +99,14 @@ def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature
     pos = (att.cumsum(-1) - 1).clamp_min(0)
     ids, out = inp, []
     done = torch.zeros(inp.shape[0], dtype=torch.bool, device=inp.device)
+    counts = None if h.vocab is None else vocab_parallel.row_counts(inp.shape[0])
     for _ in range(max_new_tokens):
         x = decoder(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True,
                     **cache).last_hidden_state[:, -1]
         if h.vocab is None:
             logits = head_logits(x, h)
         else:  # every rank's shard of this rank's rows (vocab_parallel.own_logits)
-            xs, counts = vocab_parallel.all_rows(x)
+            xs = distributed.gather_rows(x)[0]
             logits = vocab_parallel.own_logits(head_logits(xs, h), counts, h.vocab)
         if bool(done.all()):  # only while another rank's rows run: draw nothing
             tok = torch.full_like(done, pad, dtype=torch.long)

@@ -141,15 +141,14 @@ def local_tokens(metrics: dict, mask: Tensor) -> dict:
 
 
 # ----------------------------------------------------------------------------- sampling
-def all_rows(x: Tensor) -> tuple[Tensor, list[int]]:
-    """(every rank's rows of x [b_r, H], concatenated; each rank's b_r)."""
-    counts = [int(n) for n in distributed.gather_rows(torch.tensor([x.shape[0]]))[0]]
-    return distributed.gather_rows(x)[0], counts
+def row_counts(n: int) -> list[int]:
+    """Every rank's row count b_r (a decode loop's rows: gathered once, not per step)."""
+    return [int(k) for k in distributed.gather_rows(torch.tensor([n]))[0]]
 
 
 def own_logits(logits: Tensor, counts: list[int], shard: VocabShard) -> Tensor:
     """This rank's rows of the full-vocabulary logits [b_r, V] from every rank's shard logits
-    [sum(counts), V_s] (all_rows' order): one all-to-all."""
+    [sum(counts), V_s] (rank order, `distributed.gather_rows`): one all-to-all."""
     w, r = distributed.world(), distributed.rank()
     widths = [e - s for s, e in (rlfuse.vocab_shard_range(shard.vocab_size, k, w)
                                  for k in range(w))]
