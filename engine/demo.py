@@ -51,9 +51,14 @@ class DemoConfig:
     n_heldout: int = 1024
     hidden_size: int = 96
     num_layers: int = 3
-    sft_steps: int = 500
+    sft_steps: int = 1500            # at most; SFT stops earlier at sft_target
     sft_batch: int = 256
     sft_lr: float = 3e-3
+    sft_target: float = 0.3          # stop SFT once temperature-1 accuracy on sft_probe training
+                                     # prompts reaches this (checked every sft_check_every steps),
+                                     # so every seed starts RL from the same accuracy; 0: off
+    sft_probe: int = 256
+    sft_check_every: int = 20
     grpo_steps: int = 60
     grpo_prompts: int = 64
     grpo_group: int = 8
@@ -172,6 +177,26 @@ def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: in
                    model, tok), "ppo")
 
 
+class TargetSFT(SFTTrainer):
+    """SFT that stops once its temperature-1 accuracy on a probe of training prompts reaches
+    `target`. How many steps a tiny model needs to leave its first loss plateau (the digits'
+    marginals) swings with the seed, from ~150 to 600+; a fixed step count then starts RL
+    anywhere from 0.1 to 0.8. Stopping on the probe starts every seed at about the target."""
+
+    def __init__(self, cfg, model, tok, probe: list[dict], target: float, every: int, ev):
+        super().__init__(cfg, model, tok)
+        self.probe, self.target, self.every, self.ev = probe, target, every, ev
+        self.probe_accuracy, self.reached = None, False
+
+    def finished(self) -> bool:
+        if self.target <= 0 or self.step == 0 or self.step % self.every:
+            return False
+        self.probe_accuracy = accuracy(self.model, self.tok, [r["prompt"] for r in self.probe],
+                                       [r["answer"] for r in self.probe], self.ev)["mean"]
+        self.reached = self.probe_accuracy >= self.target
+        return self.reached
+
+
 # ----------------------------------------------------------------------------- pipeline
 class Interrupted(Exception):
     """A stage's trainer stopped on SIGINT / SIGTERM: the demo ends there, later stages unrun."""
@@ -195,7 +220,8 @@ def stage_config(d: DemoConfig, out: str, algo: str, steps: int, lr: float, **se
                        save_every_minutes=0, overwrite=True,  # a re-run replaces the stages
                        progress=d.progress, model=model,
                        optim=OptimConfig(lr=lr, warmup_steps=min(10, steps // 5),
-                                         schedule="cosine" if algo == "sft" else "constant"),
+                                         schedule="cosine" if algo == "sft" and not d.sft_target
+                                         else "constant"),
                        **sections)
 
 
@@ -253,8 +279,14 @@ def _run(d: DemoConfig) -> dict:
     evaluate("base", model)
 
     t = time.time()
-    fit(SFTTrainer(sft_cfg, model, tok), "sft")
+    sft = TargetSFT(sft_cfg, model, tok, train[-d.sft_probe:], d.sft_target, d.sft_check_every,
+                    dataclasses.replace(ev, seeds=(7,)))
+    fit(sft, "sft")
     timings["sft"] = time.time() - t
+    if sft.probe_accuracy is not None:
+        print(f"[sft] {'reached' if sft.reached else 'did not reach'} the target accuracy "
+              f"{d.sft_target} on {len(sft.probe)} training prompts: {sft.probe_accuracy:.3f} at "
+              f"step {sft.step}", flush=True)
     evaluate("sft", model)
     stages, pairs = d.stages.split(","), []
     unknown = set(stages) - {"sft", "ppo", "grpo", "dpo", ""}

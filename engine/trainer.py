@@ -365,6 +365,11 @@ class Trainer:
                 f"{path}; a resumed run cannot change them: restore the old value(s), or start "
                 f"a new run from the checkpoint with model.path={path}")
 
+    def finished(self) -> bool:
+        """Checked before every step: True ends the run early, as if at its last step (for a
+        subclass's own stopping rule; the demo's SFT stops at a target accuracy)."""
+        return False
+
     def fit(self, plot: bool = True) -> list[dict]:
         """Run to total_steps; returns the logged metrics rows."""
         cfg = self.cfg
@@ -378,7 +383,8 @@ class Trainer:
         try:
             guard = Guard(self)  # the over-optimization detector (config section guard)
             with checkpoint.GracefulExit() as stop:
-                while self.step < self.total_steps and not stop.requested and not guard.stopped:
+                while (self.step < self.total_steps and not stop.requested and not guard.stopped
+                       and not self.finished()):
                     metrics = distributed.reduce_metrics(self.train_step())
                     self.step += 1
                     bad = [k for k in ("loss", "grad_norm", "grad_norm_max")

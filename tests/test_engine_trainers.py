@@ -310,6 +310,27 @@ def test_demo_smoke(tmp_path):
     assert os.path.exists(out / "accuracy.png")
 
 
+def test_demo_sft_stops_at_its_target_accuracy(tmp_path, tok, monkeypatch):
+    """TargetSFT checks its probe every `every` steps and ends the run at the first check that
+    reaches the target; an unreachable target runs every step."""
+    from rlfuse.engine import demo
+    from rlfuse.engine.evaluate import EvalConfig
+
+    probe_scores = iter([0.1, 0.5, 0.9])
+    monkeypatch.setattr(demo, "accuracy", lambda *a, **k: {"mean": next(probe_scores)})
+    ev = EvalConfig(max_new_tokens=4, seeds=(7,))
+    sft = demo.TargetSFT(make_cfg(tmp_path / "a", "sft", steps=10), model_for(tok), tok, ROWS,
+                         target=0.4, every=2, ev=ev)
+    sft.fit(plot=False)
+    assert (sft.step, sft.reached, sft.probe_accuracy) == (4, True, 0.5)
+
+    monkeypatch.undo()  # the real probe: a random tiny model cannot reach 1.0
+    sft = demo.TargetSFT(make_cfg(tmp_path / "b", "sft", steps=4), model_for(tok), tok, ROWS,
+                         target=1.0, every=2, ev=ev)
+    sft.fit(plot=False)
+    assert sft.step == 4 and not sft.reached and 0 <= sft.probe_accuracy < 1
+
+
 def test_engine_bench_smoke(tmp_path, capsys):
     rc = cli_main(["bench", "engine", f"out={tmp_path}", "hidden_size=32", "num_layers=1",
                    "intermediate_size=48", "vocab_size=100", "steps=1", "warmup=0",
