@@ -2,7 +2,8 @@
 
 No downloads: a character tokenizer and a tiny Qwen2-style model are built in code. Task:
 "a+b=" -> "c" with `digits`-digit operands; a held-out prompt set never seen in training.
-  1. SFT     a deliberately short run on demonstrations, so RL has headroom
+  1. SFT     on demonstrations, stopped once a training probe's accuracy reaches
+             sft_target, so RL has headroom and every seed starts about the same
   2. GRPO    G samples per prompt, exact-answer verifier (+ format check), group advantages
   3. DPO     pairs from the GRPO model's own samples: a correct vs an incorrect completion of
              the same training prompt, reference = the GRPO model
@@ -54,20 +55,20 @@ class DemoConfig:
     sft_steps: int = 1500            # at most; SFT stops earlier at sft_target
     sft_batch: int = 256
     sft_lr: float = 3e-3
-    sft_target: float = 0.3          # stop SFT once temperature-1 accuracy on sft_probe training
+    sft_target: float = 0.2          # stop SFT once temperature-1 accuracy on sft_probe training
                                      # prompts reaches this (checked every sft_check_every steps),
                                      # so every seed starts RL from the same accuracy; 0: off
     sft_probe: int = 256
-    sft_check_every: int = 20
+    sft_check_every: int = 10
     grpo_steps: int = 60
     grpo_prompts: int = 64
     grpo_group: int = 8
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 2e-4
     dpo_pairs: int = 1024
     dpo_samples: int = 8             # samples per prompt when mining pairs
-    dpo_steps: int = 120
+    dpo_steps: int = 240
     dpo_batch: int = 64
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 3e-4
     dpo_beta: float = 0.1
     dpo_sft_coef: float = 1.0        # NLL on chosen (RPO): keeps DPO from lowering both sides
     grpo_beta: float = 0.02          # KL to the SFT model
