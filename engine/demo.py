@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from .config import (GRPOConfig, DPOConfig, ModelConfig, OptimConfig, RewardSpec, RolloutConfig,
-                     SFTConfig, TrainConfig, parse)
+                     SFTConfig, TrainConfig, _check, parse)
 from .data import write_jsonl
 from .dpo import DPOTrainer
 from .evaluate import EvalConfig, RegressionSet, accuracy, at_n, compare
@@ -96,6 +96,10 @@ class DemoConfig:
     regression_set: Optional[str] = None  # frozen JSONL prompts (+ answers): greedy outputs
                                      # after every stage, diffed with the stage before
     progress: bool = True
+
+    def __post_init__(self):
+        _check("sft_check_every", self.sft_check_every >= 1, "must be >= 1")
+        _check("sft_probe", self.sft_probe >= 1, "must be >= 1")
 
 
 QUICK = dict(n_heldout=32, hidden_size=32, num_layers=1, sft_steps=6, sft_batch=16,

@@ -367,7 +367,8 @@ class Trainer:
 
     def finished(self) -> bool:
         """Checked before every step: True ends the run early, as if at its last step (for a
-        subclass's own stopping rule; the demo's SFT stops at a target accuracy)."""
+        subclass's own stopping rule; the demo's SFT stops at a target accuracy). Under torchrun
+        it must answer the same on every rank."""
         return False
 
     def fit(self, plot: bool = True) -> list[dict]:
