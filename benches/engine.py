@@ -68,6 +68,7 @@ class EngineBench:
     gradient_checkpointing: bool = False  # in every system
     step_in_backward: bool = False   # rlfuse systems: optim.step_in_backward=true (no gradient
                                      # buffer; no clipping in rlfuse then, TRL keeps its own)
+    optim_states: str = "param"      # rlfuse systems: optim.states (int8: torchao's 8-bit AdamW)
 
     def __post_init__(self):
         for name in self.systems.split(","):
@@ -135,7 +136,8 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
                   model=ModelConfig(path=model_dir, lora_r=b.lora_r, dtype=b.dtype,
                                     gradient_checkpointing=b.gradient_checkpointing),
                   optim=OptimConfig(lr=1e-6, max_grad_norm=0.0 if b.step_in_backward else 1.0,
-                                    step_in_backward=b.step_in_backward))
+                                    step_in_backward=b.step_in_backward,
+                                    states=b.optim_states))
     if trainer == "grpo":
         roll = RolloutConfig(prompts_per_step=1, samples_per_prompt=b.group_size,
                              max_new_tokens=b.max_new_tokens, rewards=(RewardSpec("exact_answer"),))

@@ -66,12 +66,20 @@ class ModelConfig:
     lora_alpha: int = 16                # LoRA scale numerator (scale = lora_alpha / lora_r)
     attn_implementation: Optional[str] = None  # None: flash_attention_2 on CUDA if installed, else sdpa
     lora_merge_on_save: bool = True      # LoRA: also save the merged model (a plain model.path)
+    reference: str = "copy"              # GRPO / PPO's frozen reference: copy (the model's dtype)
+                                         # | int8 (its linear layers int8 with a scale per output
+                                         # row; embeddings and LM head kept): less memory, a
+                                         # slightly different reference (README: Engine)
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             _check(f"model.{k}", getattr(self, k) >= 1, "must be >= 1")
         _check("model.lora_r", self.lora_r >= 0, "must be >= 0")
+        _choice("model.reference", self.reference, ("copy", "int8"))
+        _check("model.reference", self.reference == "copy" or self.lora_r == 0,
+               "must be copy with model.lora_r > 0 (the reference is then the LoRA base, which "
+               "costs no memory)")
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,13 @@ class OptimConfig:
     step_in_backward: bool = False       # update each parameter as soon as backward has its
                                          # gradient, then free it: no model-sized gradient buffer
                                          # (needs max_grad_norm=0, one process)
+    states: str = "param"                # AdamW moments: param (the parameter's dtype) | int8
+                                         # (torchao's block-wise 8-bit AdamW: 2 bytes a
+                                         # parameter instead of 8 in fp32 or 4 in bf16)
 
     def __post_init__(self):
         _check("optim.lr", self.lr > 0, "must be > 0")
+        _choice("optim.states", self.states, ("param", "int8"))
         _check("optim.step_in_backward", not (self.step_in_backward and self.max_grad_norm > 0),
                "needs optim.max_grad_norm=0: each parameter is updated before the others' "
                "gradients exist, so there is no global norm to clip by")

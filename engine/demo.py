@@ -60,7 +60,7 @@ class DemoConfig:
                                      # so every seed starts RL from the same accuracy; 0: off
     sft_probe: int = 256
     sft_check_every: int = 10
-    grpo_steps: int = 60
+    grpo_steps: int = 80
     grpo_prompts: int = 64
     grpo_group: int = 8
     grpo_lr: float = 2e-4

@@ -52,7 +52,7 @@ class GRPOTrainer(Trainer):
                               f"completions per step under {distributed.world()} processes")
         self.sampler = Sampler(len(self.prompts), g.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or build_rewards(g.rollout.rewards)
-        self.reference = Reference(self.model) if g.reference else None
+        self.reference = Reference(self.model, cfg.model.reference) if g.reference else None
         self.loss_cfg = head(self.model).loss_config(g.loss, "grpo.loss", g.rollout.temperature)
         self.sft = None
         if g.sft_coef > 0:

@@ -4,7 +4,8 @@ The trainers never compute full logits: `hidden_states` runs the backbone (decod
 final norm) and `head` returns the LM head (`LMHead`: weight, bias and the model's logit
 transform, `logit_scale`, `final_logit_softcapping`) for `rlfuse.linear_logprobs` / the fused
 losses.
-The reference policy is a frozen copy, or the base of a LoRA policy with the adapter off.
+The reference policy is a frozen copy (optionally with int8 linear layers), or the base of a
+LoRA policy with the adapter off.
 """
 from __future__ import annotations
 
@@ -258,13 +259,24 @@ def sequence_logprobs(model, batch, temperature: float = 1.0) -> Tensor:
 
 
 class Reference:
-    """The frozen reference policy: the LoRA base (adapter disabled) or a frozen copy."""
+    """The frozen reference policy: the LoRA base (adapter disabled) or a frozen copy, whose
+    linear layers are `Int8Linear` with `mode="int8"` (the LM head and embeddings are kept: the
+    fused ops read the head's weight as it is)."""
 
-    def __init__(self, policy):
+    def __init__(self, policy, mode: str = "copy"):
         self.policy = policy
         self.copy = None
         if not is_lora(policy):
-            self.copy = copy.deepcopy(policy).eval().requires_grad_(False)
+            out = policy.get_output_embeddings()
+            linears = {} if mode == "copy" else {
+                name: m for name, m in policy.named_modules()
+                if isinstance(m, torch.nn.Linear) and m is not out}
+            # the copy shares a placeholder for each weight that is quantized: no second
+            # full-precision copy is ever made
+            memo = {id(m.weight): torch.nn.Parameter(torch.empty(0)) for m in linears.values()}
+            self.copy = copy.deepcopy(policy, memo).eval().requires_grad_(False)
+            for name, m in linears.items():
+                self.copy.set_submodule(name, Int8Linear(m))
 
     def context(self):
         return self.policy.disable_adapter() if self.copy is None else contextlib.nullcontext()
@@ -274,8 +286,28 @@ class Reference:
             return sequence_logprobs(self.copy or self.policy, batch, temperature)
 
 
+class Int8Linear(torch.nn.Module):
+    """A frozen `nn.Linear` held as int8 weights with one fp32 scale per output row (symmetric,
+    rounded to nearest): 1 byte a weight instead of 4 (fp32) or 2 (bf16). Each call dequantizes
+    its own weight into the input's dtype, a transient of one layer."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.linear(x, (self.qweight * self.scale).to(x.dtype), self.bias)
+
+
 def quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    # transformers imports torchao when it is installed; torchao then logs a warning per CUDA
+    # library a CPU build of torch cannot load, and torch one per enum it registers
+    for name in ("transformers", "torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()  # a bar per checkpoint save ("Writing model shards")

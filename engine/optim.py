@@ -14,8 +14,16 @@ more bytes a parameter). Each update is computed in fp32 a slab at a time, so th
 memory is a few slabs, whatever the tensor size. The rounding noise comes from one seeded
 generator whose state travels in `state_dict()`, so a resumed run continues bit for bit.
 fp16 weights (no headroom to round this way) and fp32 ones keep torch's AdamW.
+
+`optim.states=int8` trades time for memory: torchao's AdamW8bit keeps each moment in 1 byte a
+parameter (block-wise quantized, the scheme of Dettmers et al. 2022), so AdamW's state costs 2
+bytes a parameter instead of 8 (fp32) or 4 (bf16).
 """
+import logging
+
 import torch
+
+from .config import ConfigError
 
 SLAB = 1 << 22  # elements updated at once: 4 fp32 temporaries of 16 MB
 
@@ -83,13 +91,38 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
-def make_optimizer(params: list, lr: float, betas: tuple, weight_decay: float, seed: int):
-    """StochasticRoundingAdamW when any parameter is bf16, else torch's AdamW (fused on CPU and
-    CUDA: one vectorized kernel per tensor, ~6x faster than the default per-tensor loop on CPU).
-    `params`: tensors, or param-group dicts."""
+def make_optimizer(params: list, lr: float, betas: tuple, weight_decay: float, seed: int,
+                   states: str = "param"):
+    """`states="param"`: StochasticRoundingAdamW when any parameter is bf16, else torch's AdamW
+    (fused on CPU and CUDA: one vectorized kernel per tensor, ~6x faster than the default
+    per-tensor loop on CPU). `states="int8"`: torchao's AdamW8bit, whose moments are 8-bit codes
+    in blocks of 256 with one scale each (tensors under 4096 elements, or not a multiple of 256, keep plain moments), and
+    whose bf16 writes round stochastically. `params`: tensors, or param-group dicts."""
     flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
-    if any(p.dtype == torch.bfloat16 for p in flat):
+    bf16 = any(p.dtype == torch.bfloat16 for p in flat)
+    if states == "int8":
+        return _adamw_8bit()(params, lr=lr, betas=betas, weight_decay=weight_decay,
+                             bf16_stochastic_round=bf16)
+    if bf16:
         return StochasticRoundingAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay,
                                        seed=seed)
     fused = all(p.device.type in ("cpu", "cuda") for p in flat)
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+def _adamw_8bit():
+    """torchao's AdamW8bit, imported quietly (on a CPU build of torch, torchao logs a warning
+    for each CUDA library it cannot load)."""
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError as e:
+        raise ConfigError(f"config key 'optim.states': int8 needs torchao ({e}); "
+                          f"pip install 'rlfuse[lowmem]'") from None
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    return AdamW8bit

@@ -133,7 +133,8 @@ class Guard:
             from .judge import load_judge
 
             self.judge = load_judge(self.cfg.judge)
-        self.start = getattr(trainer, "reference", None) or Reference(trainer.model)
+        self.start = (getattr(trainer, "reference", None)
+                      or Reference(trainer.model, trainer.cfg.model.reference))
         self.detector = Detector(self.cfg.patience)
         self.path = os.path.join(trainer.cfg.out_dir, GUARD_LOG)
         self.best_dir = os.path.join(trainer.ckpt_dir, "best-gold")

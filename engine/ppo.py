@@ -151,7 +151,7 @@ class PPOTrainer(Trainer):
                                  cfg.max_length, p.data)
         self.sampler = Sampler(len(self.prompts), p.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or self.build_reward()
-        self.reference = Reference(self.model)
+        self.reference = Reference(self.model, cfg.model.reference)
         h = head(self.model)
         self.value_head = ValueHead(h.weight.shape[1]).to(self.device)
         self.critic = None  # separate: a trainable copy of the initial policy's backbone

@@ -169,7 +169,8 @@ class Trainer:
             groups.append({"params": extra_params, "lr": cfg.optim.lr * extra_lr_scale})
             self.params = self.params + extra_params
         o = cfg.optim
-        self.opt = make_optimizer(groups, o.lr, (o.beta1, o.beta2), o.weight_decay, cfg.seed)
+        self.opt = make_optimizer(groups, o.lr, (o.beta1, o.beta2), o.weight_decay, cfg.seed,
+                                  o.states)
         self.head_params = [p for p in head if p.requires_grad]
         self.head_opt = make_optimizer(self.head_params, o.lr, (o.beta1, o.beta2),
                                        o.weight_decay, cfg.seed + 1 + distributed.rank()
@@ -432,6 +433,9 @@ def _check_distributed(cfg: TrainConfig) -> None:
     if cfg.optim.step_in_backward:  # DDP / FSDP2 reduce the gradients after their hooks
         raise ConfigError("config key 'optim.step_in_backward': not under torchrun (the "
                           "gradients are reduced over the ranks after backward); set it false")
+    if cfg.optim.states != "param":  # sharded / gathered 8-bit states are untested
+        raise ConfigError(f"config key 'optim.states': {cfg.optim.states} states are not "
+                          f"supported under torchrun yet; set optim.states=param")
     if cfg.distributed.strategy == "fsdp" and cfg.model.lora_r > 0:
         raise ConfigError("config key 'distributed.strategy': fsdp does not train LoRA "
                           "policies (model.lora_r > 0) yet; use distributed.strategy=ddp")

@@ -482,3 +482,45 @@ def test_demo_stops_at_a_sigterm_and_runs_no_later_stage(tmp_path, monkeypatch, 
     assert demo.main(["--quick", f"out_dir={out}", "progress=false"]) == 128 + signal.SIGTERM
     assert "interrupted by SIGTERM in its grpo stage" in capsys.readouterr().err
     assert not (out / "dpo").exists() and not (out / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------- int8 reference
+def test_int8_reference_quantizes_the_linear_layers_and_stays_close(tmp_path):
+    from rlfuse.engine.model import Int8Linear, Reference
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY, hidden_size=64, num_layers=2, intermediate_size=96)
+    policy = tiny_model(cfg, char_tokenizer())
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    full, small = Reference(policy), Reference(policy, "int8")
+    linears = [m for m in full.copy.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = [m for m in small.copy.modules() if isinstance(m, Int8Linear)]
+    assert len(quantized) == len(linears) - 1  # all but the LM head
+    assert all(m.qweight.dtype == torch.int8 for m in quantized)
+    assert isinstance(small.copy.get_output_embeddings(), torch.nn.Linear)
+    ptrs = {p.data_ptr() for p in policy.parameters()}
+    assert not ptrs & {t.data_ptr() for t in [*small.copy.parameters(), *small.copy.buffers()]}
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before.items())  # untouched
+    bytes_of = lambda m: sum(t.numel() * t.element_size()  # noqa: E731
+                             for t in [*m.parameters(), *m.buffers()] if t.dtype != torch.int64)
+    lin_bytes = sum(m.weight.numel() * 4 for m in linears[:-1])
+    assert bytes_of(full.copy) - bytes_of(small.copy) > 0.7 * lin_bytes  # 4 bytes -> ~1
+    # per-token log-probs of random sequences: int8 rounding moves them by a few 1e-3 nats
+    ids = torch.randint(4, 40, (6, 24))
+    with torch.no_grad():
+        a, b = (r.copy(ids).logits.log_softmax(-1) for r in (full, small))
+    assert 0 < (a - b).abs().mean() < 5e-3 and (a - b).abs().max() < 5e-2
+
+
+def test_grpo_trains_with_an_int8_reference(tmp_path):
+    from rlfuse.engine.model import Int8Linear
+
+    base = make_cfg(tmp_path, "grpo")
+    cfg = dataclasses.replace(base, steps=2, model=dataclasses.replace(TINY, reference="int8"))
+    t = GRPOTrainer(cfg)
+    assert any(isinstance(m, Int8Linear) for m in t.reference.copy.modules())
+    rows = t.fit(plot=False)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)
+    with pytest.raises(ConfigError, match="'model.reference' must be copy with model.lora_r"):
+        ModelConfig(reference="int8", lora_r=4)

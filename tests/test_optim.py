@@ -190,3 +190,62 @@ def test_step_in_backward_needs_no_clipping():
 
     with pytest.raises(ConfigError, match="'optim.step_in_backward' needs optim.max_grad_norm=0"):
         OptimConfig(step_in_backward=True)
+
+
+# ----------------------------------------------------------------------------- 8-bit states
+def test_int8_states_follow_fp32_adamw_and_are_8_bit():
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    x, y = torch.randn(512, 64), torch.randn(512, 128)
+
+    def fit(states, dtype):
+        torch.manual_seed(1)
+        lin = torch.nn.Linear(64, 128, bias=False).to(dtype)  # 8192 weights: quantized moments
+        opt = make_optimizer(list(lin.parameters()), 1e-2, (0.9, 0.99), 0.01, 0, states)
+        for _ in range(150):
+            ((lin(x.to(dtype)).float() - y) ** 2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return lin, opt, ((lin(x.to(dtype)).float() - y) ** 2).mean().item()
+
+    _, _, fp32 = fit("param", torch.float32)
+    start = (y ** 2).mean().item()
+    for dtype in (torch.float32, torch.bfloat16):
+        lin, opt, loss = fit("int8", dtype)
+        assert loss < start - 0.95 * (start - fp32), dtype
+        moments = opt.state[lin.weight]
+        for k in ("exp_avg", "exp_avg_sq"):  # one byte a weight, plus a scale per 256
+            assert moments[k].codes.dtype == torch.uint8 and moments[k].codes.numel() == 8192
+            assert moments[k].scale.numel() == 8192 // 256
+
+
+def test_int8_states_train_and_resume(tmp_path):
+    pytest.importorskip("torchao")
+    base = make_cfg(tmp_path, "sft")
+    optim = dataclasses.replace(base.optim, states="int8")
+    model = dataclasses.replace(TINY, hidden_size=64, intermediate_size=128)  # 8192-weight MLPs
+    cfg = dataclasses.replace(base, algo="grpo", steps=2, keep_checkpoints=2, optim=optim,
+                              model=model)
+    trainer = trainer_for("grpo")(cfg)
+    rows = trainer.fit(plot=False)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    codes = [s["exp_avg"].codes for s in trainer.opt.state.values() if hasattr(s["exp_avg"], "codes")]
+    assert codes and all(c.dtype == torch.uint8 for c in codes)
+    resumed = trainer_for("grpo")(dataclasses.replace(cfg, steps=3, resume=True))
+    resumed.resume()
+    assert resumed.step == 2
+    for p, q in zip(trainer.opt.state, resumed.opt.state):  # the 8-bit moments came back
+        a, b = trainer.opt.state[p]["exp_avg"], resumed.opt.state[q]["exp_avg"]
+        assert torch.equal(a.dequantize() if hasattr(a, "codes") else a,
+                           b.dequantize() if hasattr(b, "codes") else b)
+    assert resumed.fit(plot=False)[-1]["step"] == 3
+
+
+def test_int8_states_refused_where_unsupported(monkeypatch):
+    from rlfuse.engine.config import ConfigError, OptimConfig
+
+    with pytest.raises(ConfigError, match="'optim.states'"):
+        OptimConfig(states="int4")
+    monkeypatch.setitem(__import__("sys").modules, "torchao.optim", None)  # not installed
+    with pytest.raises(ConfigError, match="'optim.states': int8 needs torchao"):
+        make_optimizer([torch.nn.Parameter(torch.ones(2))], 1e-3, (0.9, 0.99), 0.0, 0, "int8")
