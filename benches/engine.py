@@ -69,6 +69,7 @@ class EngineBench:
     step_in_backward: bool = False   # rlfuse systems: optim.step_in_backward=true (no gradient
                                      # buffer; no clipping in rlfuse then, TRL keeps its own)
     optim_states: str = "param"      # rlfuse systems: optim.states (int8: torchao's 8-bit AdamW)
+    reference: str = "copy"          # rlfuse systems: model.reference (int8: int8 linear layers)
 
     def __post_init__(self):
         for name in self.systems.split(","):
@@ -134,7 +135,8 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
                   device=b.device, progress=False, keep_checkpoints=0, save_every_minutes=0,
                   overwrite=True,
                   model=ModelConfig(path=model_dir, lora_r=b.lora_r, dtype=b.dtype,
-                                    gradient_checkpointing=b.gradient_checkpointing),
+                                    gradient_checkpointing=b.gradient_checkpointing,
+                                    reference=b.reference),
                   optim=OptimConfig(lr=1e-6, max_grad_norm=0.0 if b.step_in_backward else 1.0,
                                     step_in_backward=b.step_in_backward,
                                     states=b.optim_states))

@@ -92,6 +92,8 @@ class DemoConfig:
     rm_steps: int = 2000
     threads: int = 1                 # torch CPU threads (1 is fastest for this size under load)
     dtype: str = "float32"           # float32 | bfloat16 (bf16 weights, stochastic-rounding AdamW)
+    optim_states: str = "param"      # optim.states: param | int8 (8-bit AdamW moments)
+    reference: str = "copy"          # model.reference of GRPO / PPO: copy | int8
     at_n: int = 0                    # > 0: best@n and maj@n after every stage (first eval seed)
     regression_set: Optional[str] = None  # frozen JSONL prompts (+ answers): greedy outputs
                                      # after every stage, diffed with the stage before
@@ -219,12 +221,14 @@ def fit(trainer, stage: str) -> None:
 
 def stage_config(d: DemoConfig, out: str, algo: str, steps: int, lr: float, **sections):
     model = ModelConfig(hidden_size=d.hidden_size, num_layers=d.num_layers, num_heads=4,
-                        num_kv_heads=2, intermediate_size=2 * d.hidden_size, dtype=d.dtype)
+                        num_kv_heads=2, intermediate_size=2 * d.hidden_size, dtype=d.dtype,
+                        reference=d.reference)
     return TrainConfig(algo=algo, steps=steps, seed=d.seed, out_dir=os.path.join(out, algo),
                        device="cpu", max_length=4 * d.digits + 8, keep_checkpoints=0,
                        save_every_minutes=0, overwrite=True,  # a re-run replaces the stages
                        progress=d.progress, model=model,
                        optim=OptimConfig(lr=lr, warmup_steps=min(10, steps // 5),
+                                         states=d.optim_states,
                                          schedule="cosine" if algo == "sft" and not d.sft_target
                                          else "constant"),
                        **sections)

@@ -20,6 +20,7 @@ parameter (block-wise quantized, the scheme of Dettmers et al. 2022), so AdamW's
 bytes a parameter instead of 8 (fp32) or 4 (bf16).
 """
 import logging
+import warnings
 
 import torch
 
@@ -113,6 +114,8 @@ def make_optimizer(params: list, lr: float, betas: tuple, weight_decay: float, s
 def _adamw_8bit():
     """torchao's AdamW8bit, imported quietly (on a CPU build of torch, torchao logs a warning
     for each CUDA library it cannot load)."""
+    # torch.compile of its step warns that the state subclass lacks a cache hash (harmless)
+    warnings.filterwarnings("ignore", message="OptimState8bit does not implement")
     quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:

@@ -241,11 +241,15 @@ def test_int8_states_train_and_resume(tmp_path):
     assert resumed.fit(plot=False)[-1]["step"] == 3
 
 
-def test_int8_states_refused_where_unsupported(monkeypatch):
+def test_int8_states_refused_where_unsupported(tmp_path, monkeypatch):
     from rlfuse.engine.config import ConfigError, OptimConfig
+    from rlfuse.engine.trainer import _check_distributed
 
     with pytest.raises(ConfigError, match="'optim.states'"):
         OptimConfig(states="int4")
+    cfg = make_cfg(tmp_path, "sft")
+    with pytest.raises(ConfigError, match="'optim.states': int8 states are not supported under"):
+        _check_distributed(dataclasses.replace(cfg, optim=OptimConfig(states="int8")))
     monkeypatch.setitem(__import__("sys").modules, "torchao.optim", None)  # not installed
     with pytest.raises(ConfigError, match="'optim.states': int8 needs torchao"):
         make_optimizer([torch.nn.Parameter(torch.ones(2))], 1e-3, (0.9, 0.99), 0.0, 0, "int8")
