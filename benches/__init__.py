@@ -6,6 +6,7 @@
     report.py     the machine, the table, JSON / CSV / PNG
     cli.py        `rlfuse bench [op] ...`, `rlfuse bench sweep ...`, `rlfuse bench engine ...`
     engine.py     full GRPO / DPO training steps of the engine against TRL's trainers
+    reference.py  how far `model.reference=int8` moves the reference on the demo's SFT model
     test_bench_ops.py  the same cases as pytest-benchmark suites
                        (`pytest benches/ --benchmark-only`)
 """
