@@ -97,8 +97,9 @@ def make_optimizer(params: list, lr: float, betas: tuple, weight_decay: float, s
     """`states="param"`: StochasticRoundingAdamW when any parameter is bf16, else torch's AdamW
     (fused on CPU and CUDA: one vectorized kernel per tensor, ~6x faster than the default
     per-tensor loop on CPU). `states="int8"`: torchao's AdamW8bit, whose moments are 8-bit codes
-    in blocks of 256 with one scale each (tensors under 4096 elements, or not a multiple of 256, keep plain moments), and
-    whose bf16 writes round stochastically. `params`: tensors, or param-group dicts."""
+    in blocks of 256 with one scale each (tensors under 4096 elements, or not a multiple of 256,
+    keep plain moments), and whose bf16 writes round stochastically. `params`: tensors, or
+    param-group dicts."""
     flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     bf16 = any(p.dtype == torch.bfloat16 for p in flat)
     if states == "int8":

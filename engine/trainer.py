@@ -76,8 +76,8 @@ RESUME_FIXED = ("algo", "model.path", "model.hidden_size", "model.num_layers",
                 "grpo.data", "grpo.rollout.samples_per_prompt", "grpo.rollout.prompts_per_step",
                 "dpo.data", "dpo.batch_size", "dpo.loss.loss_type", "ppo.data",
                 "ppo.rollout.prompts_per_step", "ppo.rollout.samples_per_prompt", "ppo.critic",
-                "optim.lr", "optim.weight_decay",
-                "optim.beta1", "optim.beta2", "distributed.strategy",
+                "optim.lr", "optim.weight_decay", "optim.beta1", "optim.beta2",
+                "optim.states", "model.reference", "distributed.strategy",
                 "distributed.vocab_parallel")
 
 
