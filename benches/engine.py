@@ -155,14 +155,17 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
     if trainer == "dpo":  # the one reference pass over the dataset, shared out per step
         t.ref = t.reference_logprobs()
         extra = (time.perf_counter() - t0) / (b.warmup + b.steps)
-    times, tokens = [], []
+    times, tokens, rollout = [], [], []
     for _ in range(b.warmup + b.steps):
         t0 = time.perf_counter()
         m = t.train_step()
         times.append(time.perf_counter() - t0 + extra)
         tokens.append(m["completion_length"] * b.group_size if trainer == "grpo"
                       else 2 * b.dpo_pairs * b.dpo_tokens)
+        if trainer == "grpo":  # the sampling share of the step
+            rollout.append(tokens[-1] / m["rollout_tokens_per_s"])
     return {"step_s": times[b.warmup:], "tokens": tokens[b.warmup:], "ref_pass_s": extra,
+            "rollout_s": rollout[b.warmup:],
             "weights_dtype": str(next(t.model.parameters()).dtype)}
 
 
@@ -285,7 +288,9 @@ def run(b: EngineBench) -> dict:
                              "peak_rss_mb": r["peak_rss_mb"], "step_s_all": r["step_s"],
                              "weights_dtype": r["weights_dtype"],
                              **({"ref_pass_s_per_step": r["ref_pass_s"]} if "ref_pass_s" in r
-                                else {})})
+                                else {}),
+                             **({"rollout_s": statistics.median(r["rollout_s"])}
+                                if r.get("rollout_s") else {})})
     for r in rows:  # ratios to TRL on the same trainer
         peer = next((p for p in rows if p["trainer"] == r["trainer"] and p["system"] == "trl"),
                     None)
