@@ -411,5 +411,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the CLI, so a bad key is a one-line error, not a traceback
+    from rlfuse.engine.cli import main as cli_main
+
+    sys.exit(cli_main(["demo", *sys.argv[1:]]))
