@@ -263,6 +263,9 @@ def _validate(args) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from rlfuse.engine.model import quiet_transformers
+
+    quiet_transformers()  # the peers import transformers, which imports torchao, which warns
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["engine"]:
         from .engine import main as engine_main
