@@ -4,38 +4,28 @@ sequences: KL(full || int8) over the vocabulary and the change of each token's l
 
     python -m rlfuse.benches.reference [seed]
 """
-import os
 import sys
 import tempfile
 
 import torch
 
 from rlfuse.engine import demo
-from rlfuse.engine.config import SFTConfig
-from rlfuse.engine.data import write_jsonl
-from rlfuse.engine.model import Reference, char_tokenizer, quiet_transformers, tiny_model
+from rlfuse.engine.model import Reference, char_tokenizer, quiet_transformers
 
 
 def main(seed: int = 2) -> dict:
     torch.set_num_threads(1)
     quiet_transformers()
     torch.manual_seed(seed)
+    tok = char_tokenizer()
     with tempfile.TemporaryDirectory() as out:
         d = demo.DemoConfig(seed=seed, out_dir=out, progress=False)
         train, heldout = demo.addition_task(d.digits, d.n_heldout, d.seed)
-        data = os.path.join(out, "sft.jsonl")
-        write_jsonl(data, [{"prompt": r["prompt"], "completion": r["answer"]} for r in train])
-        cfg = demo.stage_config(d, out, "sft", d.sft_steps, d.sft_lr,
-                                sft=SFTConfig(data=data, batch_size=d.sft_batch))
-        tok = char_tokenizer()
-        model = tiny_model(cfg.model, tok, max_positions=64)
-        ev = demo.EvalConfig(temperature=1.0, max_new_tokens=d.digits + 3, seeds=(7,))
-        sft = demo.TargetSFT(cfg, model, tok, train[-d.sft_probe:], d.sft_target,
-                             d.sft_check_every, ev)
+        sft = demo.sft_trainer(d, out, tok, train)
         sft.fit(plot=False)
     enc = tok([r["prompt"] + r["answer"] for r in heldout], return_tensors="pt", padding=True)
     with torch.no_grad():
-        full, int8 = (Reference(model, mode).copy(**enc).logits.float().log_softmax(-1)[:, :-1]
+        full, int8 = (Reference(sft.model, mode).copy(**enc).logits.float().log_softmax(-1)[:, :-1]
                       for mode in ("copy", "int8"))
     mask = enc["attention_mask"][:, 1:].bool()
     targets = enc["input_ids"][:, 1:, None]

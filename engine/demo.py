@@ -204,6 +204,18 @@ class TargetSFT(SFTTrainer):
         return self.reached
 
 
+def sft_trainer(d: DemoConfig, out: str, tok, train: list[dict]) -> TargetSFT:
+    """The demo's SFT stage on a fresh tiny model: demonstrations written to out/sft.jsonl, its
+    probe the last `sft_probe` training prompts, sampled as the evaluation samples (one seed)."""
+    data = os.path.join(out, "sft.jsonl")
+    write_jsonl(data, [{"prompt": r["prompt"], "completion": r["answer"]} for r in train])
+    cfg = stage_config(d, out, "sft", d.sft_steps, d.sft_lr,
+                       sft=SFTConfig(data=data, batch_size=d.sft_batch))
+    probe_eval = EvalConfig(temperature=d.eval_temperature, max_new_tokens=d.digits + 3, seeds=(7,))
+    return TargetSFT(cfg, tiny_model(cfg.model, tok, max_positions=64), tok,
+                     train[-d.sft_probe:], d.sft_target, d.sft_check_every, probe_eval)
+
+
 # ----------------------------------------------------------------------------- pipeline
 class Interrupted(Exception):
     """A stage's trainer stopped on SIGINT / SIGTERM: the demo ends there, later stages unrun."""
@@ -250,8 +262,6 @@ def _run(d: DemoConfig) -> dict:
     out = d.out_dir
     os.makedirs(out, exist_ok=True)
     train, heldout = addition_task(d.digits, d.n_heldout, d.seed)
-    write_jsonl(os.path.join(out, "sft.jsonl"),
-                [{"prompt": r["prompt"], "completion": r["answer"]} for r in train])
     write_jsonl(os.path.join(out, "prompts.jsonl"), train)
     tok = char_tokenizer()
     budget = d.digits + 3
@@ -278,18 +288,14 @@ def _run(d: DemoConfig) -> dict:
                       + (f", {len(diff['newly_right'])} newly right, {len(diff['newly_wrong'])} "
                          "newly wrong" if "newly_right" in diff else ""), flush=True)
 
-    sft_cfg = stage_config(d, out, "sft", d.sft_steps, d.sft_lr,
-                           sft=SFTConfig(data=os.path.join(out, "sft.jsonl"),
-                                         batch_size=d.sft_batch))
-    model = tiny_model(sft_cfg.model, tok, max_positions=64)
+    sft = sft_trainer(d, out, tok, train)
+    model = sft.model
     print(f"rlfuse demo: {d.digits}-digit addition, {len(train)} train / {len(heldout)} held-out "
           f"prompts, model {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params",
           flush=True)
     evaluate("base", model)
 
     t = time.time()
-    sft = TargetSFT(sft_cfg, model, tok, train[-d.sft_probe:], d.sft_target, d.sft_check_every,
-                    dataclasses.replace(ev, seeds=(7,)))
     fit(sft, "sft")
     timings["sft"] = time.time() - t
     if sft.probe_accuracy is not None:

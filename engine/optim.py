@@ -19,7 +19,6 @@ fp16 weights (no headroom to round this way) and fp32 ones keep torch's AdamW.
 parameter (block-wise quantized, the scheme of Dettmers et al. 2022), so AdamW's state costs 2
 bytes a parameter instead of 8 (fp32) or 4 (bf16).
 """
-import logging
 import warnings
 
 import torch
@@ -113,20 +112,16 @@ def make_optimizer(params: list, lr: float, betas: tuple, weight_decay: float, s
 
 
 def _adamw_8bit():
-    """torchao's AdamW8bit, imported quietly (on a CPU build of torch, torchao logs a warning
-    for each CUDA library it cannot load)."""
+    """torchao's AdamW8bit, imported with the engine's logging quieted (on a CPU build of torch,
+    torchao logs a warning for each CUDA library it cannot load)."""
+    from .model import quiet_transformers
+
+    quiet_transformers()
     # torch.compile of its step warns that the state subclass lacks a cache hash (harmless)
     warnings.filterwarnings("ignore", message="OptimState8bit does not implement")
-    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:
-        lg.setLevel(logging.ERROR)
     try:
         from torchao.optim import AdamW8bit
     except ImportError as e:
         raise ConfigError(f"config key 'optim.states': int8 needs torchao ({e}); "
                           f"pip install 'rlfuse[lowmem]'") from None
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
     return AdamW8bit
