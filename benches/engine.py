@@ -70,6 +70,9 @@ class EngineBench:
                                      # buffer; no clipping in rlfuse then, TRL keeps its own)
     optim_states: str = "param"      # rlfuse systems: optim.states (int8: torchao's 8-bit AdamW)
     reference: str = "copy"          # rlfuse systems: model.reference (int8: int8 linear layers)
+    rollout_weights: str = "policy"  # rlfuse GRPO: grpo.rollout.weights (int8: an int8 sampler,
+                                     # with grpo.loss.rollout_correction=tis)
+    tie_embeddings: bool = False     # the random model's LM head is its input embedding
 
     def __post_init__(self):
         for name in self.systems.split(","):
@@ -96,7 +99,7 @@ def _write_model(b: EngineBench, path: str) -> None:
     cfg = ModelConfig(hidden_size=b.hidden_size, num_layers=b.num_layers, num_heads=b.num_heads,
                       num_kv_heads=b.num_kv_heads or b.num_heads,
                       intermediate_size=b.intermediate_size)
-    tiny_model(cfg, tok, max_positions=512).save_pretrained(path)
+    tiny_model(cfg, tok, max_positions=512, tie=b.tie_embeddings).save_pretrained(path)
     tok.save_pretrained(path)
 
 
@@ -142,9 +145,12 @@ def _rlfuse(b: EngineBench, trainer: str, model_dir: str, data: dict, impl: str)
                                     states=b.optim_states))
     if trainer == "grpo":
         roll = RolloutConfig(prompts_per_step=1, samples_per_prompt=b.group_size,
-                             max_new_tokens=b.max_new_tokens, rewards=(RewardSpec("exact_answer"),))
+                             max_new_tokens=b.max_new_tokens, rewards=(RewardSpec("exact_answer"),),
+                             weights=b.rollout_weights)
+        tis = "tis" if b.rollout_weights == "int8" else None
         cfg = GRPOConfig(data=data["prompts"], rollout=roll, passes=1,
-                         loss=rlfuse.PolicyLossConfig(loss_type="dapo", beta=b.beta, impl=impl))
+                         loss=rlfuse.PolicyLossConfig(loss_type="dapo", beta=b.beta, impl=impl,
+                                                      rollout_correction=tis))
         t = GRPOTrainer(TrainConfig(algo="grpo", grpo=cfg, **common))
     else:
         cfg = DPOConfig(data=data["pairs"], batch_size=b.dpo_pairs,

@@ -140,9 +140,12 @@ class RolloutConfig:
     top_p: float = 1.0                   # nucleus sampling mass; 1: the full distribution
     max_new_tokens: int = 32             # completion tokens per sample, at most
     decoder: str = "rlfuse"              # rlfuse (KV-cache loop, fast sampler) | hf (generate)
+    weights: str = "policy"              # policy | int8: sample from an int8 weight-only copy of
+                                         # the policy, rebuilt each step (CPU, one process, needs
+                                         # <trainer>.loss.rollout_correction; README: Engine)
     rewards: tuple[RewardSpec, ...] = (RewardSpec(),)  # weighted reward terms, summed
 
-    def check(self, section: str, min_samples: int) -> None:
+    def check(self, section: str, min_samples: int, loss: PolicyLossConfig) -> None:
         _check(f"{section}.samples_per_prompt", self.samples_per_prompt >= min_samples,
                f"must be >= {min_samples}")
         for k in ("prompts_per_step", "max_new_tokens"):
@@ -150,6 +153,13 @@ class RolloutConfig:
         _check(f"{section}.temperature", self.temperature > 0, "must be > 0")
         _check(f"{section}.top_p", 0 < self.top_p <= 1, "must be in (0, 1]")
         _choice(f"{section}.decoder", self.decoder, ("rlfuse", "hf"))
+        _choice(f"{section}.weights", self.weights, ("policy", "int8"))
+        correction = f"{section.split('.')[0]}.loss.rollout_correction"
+        _check(correction, self.weights == "policy" or loss.rollout_correction is not None,
+               f"must be tis or mis with {section}.weights=int8: the loss weighs each token by "
+               f"the policy's probability over the int8 sampler's")
+        _check(f"{section}.decoder", self.decoder == "rlfuse" or loss.rollout_correction is None,
+               f"must be rlfuse with {correction} set (it records the sampler's log-probs)")
 
     @property
     def completions_per_step(self) -> int:
@@ -169,7 +179,7 @@ class GRPOConfig:
     loss: PolicyLossConfig = PolicyLossConfig()  # temperature, logit transform: from the trainer
 
     def __post_init__(self):
-        self.rollout.check("grpo.rollout", min_samples=2)  # advantages compare a group
+        self.rollout.check("grpo.rollout", min_samples=2, loss=self.loss)  # groups of >= 2
         for k in ("passes", "mini_batches"):
             _check(f"grpo.{k}", getattr(self, k) >= 1, "must be >= 1")
         _choice("grpo.advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
@@ -236,7 +246,7 @@ class PPOConfig:
     reward_model: RewardModelConfig = RewardModelConfig()
 
     def __post_init__(self):
-        self.rollout.check("ppo.rollout", min_samples=1)
+        self.rollout.check("ppo.rollout", min_samples=1, loss=self.loss)
         for k in ("epochs", "mini_batches", "kl_horizon"):
             _check(f"ppo.{k}", getattr(self, k) >= 1, "must be >= 1")
         _check("ppo.gamma", 0 <= self.gamma <= 1, "must be in [0, 1]")

@@ -6,6 +6,7 @@ prompt and the padding set to `IGNORE`, so hidden[:, :-1] scores targets = input
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +24,7 @@ class Batch:
     input_ids: Tensor        # [B, T] int64, right-padded
     attention_mask: Tensor   # [B, T] int64
     targets: Tensor          # [B, T-1] int64, IGNORE on prompt and padding
+    rollout_logp: Optional[Tensor] = None  # [B, T-1] fp32: the sampler's log-probs of targets
 
     @property
     def mask(self) -> Tensor:  # [B, T-1] bool, completion tokens
@@ -36,10 +38,14 @@ class Batch:
         return int(cols[0]) if cols.numel() else 0
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets)))
+        return self._map(lambda t: t.to(device))
 
     def __getitem__(self, idx) -> "Batch":
-        return Batch(self.input_ids[idx], self.attention_mask[idx], self.targets[idx])
+        return self._map(lambda t: t[idx])
+
+    def _map(self, fn) -> "Batch":
+        return Batch(*(None if t is None else fn(t)
+                       for t in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,

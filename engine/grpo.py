@@ -26,7 +26,7 @@ from .config import ConfigError
 from .data import IGNORE, Sampler, read_jsonl
 from .model import Reference, head, scored_hidden, sequence_logprobs
 from .rewards import build_rewards
-from .rollout import minibatch_steps, rollout_and_score
+from .rollout import check_weights, minibatch_steps, rollout_and_score
 from .sft import Demonstrations, nll_loss
 from .trainer import Trainer
 
@@ -50,6 +50,7 @@ class GRPOTrainer(Trainer):
             raise ConfigError(f"config key 'grpo.mini_batches' must divide each rank's "
                               f"{g.rollout.completions_per_step // distributed.world()} "
                               f"completions per step under {distributed.world()} processes")
+        check_weights(g.rollout, "grpo.rollout", self.device)
         self.sampler = Sampler(len(self.prompts), g.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or build_rewards(g.rollout.rewards)
         self.reference = Reference(self.model, cfg.model.reference) if g.reference else None
@@ -69,7 +70,8 @@ class GRPOTrainer(Trainer):
         # 1-2. rollout: G samples per prompt, grouped contiguously, and their rewards
         with self.wrapped.inference():
             scored = self.forward(rollout_and_score, self.model, self.tok, rows, g.rollout,
-                                  self.reward_fn, self.cfg.max_length)
+                                  self.reward_fn, self.cfg.max_length,
+                                  self.loss_cfg.rollout_correction is not None)
         batch = scored.batch
         # group-relative advantages, over every rank's groups
         rewards, mine = distributed.gather_rows(scored.rewards)
@@ -108,12 +110,14 @@ class GRPOTrainer(Trainer):
             b, h = batch[mb], head(self.model)
             hid, c = scored_hidden(self.model, b)
             # a vocab-parallel head scores every rank's rows: its loss is the global one
-            hid, targets, a, old_mb, ref_mb, _ = vocab_parallel.whole_batch(
+            hid, targets, a, old_mb, ref_mb, roll_mb, _ = vocab_parallel.whole_batch(
                 h, hid, b.targets[:, c:], adv[mb], None if old is None else old[mb, c:],
-                None if ref is None else ref[mb, c:])
+                None if ref is None else ref[mb, c:],
+                None if b.rollout_logp is None else b.rollout_logp[:, c:])
             loss, out = rlfuse.policy_loss(
                 hid, h.weight, targets, targets != IGNORE, a, bias=h.bias, old_logp=old_mb,
-                ref_logp=ref_mb, config=self.loss_cfg, vocab_group=h.vocab_group)
+                ref_logp=ref_mb, rollout_logp=roll_mb, config=self.loss_cfg,
+                vocab_group=h.vocab_group)
             if token_normalized:
                 loss = loss * distributed.token_share(out.metrics["tokens"])
             metrics = {"loss": loss.item(), **{k: v.item() for k, v in out.metrics.items()}}

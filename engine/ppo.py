@@ -45,7 +45,7 @@ from . import distributed, vocab_parallel
 from .data import IGNORE, Sampler, check_prompt_lengths, encode, read_jsonl
 from .model import Reference, head, head_logprobs, hidden_chunks, hidden_states
 from .rewards import Weighted, build_rewards
-from .rollout import minibatch_steps, rollout_and_score
+from .rollout import check_weights, minibatch_steps, rollout_and_score
 from .trainer import Trainer
 
 
@@ -105,11 +105,12 @@ def ppo_loss(model, value_head, batch, adv, old_logp, old_values, returns, *, re
     hid = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [b, T-1, H]
     c = batch.first_target  # the LM head skips the columns that are prompt in every row
     # a vocab-parallel head scores every rank's rows: pg is then the global loss already
-    x, targets, a, old, ref, _ = vocab_parallel.whole_batch(
+    x, targets, a, old, ref, roll, _ = vocab_parallel.whole_batch(
         h, hid[:, c:], batch.targets[:, c:], adv[:, c:], old_logp[:, c:],
-        None if ref_logp is None else ref_logp[:, c:])
+        None if ref_logp is None else ref_logp[:, c:],
+        None if batch.rollout_logp is None else batch.rollout_logp[:, c:])
     pg, out = rlfuse.policy_loss(x, h.weight, targets, targets != IGNORE, a, old_logp=old,
-                                 ref_logp=ref, bias=h.bias, config=loss_cfg,
+                                 ref_logp=ref, rollout_logp=roll, bias=h.bias, config=loss_cfg,
                                  vocab_group=h.vocab_group)
     values = value_head(hid if critic is None else critic_hidden(critic, batch))  # [b, T-1] fp32
     vf, vm = rlfuse.value_loss(values, old_values, returns, batch.mask, clip=value_clip)
@@ -149,6 +150,7 @@ class PPOTrainer(Trainer):
             # fewer minibatch forwards than the others, and the ranks' collectives would not pair
             check_prompt_lengths(encode(self.tok, [r["prompt"] for r in self.prompts]),
                                  cfg.max_length, p.data)
+        check_weights(p.rollout, "ppo.rollout", self.device)
         self.sampler = Sampler(len(self.prompts), p.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or self.build_reward()
         self.reference = Reference(self.model, cfg.model.reference)
@@ -181,7 +183,8 @@ class PPOTrainer(Trainer):
         # 1-2. rollout and score
         with self.wrapped.inference():
             scored = self.forward(rollout_and_score, self.model, self.tok, rows, p.rollout,
-                                  self.reward_fn, self.cfg.max_length)
+                                  self.reward_fn, self.cfg.max_length,
+                                  self.loss_cfg.rollout_correction is not None)
         scores, batch = scored.rewards, scored.batch
         if not bool(scores.isfinite().all()):  # GAE has no "unscored": NaN would reach the critic
             raise ValueError(f"PPO needs a finite score for every completion; the reward gave "

@@ -27,12 +27,15 @@ import inspect
 import math
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import distributed, vocab_parallel
+from .config import ConfigError
 from .data import Batch, encode, pack
+from .model import int8_copy
 
 DECODERS = ("rlfuse", "hf")
 NUCLEUS_CANDIDATES = 1024  # top_p < 1 sorts only these, unless their mass is below top_p
@@ -43,6 +46,7 @@ class Rollout:
     prompt_ids: list[list[int]]       # per completion (prompts repeated n times)
     completion_ids: list[list[int]]   # ends with EOS unless cut by max_new_tokens
     texts: list[str]
+    logprobs: Optional[list[list[float]]] = None  # the sampler's, per completion token
 
     @property
     def lengths(self) -> list[int]:
@@ -72,7 +76,10 @@ def sample_tokens(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0,
 def head_logits(x: Tensor, h) -> Tensor:
     """fp32 logits [B, V] of last hidden states x [B, H] under the LM head `h`
     (`rlfuse.engine.model.LMHead`), with bias, logit_scale and final_logit_softcapping applied."""
-    logits = (h.weight.float() @ x.float().t()).t().contiguous()
+    if h.linear is not None:  # an int8 rollout copy's head
+        logits = h.linear(x).float()
+    else:
+        logits = (h.weight.float() @ x.float().t()).t().contiguous()
     if h.bias is not None:
         logits += h.bias.float()
     if h.logit_scale != 1.0:
@@ -83,21 +90,24 @@ def head_logits(x: Tensor, h) -> Tensor:
 
 @torch.no_grad()
 def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature: float,
-            top_p: float, greedy: bool, eos: int, pad: int) -> Tensor:
-    """New tokens [B, <= max_new_tokens] (pad after a row's EOS; stops when all rows have one)."""
+            top_p: float, greedy: bool, eos: int, pad: int, logprobs: bool = False
+            ) -> tuple[Tensor, Optional[Tensor]]:
+    """New tokens [B, <= max_new_tokens] (pad after a row's EOS; stops when all rows have one),
+    and with `logprobs` their fp32 log-probs under softmax(logits / temperature) [B, same]."""
     from transformers import DynamicCache
 
     from .model import head
 
     h = head(model)
-    h = dataclasses.replace(h, weight=h.weight.float())  # a copy only for bf16/fp16 weights
+    if h.weight is not None:
+        h = dataclasses.replace(h, weight=h.weight.float())  # a copy only for bf16/fp16 weights
     decoder = model.get_decoder()
     # newer transformers name the argument `cache`, older releases `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters \
         else "past_key_values"
     cache = {cache_arg: DynamicCache(config=model.config)}
     pos = (att.cumsum(-1) - 1).clamp_min(0)
-    ids, out = inp, []
+    ids, out, lps = inp, [], []
     done = torch.zeros(inp.shape[0], dtype=torch.bool, device=inp.device)
     counts = None if h.vocab is None else vocab_parallel.row_counts(inp.shape[0])
     for _ in range(max_new_tokens):
@@ -113,6 +123,8 @@ def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature
         else:
             tok = sample_tokens(logits, temperature, top_p, greedy).masked_fill(done, pad)
         out.append(tok)
+        if logprobs:
+            lps.append(torch.log_softmax(logits / temperature, -1).gather(1, tok[:, None])[:, 0])
         done |= tok == eos
         finished = bool(done.all())
         if h.vocab is not None:  # the ranks step together until all of them are done
@@ -121,30 +133,37 @@ def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature
             break
         ids, pos = tok[:, None], pos[:, -1:] + 1
         att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)
-    return torch.stack(out, dim=1)
+    return torch.stack(out, dim=1), torch.stack(lps, dim=1) if logprobs else None
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: float = 1.0,
              top_p: float = 1.0, max_new_tokens: int = 32, greedy: bool = False,
-             batch_size: int = 512, decoder: str = "rlfuse") -> Rollout:
-    """n completions per prompt, grouped contiguously: [p0, p0, ..., p1, p1, ...]."""
+             batch_size: int = 512, decoder: str = "rlfuse", logprobs: bool = False) -> Rollout:
+    """n completions per prompt, grouped contiguously: [p0, p0, ..., p1, p1, ...]; `logprobs`
+    records each sampled token's log-prob under softmax(logits / temperature) (the full
+    distribution, as the losses score it, also when top_p < 1), with decoder "rlfuse" only."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
+    if logprobs and decoder != "rlfuse":
+        raise ValueError("logprobs=True needs decoder='rlfuse'")
     ids = [x for x in encode(tokenizer, prompts) for _ in range(n)]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    comps = []
+    comps, lps = [], []
     for s in range(0, len(ids), batch_size):
         chunk = ids[s:s + batch_size]
         t = max(len(x) for x in chunk)
         inp = torch.tensor([[pad] * (t - len(x)) + x for x in chunk], device=device)
         att = torch.tensor([[0] * (t - len(x)) + [1] * len(x) for x in chunk], device=device)
         if decoder == "rlfuse":
-            new = _decode(model, inp, att, max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, greedy=greedy, eos=eos, pad=pad)
+            new, lp = _decode(model, inp, att, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, greedy=greedy, eos=eos,
+                              pad=pad, logprobs=logprobs)
+            if logprobs:
+                lps += lp.tolist()
         else:
             sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             new = model.generate(input_ids=inp, attention_mask=att, max_new_tokens=max_new_tokens,
@@ -154,7 +173,8 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
             comps.append(row[:row.index(eos) + 1] if eos in row else row)
     model.train(was_training)
     texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
-    return Rollout(ids, comps, texts)
+    return Rollout(ids, comps, texts,
+                   [lp[:len(c)] for lp, c in zip(lps, comps)] if logprobs else None)
 
 
 # ----------------------------------------------------------------------------- GRPO and PPO
@@ -173,21 +193,43 @@ class ScoredRollout:
                 "rollout_tokens_per_s": sum(lengths) / self.seconds}
 
 
-def rollout_and_score(model, tokenizer, rows: list[dict], cfg, reward_fn, max_length: int
-                      ) -> ScoredRollout:
+def check_weights(cfg, section: str, device: torch.device) -> None:
+    """`<section>.weights=int8` (a RolloutConfig at config key `section`) where it runs for now:
+    on CPU (torch's int8 weight-only kernel), in one process."""
+    if cfg.weights != "int8":
+        return
+    if device.type != "cpu":
+        raise ConfigError(f"config key '{section}.weights': int8 runs on CPU only for now, "
+                          f"not on {device.type}; set it to policy")
+    if distributed.world() > 1:
+        raise ConfigError(f"config key '{section}.weights': int8 runs in one process for now, "
+                          f"not under torchrun; set it to policy")
+
+
+def rollout_and_score(model, tokenizer, rows: list[dict], cfg, reward_fn, max_length: int,
+                      logprobs: bool = False) -> ScoredRollout:
     """`cfg.samples_per_prompt` completions of each row's "prompt" under `cfg` (a RolloutConfig),
     scored by `reward_fn(prompts, completions, **columns)`: the rows' other columns (such as
-    "answer") repeated per completion."""
+    "answer") repeated per completion. cfg.weights "int8" samples from this step's int8 copy of
+    the policy (model.int8_copy, dropped after); `logprobs` puts the sampler's log-probs into the
+    batch (Batch.rollout_logp, for the losses' rollout_correction)."""
     n = cfg.samples_per_prompt
     t0 = time.perf_counter()
-    roll = generate(model, tokenizer, [r["prompt"] for r in rows], n=n,
+    sampler = int8_copy(model, rollout=True) if cfg.weights == "int8" else model
+    roll = generate(sampler, tokenizer, [r["prompt"] for r in rows], n=n,
                     temperature=cfg.temperature, top_p=cfg.top_p,
-                    max_new_tokens=cfg.max_new_tokens, decoder=cfg.decoder)
+                    max_new_tokens=cfg.max_new_tokens, decoder=cfg.decoder, logprobs=logprobs)
+    del sampler
     seconds = time.perf_counter() - t0
     prompts = [r["prompt"] for r in rows for _ in range(n)]
     columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
     rewards = torch.tensor(reward_fn(prompts, roll.texts, **columns), dtype=torch.float32)
     batch = pack(roll.prompt_ids, roll.completion_ids, tokenizer.pad_token_id, max_length)
+    if logprobs:  # each row's scored positions are its completion's first tokens, in order
+        lp = torch.zeros(batch.targets.shape)
+        kept = batch.mask.sum(1).tolist()
+        lp[batch.mask] = torch.tensor([x for row, k in zip(roll.logprobs, kept) for x in row[:k]])
+        batch = dataclasses.replace(batch, rollout_logp=lp)
     eos = tokenizer.eos_token_id
     cut = sum(len(c) >= cfg.max_new_tokens and c[-1] != eos for c in roll.completion_ids)
     return ScoredRollout(roll, rewards, batch.to(next(model.parameters()).device), seconds,

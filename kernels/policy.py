@@ -58,6 +58,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 ROLLOUT_CORRECTIONS = (None, "tis", "mis")
 METRICS = ("kl", "entropy", "clip_fraction_low", "clip_fraction_high", "clip_fraction",
            "ratio_mean", "ratio_min", "ratio_max", "approx_kl", "tokens")
+ROLLOUT_METRICS = ("rollout_kl", "rollout_weight_mean", "rollout_capped_fraction")  # with
+# rollout_correction: how far the rollout engine samples from `old`
 
 
 # ----------------------------------------------------------------------------- config / output
@@ -131,7 +133,7 @@ class PolicyLossOutput:
     logp: Tensor      # [B, T] fp32, detached (0 at ignore_index targets)
     entropy: Tensor   # [B, T] fp32, detached
     kl: Tensor        # [B, T] fp32 per-token KL estimate to the reference, detached (0 without it)
-    metrics: dict = field(default_factory=dict)   # name -> 0-d fp32 tensor, see METRICS
+    metrics: dict = field(default_factory=dict)   # name -> 0-d fp32: METRICS (+ ROLLOUT_METRICS)
 
 
 # ----------------------------------------------------------------------------- per-row inputs
@@ -297,6 +299,12 @@ def _metrics(cfg: PolicyLossConfig, logp, entropy, ratio, kl, rows: _Rows) -> di
         "approx_kl": mean(torch.expm1(d) - d),   # k3 estimate of KL(old || new)
         "tokens": n,
     }
+    if cfg.rollout_correction is not None:  # ROLLOUT_METRICS
+        log_w = torch.where(v, (rows.old if rows.old is not None else logp) - rows.rollout, 0)
+        w = torch.exp(log_w)
+        out["rollout_kl"] = mean(torch.expm1(log_w) - log_w)  # k3 of KL(rollout || old)
+        out["rollout_weight_mean"] = mean(w)                 # before the cap
+        out["rollout_capped_fraction"] = mean(w > cfg.rollout_correction_cap)
     return {k: t.detach().to(torch.float32) for k, t in out.items()}
 
 

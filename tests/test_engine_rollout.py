@@ -111,3 +111,81 @@ def test_unknown_decoder_is_an_error(tok):
                                intermediate_size=16), tok)
     with pytest.raises(ValueError, match="decoder"):
         generate(m, tok, ["1="], decoder="vllm")
+
+
+# ----------------------------------------------------------------------------- int8 sampler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 64, 65])
+def test_int8_linear_decode_kernel_matches_its_dequantized_weight(dtype, rows):
+    from rlfuse.engine.model import Int8Linear
+
+    torch.manual_seed(rows)
+    w, b = torch.randn(37, 24).to(dtype), torch.randn(37).to(dtype)  # odd out, in % 8 == 0
+    fast, exact = Int8Linear(w, b, decode=True), Int8Linear(w, b)
+    assert fast.decode and torch.equal(fast.qweight, exact.qweight)
+    x = torch.randn(rows, 24).to(dtype)
+    deq = exact.qweight.double() * exact.scale.double()
+    want = x.double() @ deq.t() + b.double()
+    got = fast(x)
+    assert got.dtype == dtype and got.shape == (rows, 37)
+    # the kernel rounds inputs and scales to bf16: within a few bf16 ulps of the exact product
+    scale = want.abs().max()
+    assert (got.double() - want).abs().max() < 2e-2 * scale
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (exact(x).double() - want).abs().max() < tol * scale
+    # quantization itself: each weight within half a step of its row's scale
+    assert ((deq - w.double()).abs() <= exact.scale.double() / 2 + 1e-6).all()
+
+
+def test_int8_linear_falls_back_where_the_kernel_does_not_apply():
+    from rlfuse.engine.model import Int8Linear
+
+    odd = Int8Linear(torch.randn(5, 12), decode=True)  # in_features % 8 != 0: torch would crash
+    assert not odd.decode
+    x = torch.randn(3, 12)
+    assert torch.allclose(odd(x), x @ (odd.qweight * odd.scale).t(), atol=1e-6)
+
+
+def test_int8_rollout_copy_shares_weights_and_quantizes_the_head(tok):
+    from rlfuse.engine.model import Int8Linear, int8_copy
+
+    m = _model("qwen2", tok)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        q = int8_copy(m, rollout=True)
+    linears = [n for n, x in m.named_modules() if isinstance(x, torch.nn.Linear)]
+    assert all(isinstance(q.get_submodule(n), Int8Linear) for n in linears)
+    assert isinstance(q.get_output_embeddings(), Int8Linear) and head(q).weight is None
+    assert q.get_input_embeddings().weight is m.get_input_embeddings().weight  # shared
+    assert all(p.requires_grad for p in m.parameters())
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    # its logits stay close to the policy's
+    ids = torch.randint(4, len(tok), (2, 9))
+    with torch.no_grad():
+        a = m(input_ids=ids).logits.log_softmax(-1)
+        b = q(input_ids=ids).logits.log_softmax(-1)
+    assert 0 < (a - b).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("weights", ["policy", "int8"])
+def test_rollout_logprobs_are_the_samplers_own(tok, weights):
+    from rlfuse.engine.data import pack
+    from rlfuse.engine.model import int8_copy, sequence_logprobs
+
+    m = _model("qwen2", tok)
+    with torch.no_grad():
+        sampler = int8_copy(m, rollout=True) if weights == "int8" else m
+    torch.manual_seed(1)
+    roll = generate(sampler, tok, PROMPTS, n=3, temperature=0.7, max_new_tokens=10,
+                    logprobs=True)
+    assert [len(x) for x in roll.logprobs] == roll.lengths
+    batch = pack(roll.prompt_ids, roll.completion_ids, tok.pad_token_id)
+    lp = sequence_logprobs(m, batch, 0.7)[batch.mask]
+    mine = torch.tensor([x for row in roll.logprobs for x in row])
+    assert (mine <= 0).all()
+    if weights == "policy":  # the decoder's head pass vs the fused op: the same numbers
+        assert torch.allclose(mine, lp, atol=1e-4)
+    else:  # the int8 sampler's own distribution, a little off the policy's
+        assert 0 < (mine - lp).abs().max() < 0.1
+    with pytest.raises(ValueError, match="logprobs=True needs decoder='rlfuse'"):
+        generate(m, tok, PROMPTS, logprobs=True, decoder="hf")

@@ -524,3 +524,82 @@ def test_grpo_trains_with_an_int8_reference(tmp_path):
     assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows)
     with pytest.raises(ConfigError, match="'model.reference' must be copy with model.lora_r"):
         ModelConfig(reference="int8", lora_r=4)
+
+
+# ----------------------------------------------------------------------------- int8 sampler
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_trains_from_an_int8_sampler_with_the_rollout_correction(tmp_path, monkeypatch, algo):
+    from rlfuse.engine import ppo
+    from rlfuse.engine import grpo as grpo_mod
+
+    from rlfuse.engine.config import PPOConfig
+
+    base = make_cfg(tmp_path, algo, steps=2,
+                    ppo=PPOConfig(data=str(tmp_path / "prompts.jsonl"), rollout=ROLLOUT))
+    section = getattr(base, algo)
+    cfg = dataclasses.replace(base, **{algo: dataclasses.replace(
+        section, rollout=dataclasses.replace(section.rollout, weights="int8"),
+        loss=dataclasses.replace(section.loss, rollout_correction="tis"))})
+    module = grpo_mod if algo == "grpo" else ppo
+    seen = []
+
+    def spy(model, *args):  # the sampler's and the policy's log-probs of each rollout
+        scored = rollout_and_score(model, *args)
+        b = scored.batch
+        seen.append((b, sequence_logprobs(model, b, section.rollout.temperature)))
+        return scored
+    monkeypatch.setattr(module, "rollout_and_score", spy)
+    t = (GRPOTrainer if algo == "grpo" else ppo.PPOTrainer)(cfg)
+    rows = t.fit(plot=False)
+    assert [r["step"] for r in rows] == [1, 2] and len(seen) == 2
+    for r in rows:
+        assert math.isfinite(r["loss"]) and r["rollout_kl"] >= 0
+        assert 0 < r["rollout_weight_mean"] < 2 and 0 <= r["rollout_capped_fraction"] < 0.5
+    for b, policy_lp in seen:
+        assert b.rollout_logp is not None and b.rollout_logp.shape == b.targets.shape
+        assert (b.rollout_logp[~b.mask] == 0).all() and (b.rollout_logp[b.mask] < 0).all()
+        # the sampler was the int8 copy: its log-probs are close to the policy's, not equal
+        gap = (policy_lp - b.rollout_logp)[b.mask].abs()
+        assert 0 < gap.max() < 0.1
+
+
+def test_int8_sampler_config_errors(tmp_path):
+    from rlfuse.engine.config import PPOConfig, RolloutConfig
+    from rlfuse.engine.rollout import check_weights
+
+    int8 = dataclasses.replace(ROLLOUT, weights="int8")
+    with pytest.raises(ConfigError, match="'grpo.loss.rollout_correction' must be tis or mis"):
+        GRPOConfig(rollout=int8)
+    with pytest.raises(ConfigError, match="'ppo.loss.rollout_correction' must be tis or mis"):
+        PPOConfig(rollout=int8)
+    with pytest.raises(ConfigError, match="'grpo.rollout.decoder' must be rlfuse"):
+        GRPOConfig(rollout=dataclasses.replace(ROLLOUT, decoder="hf"),
+                   loss=rlfuse.PolicyLossConfig(rollout_correction="mis"))
+    with pytest.raises(ConfigError, match="'grpo.rollout.weights' must be one of"):
+        GRPOConfig(rollout=dataclasses.replace(ROLLOUT, weights="int4"))
+    with pytest.raises(ConfigError, match="'grpo.rollout.weights': int8 runs on CPU only"):
+        check_weights(RolloutConfig(weights="int8"), "grpo.rollout", torch.device("cuda"))
+    check_weights(RolloutConfig(weights="int8"), "grpo.rollout", torch.device("cpu"))
+    check_weights(RolloutConfig(), "grpo.rollout", torch.device("cuda"))  # policy: anywhere
+
+
+def test_int8_sampler_merges_lora_adapters(tok):
+    pytest.importorskip("peft")
+    from rlfuse.engine.model import Int8Linear, int8_copy, load_policy
+
+    torch.manual_seed(0)
+    m, _ = load_policy(dataclasses.replace(TINY, lora_r=4), torch.device("cpu"), tok)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a trained adapter: the policy is no longer its base
+        q = int8_copy(m, rollout=True)
+    assert any(isinstance(x, Int8Linear) for x in q.modules())
+    assert not any("lora_" in n for n, _ in q.named_modules())  # merged into the int8 weights
+    ids = torch.randint(4, len(tok), (2, 9))
+    with torch.no_grad():
+        policy = m(input_ids=ids).logits.log_softmax(-1)
+        sampler = q(input_ids=ids).logits.log_softmax(-1)
+        with m.disable_adapter():
+            base = m(input_ids=ids).logits.log_softmax(-1)
+    assert (policy - sampler).abs().max() < 0.1 < (policy - base).abs().max()

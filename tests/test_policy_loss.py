@@ -80,7 +80,8 @@ def _assert_matches(inp, cfg, dtype, atol, **kw):
         budget = (n.double() - want).abs().max().item()
         scale = want.abs().max().item()
         assert err <= 2 * budget + atol * max(1.0, scale), (name, err, budget, scale)
-    assert set(out.metrics) == set(policy.METRICS)
+    rollout = policy.ROLLOUT_METRICS if cfg.rollout_correction else ()
+    assert set(out.metrics) == {*policy.METRICS, *rollout}
     for k, val in out.metrics.items():
         assert val.dim() == 0 and val.dtype == torch.float32
         torch.testing.assert_close(val.double(), tout.metrics[k].double(), atol=1e-5, rtol=1e-4,
@@ -531,5 +532,29 @@ def test_integer_side_inputs_name_the_dtype(name):
 
 def test_choice_tuples_are_exported():
     assert policy.LOSS_TYPES == tuple(LOSS_TYPES)
-    for name in ("IMPORTANCE_LEVELS", "KL_ESTIMATORS", "ROLLOUT_CORRECTIONS", "METRICS"):
+    for name in ("IMPORTANCE_LEVELS", "KL_ESTIMATORS", "ROLLOUT_CORRECTIONS", "METRICS",
+                 "ROLLOUT_METRICS"):
         assert isinstance(getattr(policy, name), tuple)
+
+
+@pytest.mark.parametrize("old", ["given", "none"])
+@pytest.mark.parametrize("mode", ["tis", "mis"])
+def test_rollout_correction_metrics(mode, old):
+    """rollout_kl, rollout_weight_mean and rollout_capped_fraction over the valid tokens, from
+    w = exp(old - rollout) (old = logp when old_logp is None)."""
+    inp = _inputs(torch.float32, v=31)
+    cfg = PolicyLossConfig(rollout_correction=mode, rollout_correction_cap=1.5)
+    kw = {} if old == "given" else {"old_logp": None}
+    _, out = _run(inp, cfg, **kw)
+    valid = (inp["m"] != 0) & (inp["t"] != -100)
+    base = inp["old"] if old == "given" else out.logp
+    log_w = (base - inp["rollout"])[valid].double()
+    w = log_w.exp()
+    m = out.metrics
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m["rollout_kl"].double(), (w - 1 - log_w).mean(), **close)
+    torch.testing.assert_close(m["rollout_weight_mean"].double(), w.mean(), **close)
+    frac = (w > 1.5).double().mean()
+    assert 0 < frac < 1 and m["rollout_capped_fraction"].double() == pytest.approx(frac.item(),
+                                                                                 abs=1e-6)
+    assert "rollout_kl" not in _run(inp, PolicyLossConfig())[1].metrics
