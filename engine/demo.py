@@ -94,6 +94,8 @@ class DemoConfig:
     dtype: str = "float32"           # float32 | bfloat16 (bf16 weights, stochastic-rounding AdamW)
     optim_states: str = "param"      # optim.states: param | int8 (8-bit AdamW moments)
     reference: str = "copy"          # model.reference of GRPO / PPO: copy | int8
+    rollout_weights: str = "policy"  # rollout.weights of GRPO / PPO: policy | int8 (with the
+                                     # loss's rollout_correction=tis)
     at_n: int = 0                    # > 0: best@n and maj@n after every stage (first eval seed)
     regression_set: Optional[str] = None  # frozen JSONL prompts (+ answers): greedy outputs
                                      # after every stage, diffed with the stage before
@@ -172,9 +174,11 @@ def ppo_stage(d: DemoConfig, out: str, model, tok, train: list[dict], budget: in
         rm = RewardModelConfig(pairs=os.path.join(out, "rm_pairs.jsonl"), steps=d.rm_steps,
                                batch_size=64)
     roll = RolloutConfig(prompts_per_step=d.ppo_prompts, samples_per_prompt=d.ppo_samples,
-                         max_new_tokens=budget, rewards=(RewardSpec("exact_answer", 1.0),))
+                         max_new_tokens=budget, rewards=(RewardSpec("exact_answer", 1.0),),
+                         weights=d.rollout_weights)
+    loss = dataclasses.replace(PPOConfig.loss, rollout_correction=correction(d))
     ppo = PPOConfig(data=os.path.join(out, "prompts.jsonl"), rollout=roll, epochs=2,
-                    mini_batches=2, kl_coef=0.05, reward=d.ppo_reward, reward_model=rm)
+                    mini_batches=2, kl_coef=0.05, reward=d.ppo_reward, reward_model=rm, loss=loss)
     guard = GuardConfig()
     if d.ppo_reward == "model" and d.ppo_guard_every:
         write_jsonl(os.path.join(out, "guard_prompts.jsonl"), train[-128:])
@@ -229,6 +233,11 @@ def fit(trainer, stage: str) -> None:
     trainer.fit()
     if trainer.interrupted:
         raise Interrupted(stage, trainer.interrupted)
+
+
+def correction(d: DemoConfig):
+    """The RL losses' rollout_correction: tis when the rollouts come from an int8 copy."""
+    return "tis" if d.rollout_weights == "int8" else None
 
 
 def stage_config(d: DemoConfig, out: str, algo: str, steps: int, lr: float, **sections):
@@ -318,11 +327,12 @@ def _run(d: DemoConfig) -> dict:
     roll = RolloutConfig(prompts_per_step=d.grpo_prompts, samples_per_prompt=d.grpo_group,
                          temperature=1.0, max_new_tokens=budget,
                          rewards=(RewardSpec("exact_answer", 1.0),
-                                  RewardSpec("regex_format", 0.1, {"pattern": r"\d+"})))
+                                  RewardSpec("regex_format", 0.1, {"pattern": r"\d+"})),
+                         weights=d.rollout_weights)
     grpo = GRPOConfig(data=os.path.join(out, "prompts.jsonl"), rollout=roll, passes=2,
                       reference=True,
                       loss=rlfuse.PolicyLossConfig(loss_type="grpo", beta=d.grpo_beta,
-                                                   eps_high=0.28))
+                                                   eps_high=0.28, rollout_correction=correction(d)))
     if "grpo" in stages:
         fit(GRPOTrainer(stage_config(d, out, "grpo", d.grpo_steps, d.grpo_lr, grpo=grpo), model,
                         tok), "grpo")

@@ -333,12 +333,18 @@ class Int8Linear(torch.nn.Module):
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, decode: bool = False):
         super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
+        n, k = weight.shape
+        q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(n, 1, dtype=torch.float32, device=weight.device)
+        for s in range(0, n, 4096):  # fp32 transients of 4096 rows, not of the whole weight
+            w = weight[s:s + 4096].detach().float()
+            scale[s:s + 4096] = w.abs().amax(1, keepdim=True).clamp_min(
+                torch.finfo(torch.float32).tiny) / 127
+            q[s:s + 4096] = torch.round(w / scale[s:s + 4096])
+        self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.decode = decode and w.shape[1] % 8 == 0
+        self.decode = decode and k % 8 == 0
         self.register_buffer("scale_bf16", scale.squeeze(1).bfloat16() if self.decode else None)
 
     def forward(self, x: Tensor) -> Tensor:
