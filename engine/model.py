@@ -5,7 +5,8 @@ final norm) and `head` returns the LM head (`LMHead`: weight, bias and the model
 transform, `logit_scale`, `final_logit_softcapping`) for `rlfuse.linear_logprobs` / the fused
 losses.
 The reference policy is a frozen copy (optionally with int8 linear layers), or the base of a
-LoRA policy with the adapter off.
+LoRA policy with the adapter off. `int8_copy` builds both int8 models: that reference, and the
+int8 sampler of `rollout.weights=int8`.
 """
 from __future__ import annotations
 
@@ -322,25 +323,27 @@ def int8_copy(model, rollout: bool = False):
 # dequantize + fp32 GEMM on CPU, 896 x 4864 layers, AMD EPYC AVX2, 2 threads: 3.4x faster at 8
 # rows, even at 64, 0.7x at 256. It needs in_features % 8 == 0 (other sizes crash in torch 2.13).
 INT8_MM_MAX_ROWS = 64
+ROWS = 4096  # Int8Linear quantizes and dequantizes its weight this many output rows at a time
 
 
 class Int8Linear(torch.nn.Module):
     """A frozen `nn.Linear` held as int8 weights with one fp32 scale per output row (symmetric,
     rounded to nearest): 1 byte a weight instead of 4 (fp32) or 2 (bf16). A call dequantizes the
-    weight into the input's dtype, a transient of one layer; with `decode=True`, a CPU call of at
-    most INT8_MM_MAX_ROWS rows runs torch's int8 kernel instead, on the input rounded to bf16 (and
-    a bf16 scale): the rollout copy's decode steps, whose sampling log-probs are recorded."""
+    weight into the input's dtype, ROWS output features at a time; with `decode=True`, a CPU call
+    of at most INT8_MM_MAX_ROWS rows runs torch's int8 kernel instead, on the input rounded to
+    bf16 (and a bf16 scale): the rollout copy's decode steps, whose sampling log-probs are
+    recorded."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, decode: bool = False):
         super().__init__()
         n, k = weight.shape
         q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
         scale = torch.empty(n, 1, dtype=torch.float32, device=weight.device)
-        for s in range(0, n, 4096):  # fp32 transients of 4096 rows, not of the whole weight
-            w = weight[s:s + 4096].detach().float()
-            scale[s:s + 4096] = w.abs().amax(1, keepdim=True).clamp_min(
+        for s in range(0, n, ROWS):  # fp32 transients of ROWS rows, not of the whole weight
+            w = weight[s:s + ROWS].detach().float()
+            scale[s:s + ROWS] = w.abs().amax(1, keepdim=True).clamp_min(
                 torch.finfo(torch.float32).tiny) / 127
-            q[s:s + 4096] = torch.round(w / scale[s:s + 4096])
+            q[s:s + ROWS] = torch.round(w / scale[s:s + ROWS])
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -353,8 +356,11 @@ class Int8Linear(torch.nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16).contiguous(),
                                           self.qweight, self.scale_bf16)
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        return torch.nn.functional.linear(x, (self.qweight * self.scale).to(x.dtype), self.bias)
+        else:  # dequantized ROWS output features at a time: a slab's transient, not the weight's
+            parts = [torch.nn.functional.linear(x, (q * s).to(x.dtype))
+                     for q, s in zip(self.qweight.split(ROWS), self.scale.split(ROWS))]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y if self.bias is None else y + self.bias
 
 
 def quiet_transformers() -> None:

@@ -16,6 +16,10 @@ Two decoders, the same distribution:
             is drawn by inverse CDF from one uniform per row (torch.multinomial draws an
             exponential variate per vocabulary entry: over 10x slower at 32k).
   "hf"      `model.generate` (any model `generate` supports).
+`weights="int8"` (RolloutConfig) samples from this step's int8 weight-only copy of the policy
+(model.int8_copy: torch's int8 kernel in the decode steps, about 1 byte a weight, dropped after
+the rollout); the sampler's log-probs go into the batch, and the loss's rollout_correction
+(tis / mis) weighs each token by the policy's probability over the sampler's.
 With a vocab-parallel LM head (distributed.vocab_parallel) the "rlfuse" decoder gathers each
 step's full-vocabulary logits of this rank's rows from every shard and steps in lockstep with
 the other ranks (rlfuse.engine.vocab_parallel); "hf" is refused there.

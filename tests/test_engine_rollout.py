@@ -137,6 +137,17 @@ def test_int8_linear_decode_kernel_matches_its_dequantized_weight(dtype, rows):
     assert ((deq - w.double()).abs() <= exact.scale.double() / 2 + 1e-6).all()
 
 
+def test_int8_linear_dequantizes_a_slab_at_a_time():
+    from rlfuse.engine import model
+
+    w, b = torch.randn(model.ROWS + 5, 16), torch.randn(model.ROWS + 5)
+    m = model.Int8Linear(w, b)
+    x = torch.randn(3, 70, 16)  # 210 rows: the dequantizing path
+    want = x.double() @ (m.qweight.double() * m.scale.double()).t() + b.double()
+    assert torch.allclose(m(x).double(), want, atol=1e-4)
+    assert (m.qweight.double() * m.scale.double() - w.double()).abs().max() <= m.scale.max() / 2
+
+
 def test_int8_linear_falls_back_where_the_kernel_does_not_apply():
     from rlfuse.engine.model import Int8Linear
 
@@ -189,3 +200,21 @@ def test_rollout_logprobs_are_the_samplers_own(tok, weights):
         assert 0 < (mine - lp).abs().max() < 0.1
     with pytest.raises(ValueError, match="logprobs=True needs decoder='rlfuse'"):
         generate(m, tok, PROMPTS, logprobs=True, decoder="hf")
+
+
+def test_rollout_logprobs_land_on_their_targets_when_max_length_cuts(tok):
+    from rlfuse.engine.config import RolloutConfig
+    from rlfuse.engine.rollout import rollout_and_score
+
+    m = _model("qwen2", tok)
+    rows = [{"prompt": p} for p in PROMPTS]
+    cfg = RolloutConfig(prompts_per_step=3, samples_per_prompt=2, max_new_tokens=8)
+    torch.manual_seed(0)
+    s = rollout_and_score(m, tok, rows, cfg, lambda p, c: [0.0] * len(c), max_length=9,
+                          logprobs=True)
+    b, roll = s.batch, s.rollout
+    kept = b.mask.sum(1).tolist()
+    assert min(kept) < max(roll.lengths)  # max_length cut some completions
+    for i, (lp, k) in enumerate(zip(roll.logprobs, kept)):
+        assert torch.equal(b.rollout_logp[i][b.mask[i]], torch.tensor(lp[:k]))
+    assert (b.rollout_logp[~b.mask] == 0).all()

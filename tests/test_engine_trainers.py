@@ -527,14 +527,15 @@ def test_grpo_trains_with_an_int8_reference(tmp_path):
 
 
 # ----------------------------------------------------------------------------- int8 sampler
-@pytest.mark.parametrize("algo", ["grpo", "ppo"])
-def test_rl_trains_from_an_int8_sampler_with_the_rollout_correction(tmp_path, monkeypatch, algo):
-    from rlfuse.engine import ppo
+@pytest.mark.parametrize("algo,dtype", [("grpo", "float32"), ("ppo", "float32"),
+                                        ("grpo", "bfloat16")])
+def test_rl_trains_from_an_int8_sampler_with_the_rollout_correction(tmp_path, monkeypatch, algo,
+                                                                    dtype):
     from rlfuse.engine import grpo as grpo_mod
-
+    from rlfuse.engine import ppo
     from rlfuse.engine.config import PPOConfig
 
-    base = make_cfg(tmp_path, algo, steps=2,
+    base = make_cfg(tmp_path, algo, steps=2, model=dataclasses.replace(TINY, dtype=dtype),
                     ppo=PPOConfig(data=str(tmp_path / "prompts.jsonl"), rollout=ROLLOUT))
     section = getattr(base, algo)
     cfg = dataclasses.replace(base, **{algo: dataclasses.replace(
