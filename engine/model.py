@@ -283,39 +283,46 @@ class Reference:
             return sequence_logprobs(self.copy or self.policy, batch, temperature)
 
 
-def _linears(model, lm_head: bool) -> dict[str, tuple[Tensor, Optional[Tensor]]]:
-    """{module name: (weight, bias)} of model's linear layers, a LoRA layer's with its adapter
-    merged, the LM head's only with `lm_head`."""
+def _linears(model, lm_head: bool) -> dict:
+    """{module name: module} of model's linear layers (a peft LoRA layer whole), the LM head
+    only with `lm_head`."""
     out, skip = {}, model.get_output_embeddings()
     for name, m in model.named_modules():
         if any(name.startswith(k + ".") for k in out) or (m is skip and not lm_head):
             continue  # inside a LoRA layer taken whole
-        base = getattr(m, "base_layer", None)
-        if isinstance(base, torch.nn.Linear) and hasattr(m, "get_delta_weight"):  # peft LoRA
-            w = base.weight + sum(m.get_delta_weight(a) for a in m.active_adapters
-                                  if a in m.lora_A)
-            out[name] = (w, base.bias)
-        elif isinstance(m, torch.nn.Linear):
-            out[name] = (m.weight, m.bias)
+        if isinstance(m, torch.nn.Linear) or _is_lora_layer(m):
+            out[name] = m
     return out
+
+
+def _is_lora_layer(m) -> bool:
+    return isinstance(getattr(m, "base_layer", None), torch.nn.Linear) and \
+        hasattr(m, "get_delta_weight")
+
+
+def _weight_and_bias(m) -> tuple[Tensor, Optional[Tensor]]:
+    """A linear layer's weight and bias; a LoRA layer's with its active adapters merged."""
+    if not _is_lora_layer(m):
+        return m.weight, m.bias
+    return (m.base_layer.weight + sum(m.get_delta_weight(a) for a in m.active_adapters
+                                      if a in m.lora_A), m.base_layer.bias)
 
 
 @torch.no_grad()
 def int8_copy(model, rollout: bool = False):
     """`model` with its linear layers as `Int8Linear`, built without a second full-precision copy.
     rollout=False: the frozen reference; the LM head and every other weight are copied as they are.
-    rollout=True: one RL step's sampler; the LM head is int8 too, LoRA adapters are merged, the
-    other weights (embeddings, norms) are `model`'s own tensors, and small calls run torch's int8
-    kernel (`Int8Linear` decode=True). Build it under no_grad, drop it after the rollout."""
+    rollout=True: one RL step's sampler; the LM head is int8 too, LoRA adapters are merged (one
+    layer at a time), the other weights (embeddings, norms) are `model`'s own tensors, and small
+    calls run torch's int8 kernel (`Int8Linear` decode=True). Drop it after the rollout."""
     linears = _linears(model, lm_head=rollout)
     if rollout:  # share every tensor; the quantized layers replace their modules below
         memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
     else:  # a placeholder for each weight that is quantized (a tied head is not: lm_head=False)
-        memo = {id(m.weight): torch.nn.Parameter(torch.empty(0)) for name, m in
-                model.named_modules() if name in linears}
+        memo = {id(m.weight): torch.nn.Parameter(torch.empty(0)) for m in linears.values()}
     out = copy.deepcopy(model, memo).eval()
-    for name, (w, b) in linears.items():
-        out.set_submodule(name, Int8Linear(w, b, decode=rollout))
+    for name, m in linears.items():
+        out.set_submodule(name, Int8Linear(*_weight_and_bias(m), decode=rollout))
     return out
 
 
