@@ -58,8 +58,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 ROLLOUT_CORRECTIONS = (None, "tis", "mis")
 METRICS = ("kl", "entropy", "clip_fraction_low", "clip_fraction_high", "clip_fraction",
            "ratio_mean", "ratio_min", "ratio_max", "approx_kl", "tokens")
-ROLLOUT_METRICS = ("rollout_kl", "rollout_weight_mean", "rollout_capped_fraction")  # with
-# rollout_correction: how far the rollout engine samples from `old`
+# with rollout_correction: how far the rollout engine samples from `old`
+ROLLOUT_METRICS = ("rollout_kl", "rollout_weight_mean", "rollout_capped_fraction")
 
 
 # ----------------------------------------------------------------------------- config / output
