@@ -36,6 +36,8 @@ import torch
 
 from rlfuse.engine.config import ConfigError, parse
 
+from .measure import die_with_parent
+
 SYSTEMS = ("rlfuse", "rlfuse-reference", "trl", "trl+rlfuse")
 TRL_SYSTEMS = ("trl", "trl+rlfuse")
 
@@ -262,7 +264,8 @@ def _worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- driver
 def _run_one(spec: dict) -> dict:
     proc = subprocess.run([sys.executable, "-m", "rlfuse.benches.engine", "--worker",
-                           json.dumps(spec)], capture_output=True, text=True)
+                           json.dumps(spec)], capture_output=True, text=True,
+                          preexec_fn=die_with_parent)
     if proc.returncode != 0:
         raise RuntimeError(f"bench worker {spec['system']}/{spec['trainer']} failed:\n"
                            f"{proc.stderr[-4000:]}")

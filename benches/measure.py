@@ -188,6 +188,16 @@ class MemSpec:
     device: str = "cpu"
 
 
+def die_with_parent() -> None:
+    """A bench subprocess's preexec_fn: on Linux the child gets SIGTERM when its parent dies, so
+    stopping a bench (Ctrl-C, kill) does not leave a worker computing on. No-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def measure_memory(spec: MemSpec, timeout: float = 1800.0) -> dict:
     """Run `spec` in a fresh interpreter; returns extra_bytes (peak over the inputs),
     retained_bytes (still held after the call: the gradients), grad_bytes, input_bytes."""
@@ -196,7 +206,8 @@ def measure_memory(spec: MemSpec, timeout: float = 1800.0) -> dict:
     # mapping, returned to the OS when freed, so the resident set follows the live tensors.
     env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     cmd = [sys.executable, "-m", "rlfuse.benches.measure", json.dumps(asdict(spec))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          preexec_fn=die_with_parent)
     for line in proc.stdout.splitlines():
         if line.startswith(MEM_TAG):
             return json.loads(line[len(MEM_TAG):])

@@ -1,6 +1,9 @@
 """The benchmark CLI at the tiny preset: reports written, the guard, the memory subprocess."""
 import csv
 import json
+import subprocess
+import sys
+import time
 from dataclasses import asdict
 
 import pytest
@@ -128,3 +131,30 @@ def test_cli_errors_name_the_argument(capsys):
         cli.main(["group_advantages", "--mode", "full"] + FAST)
     assert cli.main(["--list"]) == 0
     assert "rlfuse-cpp" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_bench_subprocesses_die_with_their_parent():
+    """A killed bench leaves no worker behind: its subprocesses get SIGTERM when it dies."""
+    code = ("import subprocess, sys, time\n"
+            "from rlfuse.benches.measure import die_with_parent\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+            "                     preexec_fn=die_with_parent)\n"
+            "print(p.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+
+    def alive(pid):  # a zombie waiting for its reaper counts as gone
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "\tZ" not in next(line for line in f if line.startswith("State:"))
+        except FileNotFoundError:
+            return False
+    assert alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not alive(child)
