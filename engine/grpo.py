@@ -26,7 +26,7 @@ from .config import ConfigError
 from .data import IGNORE, Sampler, read_jsonl
 from .model import Reference, head, scored_hidden, sequence_logprobs
 from .rewards import build_rewards
-from .rollout import check_weights, minibatch_steps, rollout_and_score
+from .rollout import minibatch_steps, rollout_and_score
 from .sft import Demonstrations, nll_loss
 from .trainer import Trainer
 
@@ -50,7 +50,6 @@ class GRPOTrainer(Trainer):
             raise ConfigError(f"config key 'grpo.mini_batches' must divide each rank's "
                               f"{g.rollout.completions_per_step // distributed.world()} "
                               f"completions per step under {distributed.world()} processes")
-        check_weights(g.rollout, "grpo.rollout", self.device)
         self.sampler = Sampler(len(self.prompts), g.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or build_rewards(g.rollout.rewards)
         self.reference = Reference(self.model, cfg.model.reference) if g.reference else None

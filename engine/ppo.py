@@ -45,7 +45,7 @@ from . import distributed, vocab_parallel
 from .data import IGNORE, Sampler, check_prompt_lengths, encode, read_jsonl
 from .model import Reference, head, head_logprobs, hidden_chunks, hidden_states
 from .rewards import Weighted, build_rewards
-from .rollout import check_weights, minibatch_steps, rollout_and_score
+from .rollout import minibatch_steps, rollout_and_score
 from .trainer import Trainer
 
 
@@ -150,7 +150,6 @@ class PPOTrainer(Trainer):
             # fewer minibatch forwards than the others, and the ranks' collectives would not pair
             check_prompt_lengths(encode(self.tok, [r["prompt"] for r in self.prompts]),
                                  cfg.max_length, p.data)
-        check_weights(p.rollout, "ppo.rollout", self.device)
         self.sampler = Sampler(len(self.prompts), p.rollout.prompts_per_step, cfg.seed)
         self.reward_fn = reward_fn or self.build_reward()
         self.reference = Reference(self.model, cfg.model.reference)

@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from . import distributed, vocab_parallel
-from .config import ConfigError
 from .data import Batch, encode, pack
 from .model import int8_copy
 
@@ -127,8 +126,9 @@ def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature
         else:
             tok = sample_tokens(logits, temperature, top_p, greedy).masked_fill(done, pad)
         out.append(tok)
-        if logprobs:
-            lps.append(torch.log_softmax(logits / temperature, -1).gather(1, tok[:, None])[:, 0])
+        if logprobs:  # the drawn token's logit less the logsumexp: no [B, V] log-softmax
+            z = logits / temperature
+            lps.append(z.gather(1, tok[:, None])[:, 0] - z.logsumexp(-1))
         done |= tok == eos
         finished = bool(done.all())
         if h.vocab is not None:  # the ranks step together until all of them are done
@@ -195,19 +195,6 @@ class ScoredRollout:
         return {"completion_length": sum(lengths) / len(lengths),
                 "truncated_fraction": self.truncated,
                 "rollout_tokens_per_s": sum(lengths) / self.seconds}
-
-
-def check_weights(cfg, section: str, device: torch.device) -> None:
-    """`<section>.weights=int8` (a RolloutConfig at config key `section`) where it runs for now:
-    on CPU (torch's int8 weight-only kernel), in one process."""
-    if cfg.weights != "int8":
-        return
-    if device.type != "cpu":
-        raise ConfigError(f"config key '{section}.weights': int8 runs on CPU only for now, "
-                          f"not on {device.type}; set it to policy")
-    if distributed.world() > 1:
-        raise ConfigError(f"config key '{section}.weights': int8 runs in one process for now, "
-                          f"not under torchrun; set it to policy")
 
 
 def rollout_and_score(model, tokenizer, rows: list[dict], cfg, reward_fn, max_length: int,

@@ -126,6 +126,7 @@ class Trainer:
         return_freed_memory()
         self.cfg = cfg
         self.device = distributed.setup(cfg.device)
+        _check_device(cfg, self.device)
         if distributed.world() > 1:
             _check_distributed(cfg)
         self.prepare_out_dir()
@@ -428,6 +429,21 @@ class Trainer:
         return mon.history
 
 
+def _rollout(cfg: TrainConfig):
+    """The RL trainer's RolloutConfig and its config section, or (None, None)."""
+    return {"grpo": (cfg.grpo.rollout, "grpo.rollout"),
+            "ppo": (cfg.ppo.rollout, "ppo.rollout")}.get(cfg.algo, (None, None))
+
+
+def _check_device(cfg: TrainConfig, device: torch.device) -> None:
+    """What the engine cannot do on this device (yet), as ConfigErrors naming the key."""
+    rollout, section = _rollout(cfg)
+    if rollout is not None and rollout.weights == "int8" and device.type != "cpu":
+        raise ConfigError(f"config key '{section}.weights': int8 runs on CPU only for now "
+                          f"(torch's int8 weight-only kernel), not on {device.type}; set it to "
+                          f"policy")
+
+
 def _check_distributed(cfg: TrainConfig) -> None:
     """What the engine cannot do under torchrun (yet), as ConfigErrors naming the key."""
     if cfg.optim.step_in_backward:  # DDP / FSDP2 reduce the gradients after their hooks
@@ -447,12 +463,15 @@ def _check_distributed(cfg: TrainConfig) -> None:
         raise ConfigError("config keys 'distributed.vocab_parallel' and 'model.lora_r': a "
                           "vocab-parallel LM head does not train LoRA policies; set "
                           "distributed.vocab_parallel=false or model.lora_r=0")
-    decoder = {"grpo": cfg.grpo.rollout.decoder, "ppo": cfg.ppo.rollout.decoder}.get(cfg.algo)
-    if cfg.distributed.vocab_parallel and decoder == "hf":
+    rollout, section = _rollout(cfg)
+    if rollout is not None and rollout.weights == "int8":
+        raise ConfigError(f"config key '{section}.weights': int8 runs in one process for now, "
+                          f"not under torchrun; set it to policy")
+    if cfg.distributed.vocab_parallel and rollout is not None and rollout.decoder == "hf":
         raise ConfigError(f"config keys 'distributed.vocab_parallel' and "
-                          f"'{cfg.algo}.rollout.decoder': model.generate cannot sample from a "
+                          f"'{section}.decoder': model.generate cannot sample from a "
                           f"vocab-parallel LM head (each rank holds some vocabulary rows); use "
-                          f"{cfg.algo}.rollout.decoder=rlfuse")
+                          f"{section}.decoder=rlfuse")
     if cfg.guard.every:  # it samples from the unwrapped model, which FSDP2 holds sharded
         raise ConfigError("config key 'guard.every': the over-optimization guard does not run "
                           "under torchrun yet; set guard.every=0 or run in one process")

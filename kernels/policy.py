@@ -156,6 +156,10 @@ class _Rows:
         t = self.shape[1]
         return _Rows(**cut, shape=((e - s) // t, t))
 
+    def rollout_log_weight(self, lp: Tensor) -> Tensor:
+        """log w = old - rollout (old = sg(lp) on-policy): the rollout correction's weight."""
+        return (lp if self.old is None else self.old).detach() - self.rollout
+
     def pack(self) -> list[Optional[Tensor]]:
         """The per-row tensors as the driver takes them (valid [B, T] carries the shape)."""
         return [self.valid.view(self.shape), self.weight, self.adv, self.old, self.ref,
@@ -263,7 +267,7 @@ def _per_token(cfg: PolicyLossConfig, logp: Tensor, entropy: Tensor, rows: _Rows
     if cfg.top_entropy_quantile < 1.0:
         loss = loss * _top_entropy_mask(entropy.detach(), rows.valid, cfg.top_entropy_quantile)
     if cfg.rollout_correction is not None:
-        w = torch.exp(old.detach() - rows.rollout)
+        w = torch.exp(rows.rollout_log_weight(lp))
         cap = cfg.rollout_correction_cap
         w = w.clamp(max=cap) if cfg.rollout_correction == "tis" else w.masked_fill(w > cap, 0)
         loss = loss * w
@@ -300,7 +304,7 @@ def _metrics(cfg: PolicyLossConfig, logp, entropy, ratio, kl, rows: _Rows) -> di
         "tokens": n,
     }
     if cfg.rollout_correction is not None:  # ROLLOUT_METRICS
-        log_w = torch.where(v, (rows.old if rows.old is not None else logp) - rows.rollout, 0)
+        log_w = torch.where(v, rows.rollout_log_weight(logp), 0)
         w = torch.exp(log_w)
         out["rollout_kl"] = mean(torch.expm1(log_w) - log_w)  # k3 of KL(rollout || old)
         out["rollout_weight_mean"] = mean(w)                 # before the cap

@@ -565,8 +565,8 @@ def test_rl_trains_from_an_int8_sampler_with_the_rollout_correction(tmp_path, mo
 
 
 def test_int8_sampler_config_errors(tmp_path):
-    from rlfuse.engine.config import PPOConfig, RolloutConfig
-    from rlfuse.engine.rollout import check_weights
+    from rlfuse.engine.config import PPOConfig
+    from rlfuse.engine.trainer import _check_device, _check_distributed
 
     int8 = dataclasses.replace(ROLLOUT, weights="int8")
     with pytest.raises(ConfigError, match="'grpo.loss.rollout_correction' must be tis or mis"):
@@ -578,10 +578,15 @@ def test_int8_sampler_config_errors(tmp_path):
                    loss=rlfuse.PolicyLossConfig(rollout_correction="mis"))
     with pytest.raises(ConfigError, match="'grpo.rollout.weights' must be one of"):
         GRPOConfig(rollout=dataclasses.replace(ROLLOUT, weights="int4"))
+    base = make_cfg(tmp_path, "grpo")
+    tis = rlfuse.PolicyLossConfig(rollout_correction="tis")
+    cfg = dataclasses.replace(base, grpo=dataclasses.replace(base.grpo, rollout=int8, loss=tis))
     with pytest.raises(ConfigError, match="'grpo.rollout.weights': int8 runs on CPU only"):
-        check_weights(RolloutConfig(weights="int8"), "grpo.rollout", torch.device("cuda"))
-    check_weights(RolloutConfig(weights="int8"), "grpo.rollout", torch.device("cpu"))
-    check_weights(RolloutConfig(), "grpo.rollout", torch.device("cuda"))  # policy: anywhere
+        _check_device(cfg, torch.device("cuda"))
+    with pytest.raises(ConfigError, match="'grpo.rollout.weights': int8 runs in one process"):
+        _check_distributed(cfg)
+    _check_device(cfg, torch.device("cpu"))
+    _check_device(base, torch.device("cuda"))  # the policy's own weights: anywhere
 
 
 def test_int8_sampler_merges_lora_adapters(tok):
