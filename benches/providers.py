@@ -7,8 +7,8 @@
     liger    liger-kernel's chunked losses (LigerFusedLinearGRPOLoss / DPOLoss); torch.compile on
              CUDA only (on CPU it would add minutes of compilation to a short run)
     floor    the GEMMs alone, in buffers allocated up front: `cases.OPS[op].floor_gemms[mode]` of
-             them, in fp32 on CPU (rlfuse's CPU path upcasts bf16 chunks: a CPU bf16 GEMM is far
-             slower) and in the input dtype on CUDA
+             them, in the input dtype on CUDA and on a CPU with native bf16 / fp16 matmul, else
+             in fp32 (there a CPU bf16 GEMM is far slower, and rlfuse upcasts)
 A provider's `run(case)` returns what the op's objective reads (log-probs and entropy, or the loss).
 `register_provider` adds one (a user's implementation, or a deliberately wrong one in the tests).
 """
@@ -22,6 +22,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rlfuse._backend import lowp_gemm_native
 
 from .cases import OPS, Case
 
@@ -276,9 +278,13 @@ def expand(op: str, names: Optional[str], device: torch.device) -> list[str]:
 
 # ----------------------------------------------------------------------------- the floor
 def floor_step(case: Case, mode: str):
-    """`floor_gemms[mode]` LM-head GEMMs into buffers allocated here (the [N, V] one included)."""
+    """`floor_gemms[mode]` LM-head GEMMs into buffers allocated here (the [N, V] one included),
+    in the input dtype where the hardware runs it natively (the ops' own decision,
+    `lowp_gemm_native`), else in fp32: on a CPU without native bf16, torch's bf16 GEMM is
+    slower than the fp32 one, so fp32 is the floor there."""
     k = OPS[case.op].floor_gemms[mode]
-    dt = torch.float32 if case.device.type == "cpu" else case.dtype
+    native = lowp_gemm_native(case.device, case.dtype)
+    dt = case.dtype if native or case.device.type != "cpu" else torch.float32
     h = case.shape.h
     x = case.hidden.detach().reshape(-1, h).to(dt)  # [N, H]
     w = case.weight.detach().to(dt)  # [V, H]
