@@ -329,7 +329,7 @@ def int8_copy(model, rollout: bool = False):
 # torch's int8 weight-only kernel (`torch._weight_int8pack_mm`, bf16 activations) against
 # dequantizing, on Qwen2.5-0.5B's MLP layers (`python -m rlfuse.benches.int8`, AMD EPYC AVX2,
 # 2 threads): 5.7-6.5x faster at 8 rows, 1.2-1.7x at 64, 0.8-1.0x at 256. It needs
-# in_features % 8 == 0 (other sizes crash in torch 2.13).
+# in_features % 32 == 0 (other sizes crash in torch 2.13: % 8 != 0 on AVX2, 24 on AVX-512).
 INT8_MM_MAX_ROWS = 64
 ROWS = 4096  # Int8Linear quantizes and dequantizes its weight this many output rows at a time
 
@@ -355,7 +355,7 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.decode = decode and k % 8 == 0
+        self.decode = decode and k % 32 == 0
         self.register_buffer("scale_bf16", scale.squeeze(1).bfloat16() if self.decode else None)
 
     def forward(self, x: Tensor) -> Tensor:

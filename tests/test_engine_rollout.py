@@ -120,10 +120,10 @@ def test_int8_linear_decode_kernel_matches_its_dequantized_weight(dtype, rows):
     from rlfuse.engine.model import Int8Linear
 
     torch.manual_seed(rows)
-    w, b = torch.randn(37, 24).to(dtype), torch.randn(37).to(dtype)  # odd out, in % 8 == 0
+    w, b = torch.randn(37, 32).to(dtype), torch.randn(37).to(dtype)  # odd out, in % 32 == 0
     fast, exact = Int8Linear(w, b, decode=True), Int8Linear(w, b)
     assert fast.decode and torch.equal(fast.qweight, exact.qweight)
-    x = torch.randn(rows, 24).to(dtype)
+    x = torch.randn(rows, 32).to(dtype)
     deq = exact.qweight.double() * exact.scale.double()
     want = x.double() @ deq.t() + b.double()
     got = fast(x)
@@ -151,7 +151,7 @@ def test_int8_linear_dequantizes_a_slab_at_a_time():
 def test_int8_linear_falls_back_where_the_kernel_does_not_apply():
     from rlfuse.engine.model import Int8Linear
 
-    odd = Int8Linear(torch.randn(5, 12), decode=True)  # in_features % 8 != 0: torch would crash
+    odd = Int8Linear(torch.randn(5, 12), decode=True)  # in_features % 32 != 0: torch would crash
     assert not odd.decode
     x = torch.randn(3, 12)
     assert torch.allclose(odd(x), x @ (odd.qweight * odd.scale).t(), atol=1e-6)
