@@ -163,7 +163,7 @@ def test_bench_subprocesses_die_with_their_parent():
 def test_int8_bench_times_both_paths(capsys):
     from rlfuse.benches import int8
 
-    rows = int8.main(threads=1, shapes=((24, 16),), rows=(1, 70), read_bytes=1 << 20)
+    rows = int8.main(threads=1, shapes=((24, 32),), rows=(1, 70), read_bytes=1 << 20)
     assert [(r["out"], r["in"], r["rows"]) for r in rows] == [(24, 16, 1), (24, 16, 70)]
     assert all(r[k] > 0 for r in rows for k in ("fp32", "kernel", "dequantize"))
     assert "read bandwidth" in capsys.readouterr().out
