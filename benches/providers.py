@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlfuse._backend import lowp_gemm_native
+from rlfuse._backend import LOWP, cpu_native_lowp
 
 from .cases import OPS, Case
 
@@ -279,12 +279,12 @@ def expand(op: str, names: Optional[str], device: torch.device) -> list[str]:
 # ----------------------------------------------------------------------------- the floor
 def floor_step(case: Case, mode: str):
     """`floor_gemms[mode]` LM-head GEMMs into buffers allocated here (the [N, V] one included),
-    in the input dtype where the hardware runs it natively (the ops' own decision,
-    `lowp_gemm_native`), else in fp32: on a CPU without native bf16, torch's bf16 GEMM is
-    slower than the fp32 one, so fp32 is the floor there."""
+    in the input dtype, except bf16 / fp16 on a CPU whose matmul units lack it
+    (`cpu_native_lowp`: the hardware's say, not rlfuse's RLFUSE_LOWP_GEMM mode), where torch's
+    GEMM in that dtype is slower than the fp32 one, so fp32 is the floor there."""
     k = OPS[case.op].floor_gemms[mode]
-    native = lowp_gemm_native(case.device, case.dtype)
-    dt = case.dtype if native or case.device.type != "cpu" else torch.float32
+    upcast = case.device.type == "cpu" and case.dtype in LOWP and not cpu_native_lowp(case.dtype)
+    dt = torch.float32 if upcast else case.dtype
     h = case.shape.h
     x = case.hidden.detach().reshape(-1, h).to(dt)  # [N, H]
     w = case.weight.detach().to(dt)  # [V, H]

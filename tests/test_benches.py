@@ -164,6 +164,6 @@ def test_int8_bench_times_both_paths(capsys):
     from rlfuse.benches import int8
 
     rows = int8.main(threads=1, shapes=((24, 32),), rows=(1, 70), read_bytes=1 << 20)
-    assert [(r["out"], r["in"], r["rows"]) for r in rows] == [(24, 16, 1), (24, 16, 70)]
+    assert [(r["out"], r["in"], r["rows"]) for r in rows] == [(24, 32, 1), (24, 32, 70)]
     assert all(r[k] > 0 for r in rows for k in ("fp32", "kernel", "dequantize"))
     assert "read bandwidth" in capsys.readouterr().out
