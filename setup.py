@@ -13,7 +13,10 @@ ext_modules, cmdclass = [], {}
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # -ffp-contract=off: the epilogues' transformed logit k * z is one rounded product in every
+    # kernel (a fused multiply-subtract in one and not another would make the statistics and
+    # the gradient disagree by k * z's rounding); explicit fmadd calls stay fused.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     if os.environ.get("RLFUSE_NATIVE", "1") == "1":
         cxx_flags.append("-march=native")  # built where it runs: use the machine's AVX2/AVX-512
     ext_modules = [

@@ -6,8 +6,9 @@ Z [C, V] (fp32, bf16, fp16 or fp64; upcast to fp32 in registers), looping over V
 tiles, with z = softcap * tanh(scale * raw / softcap) * inv_temp (softcap 0: z = k * raw,
 k = scale * inv_temp):
   logits_stats: one sweep with an online max m, s = sum exp(z - m) and t = sum exp(z - m)(z - m),
-      both rescaled when m grows -> lse = m + log s (stored in fp64), logp = (z[target] - m)
-      - log s, entropy = log s - t / s (shifted by m, so no cancellation against large logits).
+      both rescaled when m grows (s carried as s1 = s - 1, `_row_sweep`) -> lse = m + log1p(s1)
+      (stored in fp64), logp = (z[target] - m) - log1p(s1), entropy = log1p(s1) - t / s
+      (shifted by m, so no cancellation against large logits).
   logits_grad_: one sweep writing, in Z's dtype,
       dL/draw_j = dz_j/draw_j * (a (onehot_j - p_j) - e p_j (log p_j + entropy)),
       log p_j = (z_j - c) - r with c + r = lse split into two fp32 values (fp32-accurate
@@ -52,6 +53,15 @@ def _tanh(x):
 
 
 @triton.jit
+def _log1p(x):
+    # tl has no log1p. log(u) * x / (u - 1) with u = 1 + x (rounded) cancels u's rounding error
+    # (Goldberg's trick): a few ulps for x > -1; x itself where u rounds to 1.
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
 def _transformed(raw, k, cap_in, cap_out, HAS_CAP: tl.constexpr):
     if HAS_CAP:
         return cap_out * _tanh(cap_in * raw)
@@ -62,11 +72,14 @@ def _transformed(raw, k, cap_in, cap_out, HAS_CAP: tl.constexpr):
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _row_sweep(z_row, V, k, cap_in, cap_out, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
-    """(m, s, t) of one row: its max m, s = sum exp(z - m), t = sum exp(z - m) * (z - m)."""
+    """(m, s1, t) of one row: its max m, s1 = sum exp(z - m) - 1, t = sum exp(z - m) * (z - m).
+    The sum-exp is carried as n + r: n counts the elements at the running max (each exactly
+    1), r sums the rest, so a peaked row's small terms are not lost against the 1."""
     cols = tl.arange(0, BLOCK)
     # Start the running max at the row's first logit: every rescale factor is then finite.
     m = _transformed(tl.load(z_row).to(tl.float32), k, cap_in, cap_out, HAS_CAP)
-    s = 0.0  # sum exp(z - m)
+    n = 0.0  # elements equal to m
+    r = 0.0  # sum exp(z - m) over the others
     t = 0.0  # sum exp(z - m) * (z - m)
     for start in range(0, V, BLOCK):
         idx = start + cols
@@ -75,13 +88,22 @@ def _row_sweep(z_row, V, k, cap_in, cap_out, HAS_CAP: tl.constexpr, BLOCK: tl.co
         z = tl.where(mask, _transformed(raw, k, cap_in, cap_out, HAS_CAP), -float("inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         alpha = tl.exp(m - m_new)
-        # re-shift the old sums to m_new: sum p (z - m_new) = sum p (z - m) + (m - m_new) sum p
-        t = alpha * (t + (m - m_new) * s)
+        # re-shift the old sums to m_new: sum p (z - m_new) = sum p (z - m) + (m - m_new) sum p;
+        # where the max grew, the old maxima join the rest
+        t = alpha * (t + (m - m_new) * (n + r))
+        grew = m < m_new
+        r = alpha * r + tl.where(grew, alpha * n, 0.0)
+        n = tl.where(grew, 0.0, n)
+        at_top = mask & (z == m_new)
+        x = tl.where(mask, z - m_new, 0.0)
         p = tl.exp(z - m_new)  # [BLOCK], 0 on masked lanes
-        s = alpha * s + tl.sum(p, axis=0)
-        t = t + tl.sum(p * tl.where(mask, z - m_new, 0.0), axis=0)
+        # exp(x) = 1 + x at the max: x is 0, or the rounding of the transform where the
+        # compiler fuses it into the subtraction (as it may in the gradient: kept, to match)
+        n = n + tl.sum(at_top.to(tl.float32), axis=0)
+        r = r + tl.sum(tl.where(at_top, x, p), axis=0)
+        t = t + tl.sum(p * x, axis=0)
         m = m_new
-    return m, s, t
+    return m, (n - 1.0) + r, t
 
 
 @triton.jit
@@ -89,15 +111,15 @@ def _stats_kernel(z_ptr, tgt_ptr, lse_ptr, logp_ptr, ent_ptr, V, k, cap_in, cap_
                   ignore_index, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * V
-    m, s, t = _row_sweep(z_row, V, k, cap_in, cap_out, HAS_CAP, BLOCK)
-    log_s = tl.log(s)
+    m, s1, t = _row_sweep(z_row, V, k, cap_in, cap_out, HAS_CAP, BLOCK)
+    log_s = _log1p(s1)
     tl.store(lse_ptr + row, m.to(tl.float64) + log_s.to(tl.float64))
 
     tgt = tl.load(tgt_ptr + row)
     in_range = (tgt >= 0) & (tgt < V)
     raw_t = tl.load(z_row + tl.where(in_range, tgt, 0)).to(tl.float32)
     logp = (_transformed(raw_t, k, cap_in, cap_out, HAS_CAP) - m) - log_s
-    ent = log_s - t / s
+    ent = log_s - t / (1.0 + s1)
     # t is finite exactly when every logit is (NaN or inf makes some term NaN): else NaN, as on
     # the reference path.
     ok = in_range & (tl.abs(t) < float("inf"))
@@ -113,12 +135,12 @@ def _partials_kernel(z_ptr, tgt_ptr, part_ptr, C, V, vocab_start, k, cap_in, cap
                      HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * V
-    m, s, t = _row_sweep(z_row, V, k, cap_in, cap_out, HAS_CAP, BLOCK)
+    m, s1, t = _row_sweep(z_row, V, k, cap_in, cap_out, HAS_CAP, BLOCK)
     j = tl.load(tgt_ptr + row) - vocab_start  # the target's column; outside [0, V): absent
     present = (j >= 0) & (j < V)
     raw_t = tl.load(z_row + tl.where(present, j, 0)).to(tl.float32)
     tl.store(part_ptr + row, m)
-    tl.store(part_ptr + C + row, s)
+    tl.store(part_ptr + C + row, s1)
     tl.store(part_ptr + 2 * C + row, t)
     tl.store(part_ptr + 3 * C + row,
              tl.where(present, _transformed(raw_t, k, cap_in, cap_out, HAS_CAP), 0.0))

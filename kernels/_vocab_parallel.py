@@ -13,19 +13,21 @@ vocab group. Everything else (hidden, targets as global token ids, masks, advant
 replicated: identical on every rank, which is not checked.
 
 Algorithm, per chunk of C rows (Z_r = X_c @ W_r^T, the [C, V_r] logits of this shard):
-    part = partials(Z_r)         row-wise kernel: max m, s = sum exp(z - m),
+    part = partials(Z_r)         row-wise kernel: max m, s1 = sum exp(z - m) - 1,
                                  t = sum exp(z - m)(z - m), z[target] or 0 where absent
     M = all_reduce_max(m)                                    [C] fp32
-    S, T, Zt = all_reduce_sum(stack(a s, a (t + (m - M) s), z[target]))  [3, C] fp32,
-                                 a = exp(m - M) re-shifts this shard's sums to the global max
-    lse = M + log S, entropy = log S - T / S, logp = (Zt - M) - log S   (every rank)
+    R, N, T, Zt = all_reduce_sum(stack(a s1 + (a if m < M), [m == M], a (t + (m - M) s),
+                                 z[target]))  [4, C] fp32, a = exp(m - M) re-shifts this
+                                 shard's sums to the global max; the global sum-exp is
+                                 S = N + R, its maxima's 1s counted apart (`_shifted`)
+    lse = M + log1p(S - 1), entropy = log1p(S - 1) - T / S, logp = (Zt - M) - log1p(S - 1)
     per-row loss math on [C] vectors, identical on every rank -> a = dL/dlogp, e = dL/dentropy
     grad_(Z_r) with the global lse / entropy: dL/dZ_r, no further communication; a row whose
         target is on another shard keeps its softmax / entropy terms and has no one-hot term
         ("absent", distinct from ignore_index, whose rows get zeros everywhere)
     dX_c = dZ_r @ W_r, all_reduce_sum(dX_c) asynchronously: it overlaps the next chunk's GEMMs
         and its handle is waited once at the end; dW_r, db_r stay local (this shard's).
-So two blocking collectives of per-row vectors per chunk (4 C + 12 C bytes), one async
+So two blocking collectives of per-row vectors per chunk (4 C + 16 C bytes), one async
 [C, H] reduction of the hidden gradient (fp32, rounded once at the end for bf16 / fp16
 hidden), and one [w] int64 all_gather of the shard sizes per call; never [C x V]. FLOPs per
 rank are the single-process ones with V / w for V. The recomputing backward of
@@ -178,28 +180,39 @@ def shard(weight: Tensor, bias: Optional[Tensor], vocab_group
 
 
 def _shifted(part: Tensor, mx: Tensor) -> Tensor:
-    """[3, c] (sum-exp, shifted sum p*z, target logit) of partials [4, c] re-shifted from their
-    own max to mx (>= it): a = exp(m - mx) scales the sums, t also moves by (m - mx) s."""
-    m, s, t, zt = part
+    """[4, c] terms of partials [4, c] re-shifted from their own max m to mx (>= it), to be
+    summed over slices and finished by `_summed`. With a = exp(m - mx), a slice's sum-exp
+    a (1 + s1) is split into a * s1 plus a where m < mx, or a count of 1 where m is the max: the
+    maxima's exact 1s are added back as an integer count, not lost against small terms. t
+    moves by (m - mx) times the sum-exp."""
+    m, s1, t, zt = part
     shift = m - mx  # <= 0
     alpha = torch.exp(shift)
-    return torch.stack([alpha * s, alpha * (t + shift * s), zt])
+    top = shift == 0
+    return torch.stack([alpha * s1 + torch.where(top, 0.0, alpha), top.to(s1.dtype),
+                        alpha * (t + shift * (1 + s1)), zt])
+
+
+def _summed(mx: Tensor, terms: Tensor) -> Tensor:
+    """The partials [4, c] of a union of slices from their `_shifted` terms summed [4, c]."""
+    rest, tops, t, zt = terms
+    return torch.stack([mx, (tops - 1) + rest, t, zt])
 
 
 def merge(a: Tensor, b: Tensor) -> Tensor:
     """The partials [4, c] of two disjoint vocabulary slices' partials [4, c] (online, as flash
     attention merges its softmax blocks)."""
     mx = torch.maximum(a[0], b[0])
-    return torch.cat([mx[None], _shifted(a, mx) + _shifted(b, mx)])
+    return _summed(mx, _shifted(a, mx) + _shifted(b, mx))
 
 
 def finish(part: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """lse [c] fp64, logp and entropy [c] fp32 from the whole vocabulary's partials [4, c]."""
-    mx, s, t, zt = part
-    log_s = torch.log(s)
+    mx, s1, t, zt = part
+    log_s = torch.log1p(s1)
     lse = mx.double() + log_s.double()
     logp = (zt - mx) - log_s
-    ent = log_s - t / s
+    ent = log_s - t / (1 + s1)
     # A non-finite logit in any slice leaves t non-finite: NaN row, as in the single-process
     # kernels; ignored rows are 0.
     ok = torch.isfinite(t)
@@ -213,12 +226,12 @@ def finish(part: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Te
 def combine(part: Tensor, targets: Tensor, ignore_index: int, group
             ) -> tuple[Tensor, Tensor, Tensor]:
     """Full-vocabulary lse [c] fp64, logp and entropy [c] fp32 from this shard's partials
-    [4, c] fp32 (max, sum-exp, shifted sum p*z, target logit or 0): two collectives."""
+    [4, c] fp32 (max, sum-exp - 1, shifted sum p*z, target logit or 0): two collectives."""
     mx = part[0].clone()
     dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)  # [c]
-    sums = _shifted(part, mx)  # [3, c]
-    dist.all_reduce(sums, group=group)
-    return finish(torch.cat([mx[None], sums]), targets, ignore_index)
+    terms = _shifted(part, mx)  # [4, c]
+    dist.all_reduce(terms, group=group)
+    return finish(_summed(mx, terms), targets, ignore_index)
 
 
 # ----------------------------------------------------------------------------- reference

@@ -357,7 +357,8 @@ def test_vocab_group_needs_initialized_distributed():
 @pytest.mark.skipif(cpp_ext() is None, reason="C++ extension not built")
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
 def test_cpp_slice_kernels_match_the_full_row(softcap):
-    """In one process: a slice's partials are its own max / sums / target logit (0 where the
+    """In one process: a slice's partials are its own max / sums (the sum-exp less its max's 1)
+    / target logit (0 where the
     target is elsewhere), and the slice's gradient, given the full row's lse and entropy, is
     the matching columns of the full row's gradient: no one-hot term for an absent target,
     zeros for ignore_index."""
@@ -372,7 +373,7 @@ def test_cpp_slice_kernels_match_the_full_row(softcap):
     sl = zt[:, s:e]
     m = sl.amax(-1)
     inside = (t >= s) & (t < e)
-    want = torch.stack([m, torch.exp(sl - m[:, None]).sum(-1),
+    want = torch.stack([m, torch.exp(sl - m[:, None]).sum(-1) - 1,
                         (torch.exp(sl - m[:, None]) * (sl - m[:, None])).sum(-1),
                         torch.where(inside, zt.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)])
     torch.testing.assert_close(part, want, rtol=1e-5, atol=1e-5)

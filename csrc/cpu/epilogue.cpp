@@ -62,26 +62,32 @@ inline float row_max(const float* z, int64_t v) {
   return out;
 }
 
-// s = sum exp(k z - mk) and t = sum exp(k z - mk) * (k z - mk): shifted by the row max, so
-// entropy = log s - t / s never cancels against large logits (lse - sum p z would).
-inline void row_sums(const float* z, int64_t v, float k, float mk, float& s_out, float& t_out) {
-  const Vec kv(k), mv(mk);
-  Vec s(0.f), t(0.f);
-  int64_t j = 0;
-  for (; j + kW <= v; j += kW) {
-    Vec x = Vec::loadu(z + j) * kv - mv;
-    Vec p = x.exp_u20();
-    s = s + p;
+// The row's sums shifted by its max mk = k * top (k > 0): s1 = sum exp(k z - mk) - 1 and
+// t = sum exp(k z - mk) (k z - mk). Every element equal to the max contributes 1 + x to the
+// sum-exp (x = k z - mk is 0, or the rounding of k * top where the compiler fuses the multiply
+// into the subtraction, as it may in logits_grad_ too: kept, so that lse matches it): its 1 is
+// counted apart (n) and s1 = (n - 1) + the rest, which on a peaked row (~1e-6) would otherwise
+// be lost in the same fp32 lane as the 1. lse = mk + log1p(s1) and entropy = log1p(s1) -
+// t / (1 + s1) then hold to fp32's relative accuracy, and shifting by the max means no
+// cancellation against large logits (lse - sum p z would).
+inline void row_sums(const float* z, int64_t v, float k, float top, float& s1_out,
+                     float& t_out) {
+  const Vec kv(k), mv(k * top), tv(top), one(1.f);
+  Vec s(0.f), n(0.f), t(0.f);
+  auto add = [&](Vec zz, const Vec* live) {  // live: all-ones lanes of a short tail
+    Vec x = zz * kv - mv, p = x.exp_u20(), at_top = zz == tv;
+    if (live) x = x & *live, p = p & *live, at_top = at_top & *live;
+    s = s + Vec::blendv(p, x, at_top);  // exp(x) = 1 + x at the max
+    n = n + (at_top & one);
     t = at::vec::fmadd(p, x, t);
-  }
+  };
+  int64_t j = 0;
+  for (; j + kW <= v; j += kW) add(Vec::loadu(z + j), nullptr);
   if (j < v) {
-    const int64_t r = v - j;
-    Vec x = Vec::loadu(z + j, r) * kv - mv;
-    Vec p = Vec::set(Vec(0.f), x.exp_u20(), r);
-    s = s + p;
-    t = at::vec::fmadd(p, Vec::set(Vec(0.f), x, r), t);
+    const Vec live = Vec::set(Vec(0.f), one == one, v - j);
+    add(Vec::loadu(z + j, v - j), &live);
   }
-  s_out = reduce_sum(s);
+  s1_out = (reduce_sum(n) - 1.f) + reduce_sum(s);
   t_out = reduce_sum(t);
 }
 
@@ -99,10 +105,10 @@ void logits_stats(const at::Tensor& z, const at::Tensor& targets, Transform t,
     std::vector<float> buf(t.softcap > 0.f ? v : 0);
     for (int64_t i = b; i < e; ++i) {
       Row row = transformed(zp + i * v, v, t, buf.data());
-      const float mk = row.k * row_max(row.z, v);  // k > 0
-      float s, sz;
-      row_sums(row.z, v, row.k, mk, s, sz);
-      const float log_s = std::log(s);
+      const float top = row_max(row.z, v), mk = row.k * top;  // k > 0
+      float s1, sz;
+      row_sums(row.z, v, row.k, top, s1, sz);
+      const float log_s = std::log1p(s1);
       lp[i] = double(mk) + double(log_s);
       const int64_t tgt = tp[i];
       if (tgt == ignore_index) {
@@ -114,7 +120,7 @@ void logits_stats(const at::Tensor& z, const at::Tensor& targets, Transform t,
         lp[i] = op[i] = ep[i] = std::numeric_limits<float>::quiet_NaN();
       } else {
         op[i] = (row.k * row.z[tgt] - mk) - log_s;
-        ep[i] = log_s - sz / s;
+        ep[i] = log_s - sz / (1.f + s1);
       }
     }
   });
@@ -130,8 +136,8 @@ void logits_partials(const at::Tensor& z, const at::Tensor& targets, Transform t
     std::vector<float> buf(t.softcap > 0.f ? v : 0);
     for (int64_t i = b; i < e; ++i) {
       Row row = transformed(zp + i * v, v, t, buf.data());
-      const float mk = row.k * row_max(row.z, v);  // k > 0
-      row_sums(row.z, v, row.k, mk, ps[i], pt[i]);
+      const float top = row_max(row.z, v), mk = row.k * top;  // k > 0
+      row_sums(row.z, v, row.k, top, ps[i], pt[i]);
       pm[i] = mk;
       const int64_t j = tp[i] - vocab_start;
       pz[i] = (j >= 0 && j < v) ? row.k * row.z[j] : 0.f;

@@ -9,7 +9,9 @@ struct Transform {
   float scale, softcap, inv_temp;
 };
 
-// Sweeps over each row: max m, then sum exp(z - m), sum p*(z - m), z[target]. Z is not modified.
+// Sweeps over each row: max m, then sum exp(z - m) - 1 (s1: the elements at the max are
+// counted apart, so a peaked row's small terms are not lost against their 1), sum p*(z - m),
+// z[target]. Z is not modified.
 // Writes lse [C] fp64 (so that the gradient recovers z - lse to fp32 accuracy whatever lse's
 // magnitude) and logp, entropy [C] fp32; rows whose target == ignore_index get logp = entropy
 // = 0; rows with a non-finite logit get NaN.
@@ -18,7 +20,7 @@ void logits_stats(const at::Tensor& z, const at::Tensor& targets, Transform t,
 
 // Per-row partial statistics of a vocabulary slice: Z holds columns [vocab_start,
 // vocab_start + V) of the full vocabulary, targets are global ids. Writes part [4, C] fp32:
-// m = max z, s = sum exp(z - m), t = sum exp(z - m)(z - m) and z[target] where the target
+// m = max z, s1 = sum exp(z - m) - 1, t = sum exp(z - m)(z - m) and z[target] where the target
 // lies in the slice, else 0 ("absent"). Z is not modified. The vocab-parallel ops combine the
 // slices' partials over the ranks (kernels/_vocab_parallel.py).
 void logits_partials(const at::Tensor& z, const at::Tensor& targets, Transform t,
