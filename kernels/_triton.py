@@ -54,7 +54,7 @@ def _tanh(x):
 
 @triton.jit
 def _log1p(x):
-    # tl has no log1p. log(u) * x / (u - 1) with u = 1 + x (rounded) cancels u's rounding error
+    # tl has no log1p (libdevice's does not run under TRITON_INTERPRET). log(u) * x / (u - 1) with u = 1 + x (rounded) cancels u's rounding error
     # (Goldberg's trick): a few ulps for x > -1; x itself where u rounds to 1.
     u = 1.0 + x
     d = u - 1.0

@@ -16,7 +16,7 @@ Algorithm, per chunk of C rows (Z_r = X_c @ W_r^T, the [C, V_r] logits of this s
     part = partials(Z_r)         row-wise kernel: max m, s1 = sum exp(z - m) - 1,
                                  t = sum exp(z - m)(z - m), z[target] or 0 where absent
     M = all_reduce_max(m)                                    [C] fp32
-    R, N, T, Zt = all_reduce_sum(stack(a s1 + (a if m < M), [m == M], a (t + (m - M) s),
+    R, N, T, Zt = all_reduce_sum(stack(a s1 + (a if m < M), [m == M], a (t + (m - M)(1 + s1)),
                                  z[target]))  [4, C] fp32, a = exp(m - M) re-shifts this
                                  shard's sums to the global max; the global sum-exp is
                                  S = N + R, its maxima's 1s counted apart (`_shifted`)

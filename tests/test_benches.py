@@ -9,6 +9,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from rlfuse._backend import cpp_ext
 from rlfuse.benches import cases, cli, measure, providers, report
 from rlfuse.benches.providers import Provider, naive_logprobs
 
@@ -167,3 +168,13 @@ def test_int8_bench_times_both_paths(capsys):
     assert [(r["out"], r["in"], r["rows"]) for r in rows] == [(24, 32, 1), (24, 32, 70)]
     assert all(r[k] > 0 for r in rows for k in ("fp32", "kernel", "dequantize"))
     assert "read bandwidth" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(cpp_ext() is None, reason="C++ extension not built")
+def test_epilogue_bench_times_both_kernels(capsys):
+    from rlfuse.benches import epilogue
+
+    rows = epilogue.main(threads=1, rows=3, vocab=37)
+    assert [r["transform"] for r in rows] == ["plain", "temp 0.7"]
+    assert all(r[k] > 0 for r in rows for k in ("stats", "partials"))
+    assert "logits_stats ms" in capsys.readouterr().out

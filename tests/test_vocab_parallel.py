@@ -357,9 +357,9 @@ def test_vocab_group_needs_initialized_distributed():
 @pytest.mark.skipif(cpp_ext() is None, reason="C++ extension not built")
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
 def test_cpp_slice_kernels_match_the_full_row(softcap):
-    """In one process: a slice's partials are its own max / sums (the sum-exp less its max's 1)
-    / target logit (0 where the
-    target is elsewhere), and the slice's gradient, given the full row's lse and entropy, is
+    """In one process: a slice's partials are its own max / sums (the sum-exp less its max's
+    1) / target logit (0 where the target is elsewhere), and the slice's gradient, given the
+    full row's lse and entropy, is
     the matching columns of the full row's gradient: no one-hot term for an absent target,
     zeros for ignore_index."""
     ext = cpp_ext()

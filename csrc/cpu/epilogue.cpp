@@ -63,13 +63,12 @@ inline float row_max(const float* z, int64_t v) {
 }
 
 // The row's sums shifted by its max mk = k * top (k > 0): s1 = sum exp(k z - mk) - 1 and
-// t = sum exp(k z - mk) (k z - mk). Every element equal to the max contributes 1 + x to the
-// sum-exp (x = k z - mk is 0, or the rounding of k * top where the compiler fuses the multiply
-// into the subtraction, as it may in logits_grad_ too: kept, so that lse matches it): its 1 is
-// counted apart (n) and s1 = (n - 1) + the rest, which on a peaked row (~1e-6) would otherwise
-// be lost in the same fp32 lane as the 1. lse = mk + log1p(s1) and entropy = log1p(s1) -
-// t / (1 + s1) then hold to fp32's relative accuracy, and shifting by the max means no
-// cancellation against large logits (lse - sum p z would).
+// t = sum exp(k z - mk) (k z - mk). Each element equal to the max contributes exp(x) = 1 + x,
+// x = 0 (k z is one rounded product: -ffp-contract=off, setup.py): its 1 is counted apart (n)
+// and s1 = (n - 1) + the rest, which on a peaked row (~1e-6) would otherwise be lost in the
+// same fp32 lane as the 1. lse = mk + log1p(s1) and entropy = log1p(s1) - t / (1 + s1) then
+// hold to fp32's relative accuracy, and shifting by the max means no cancellation against
+// large logits (lse - sum p z would).
 inline void row_sums(const float* z, int64_t v, float k, float top, float& s1_out,
                      float& t_out) {
   const Vec kv(k), mv(k * top), tv(top), one(1.f);
@@ -77,7 +76,7 @@ inline void row_sums(const float* z, int64_t v, float k, float top, float& s1_ou
   auto add = [&](Vec zz, const Vec* live) {  // live: all-ones lanes of a short tail
     Vec x = zz * kv - mv, p = x.exp_u20(), at_top = zz == tv;
     if (live) x = x & *live, p = p & *live, at_top = at_top & *live;
-    s = s + Vec::blendv(p, x, at_top);  // exp(x) = 1 + x at the max
+    s = s + Vec::blendv(p, x, at_top);  // the max's 1 is in n
     n = n + (at_top & one);
     t = at::vec::fmadd(p, x, t);
   };
