@@ -1,6 +1,7 @@
 // rlfuse._C: validates inputs and routes to csrc/. No math here.
 #include <torch/extension.h>
 
+#include "cpu/decode.h"
 #include "cpu/epilogue.h"
 #include "cpu/gemm.h"
 
@@ -98,6 +99,30 @@ void gemm_f32_(const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool accu
   rlfuse::cpu::gemm_f32_(a, b, c, accumulate);
 }
 
+at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& w,
+                         const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat &&
+                  x.is_contiguous(),
+              "decode_linear: x must be a contiguous 2-D CPU float32 tensor, got ",
+              x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  const auto wt = w.scalar_type();
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
+                  (wt == at::kFloat || wt == at::kBFloat16 || wt == at::kChar),
+              "decode_linear: w must be a contiguous 2-D CPU float32, bfloat16 or int8 tensor, "
+              "got ", wt, " ", w.sizes(), " on ", w.device());
+  TORCH_CHECK(w.size(1) == x.size(1), "decode_linear: x ", x.sizes(), " and w ", w.sizes(),
+              " must have the same in_features (dim 1)");
+  TORCH_CHECK(scale.has_value() == (wt == at::kChar),
+              "decode_linear: scale (one float32 per output row) is required for an int8 w and "
+              "only then");
+  if (scale) check_row(*scale, w.size(0), "scale", "decode_linear");
+  if (bias) check_row(*bias, w.size(0), "bias", "decode_linear");
+  auto y = at::empty({x.size(0), w.size(0)}, x.options());
+  rlfuse::cpu::decode_linear(x, w, scale, bias, y);
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -123,4 +148,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "c [M, N] fp32 = a [M, K] @ b [K, N] (+ c if accumulate), bf16/fp16 a and b, fp32 "
         "accumulation",
         py::arg("a"), py::arg("b"), py::arg("c"), py::arg("accumulate"));
+  m.def("decode_linear", &decode_linear,
+        "y [M, N] fp32 = x [M, K] fp32 @ w^T (* scale) (+ bias), w [N, K] fp32, bf16 or int8 "
+        "(int8 with scale [N] fp32): a few rows against a whole weight, read once",
+        py::arg("x"), py::arg("w"), py::arg("scale") = py::none(), py::arg("bias") = py::none());
 }

@@ -6,7 +6,8 @@ transform, `logit_scale`, `final_logit_softcapping`) for `rlfuse.linear_logprobs
 losses.
 The reference policy is a frozen copy (optionally with int8 linear layers), or the base of a
 LoRA policy with the adapter off. `int8_copy` builds both int8 models: that reference, and the
-int8 sampler of `rollout.weights=int8`.
+int8 sampler of `rollout.weights=int8`. Under `decoding`, the rollout loop's model runs its linear
+layers through rlfuse's decode kernel on few rows.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from rlfuse.decode import decode_linear, decode_rows
 
 from . import distributed, vocab_parallel
 from .config import ConfigError, ModelConfig, UserError
@@ -313,8 +316,8 @@ def int8_copy(model, rollout: bool = False):
     """`model` with its linear layers as `Int8Linear`, built without a second full-precision copy.
     rollout=False: the frozen reference; the LM head and every other weight are copied as they are.
     rollout=True: one RL step's sampler; the LM head is int8 too, LoRA adapters are merged (one
-    layer at a time), the other weights (embeddings, norms) are `model`'s own tensors, and small
-    calls run torch's int8 kernel (`Int8Linear` decode=True). Drop it after the rollout."""
+    layer at a time), and the other weights (embeddings, norms) are `model`'s own tensors. Drop it
+    after the rollout."""
     linears = _linears(model, lm_head=rollout)
     if rollout:  # share every tensor; the quantized layers replace their modules below
         memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -322,27 +325,52 @@ def int8_copy(model, rollout: bool = False):
         memo = {id(m.weight): torch.nn.Parameter(torch.empty(0)) for m in linears.values()}
     out = copy.deepcopy(model, memo).eval()
     for name, m in linears.items():
-        out.set_submodule(name, Int8Linear(*_weight_and_bias(m), decode=rollout))
+        out.set_submodule(name, Int8Linear(*_weight_and_bias(m)))
     return out
 
 
-# torch's int8 weight-only kernel (`torch._weight_int8pack_mm`, bf16 activations) against
-# dequantizing, on Qwen2.5-0.5B's MLP layers (`python -m rlfuse.benches.int8`, AMD EPYC AVX2,
-# 2 threads): 5.7-6.5x faster at 8 rows, 1.2-1.7x at 64, 0.8-1.0x at 256. It needs
-# in_features % 32 == 0 (other sizes crash in torch 2.13: % 8 != 0 on AVX2, 24 on AVX-512).
-INT8_MM_MAX_ROWS = 64
+class DecodeLinear(torch.nn.Linear):
+    """An `nn.Linear` whose calls on few rows without autograd run rlfuse's decode kernel
+    (`rlfuse.decode`); `decoding` makes a model's linear layers these for a while."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if decode_rows(x.numel() // max(x.shape[-1], 1), self.weight, x):
+            return decode_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+@contextlib.contextmanager
+def decoding(model):
+    """Within the block, every `nn.Linear` of `model` is a `DecodeLinear` (the same module and
+    tensors, its class swapped), and back after. Nothing changes under FSDP2 (sharded DTensor
+    parameters, which the kernel does not take) or off the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    swap = [] if not params or params[0].device.type != "cpu" or any(
+        isinstance(p, DTensor) for p in params) else [
+        m for m in model.modules() if type(m) is torch.nn.Linear]
+    for m in swap:
+        m.__class__ = DecodeLinear
+    try:
+        yield model
+    finally:
+        for m in swap:
+            m.__class__ = torch.nn.Linear
+
+
+# Int8Linear's calls on at most rlfuse.decode.INT8_MAX_ROWS rows (the sampler's decode steps) run
+# the decode kernel; larger calls (a prompt's prefill, the reference's forward) dequantize.
 ROWS = 4096  # Int8Linear quantizes and dequantizes its weight this many output rows at a time
 
 
 class Int8Linear(torch.nn.Module):
     """A frozen `nn.Linear` held as int8 weights with one fp32 scale per output row (symmetric,
-    rounded to nearest): 1 byte a weight instead of 4 (fp32) or 2 (bf16). A call dequantizes the
-    weight into the input's dtype, ROWS output features at a time; with `decode=True`, a CPU call
-    of at most INT8_MM_MAX_ROWS rows runs torch's int8 kernel instead, on the input rounded to
-    bf16 (and a bf16 scale): the rollout copy's decode steps, whose sampling log-probs are
-    recorded."""
+    rounded to nearest): 1 byte a weight instead of 4 (fp32) or 2 (bf16). A call on few rows
+    runs rlfuse's decode kernel (int8 to fp32 in registers, fp32 accumulation); a larger call
+    dequantizes the weight into the input's dtype, ROWS output features at a time."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None, decode: bool = False):
+    def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
         super().__init__()
         n, k = weight.shape
         q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
@@ -355,19 +383,14 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.decode = decode and k % 32 == 0
-        self.register_buffer("scale_bf16", scale.squeeze(1).bfloat16() if self.decode else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.decode and x.device.type == "cpu" and 0 < rows <= INT8_MM_MAX_ROWS:
-            y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16).contiguous(),
-                                          self.qweight, self.scale_bf16)
-            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-        else:  # dequantized ROWS output features at a time: a slab's transient, not the weight's
-            parts = [torch.nn.functional.linear(x, (q * s).to(x.dtype))
-                     for q, s in zip(self.qweight.split(ROWS), self.scale.split(ROWS))]
-            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        if decode_rows(x.numel() // max(x.shape[-1], 1), self.qweight, x):
+            return decode_linear(x, self.qweight, self.bias, self.scale)
+        # dequantized ROWS output features at a time: a slab's transient, not the weight's
+        parts = [torch.nn.functional.linear(x, (q * s).to(x.dtype))
+                 for q, s in zip(self.qweight.split(ROWS), self.scale.split(ROWS))]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return y if self.bias is None else y + self.bias
 
 

@@ -11,14 +11,16 @@ training teaches the model to stop) and decoded without special tokens.
 
 Two decoders, the same distribution:
   "rlfuse"  (default) the model's own decoder stack and its HF KV cache, with the LM head and
-            the sampler run here: the head GEMM is computed as W @ x^T (MKL runs this skinny
-            product ~2x faster than x @ W^T on 2 threads at 8 rows x 32k vocab), and a token
-            is drawn by inverse CDF from one uniform per row (torch.multinomial draws an
-            exponential variate per vocabulary entry: over 10x slower at 32k).
+            the sampler run here. On CPU the linear layers and the head run rlfuse's decode
+            kernel at few rows (model.decoding, rlfuse.decode: each weight read once for
+            the batch's rows, where BLAS GEMMs at 8 rows fall well short of the memory
+            bandwidth). A token is drawn by inverse CDF from one uniform per row
+            (torch.multinomial draws an exponential variate per vocabulary entry: over 10x
+            slower at 32k).
   "hf"      `model.generate` (any model `generate` supports).
 `weights="int8"` (RolloutConfig) samples from this step's int8 weight-only copy of the policy
-(model.int8_copy: torch's int8 kernel in the decode steps, about 1 byte a weight, dropped after
-the rollout); the sampler's log-probs go into the batch, and the loss's rollout_correction
+(model.int8_copy: the decode kernel on int8 weights, about 1 byte a weight, dropped after the
+rollout); the sampler's log-probs go into the batch, and the loss's rollout_correction
 (tis / mis) weighs each token by the policy's probability over the sampler's.
 With a vocab-parallel LM head (distributed.vocab_parallel) the "rlfuse" decoder gathers each
 step's full-vocabulary logits of this rank's rows from every shard and steps in lockstep with
@@ -36,9 +38,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rlfuse.decode import decode_linear, decode_rows
+
 from . import distributed, vocab_parallel
 from .data import Batch, encode, pack
-from .model import int8_copy
+from .model import decoding, int8_copy
 
 DECODERS = ("rlfuse", "hf")
 NUCLEUS_CANDIDATES = 1024  # top_p < 1 sorts only these, unless their mass is below top_p
@@ -81,7 +85,9 @@ def head_logits(x: Tensor, h) -> Tensor:
     (`rlfuse.engine.model.LMHead`), with bias, logit_scale and final_logit_softcapping applied."""
     if h.linear is not None:  # an int8 rollout copy's head
         logits = h.linear(x).float()
-    else:
+    elif decode_rows(x.shape[0], h.weight, x):
+        logits = decode_linear(x, h.weight, out_dtype=torch.float32)
+    else:  # W @ x^T: MKL runs this skinny product ~2x faster than x @ W^T at 8 rows x 32k
         logits = (h.weight.float() @ x.float().t()).t().contiguous()
     if h.bias is not None:
         logits += h.bias.float()
@@ -102,7 +108,7 @@ def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature
     from .model import head
 
     h = head(model)
-    if h.weight is not None:
+    if h.weight is not None and not decode_rows(inp.shape[0], h.weight):
         h = dataclasses.replace(h, weight=h.weight.float())  # a copy only for bf16/fp16 weights
     decoder = model.get_decoder()
     # newer transformers name the argument `cache`, older releases `past_key_values`
@@ -163,9 +169,10 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
         inp = torch.tensor([[pad] * (t - len(x)) + x for x in chunk], device=device)
         att = torch.tensor([[0] * (t - len(x)) + [1] * len(x) for x in chunk], device=device)
         if decoder == "rlfuse":
-            new, lp = _decode(model, inp, att, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, greedy=greedy, eos=eos,
-                              pad=pad, logprobs=logprobs)
+            with decoding(model):
+                new, lp = _decode(model, inp, att, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, greedy=greedy,
+                                  eos=eos, pad=pad, logprobs=logprobs)
             if logprobs:
                 lps += lp.tolist()
         else:

@@ -15,6 +15,7 @@ if __name__ != "rlfuse":
 else:
     from ._backend import IMPLS, set_lowp_gemm, set_vocab_slab
     from ._chunked import LogitTransform
+    from .decode import decode_linear
     from .advantages import gae, group_advantages, value_loss
     from .logprobs import linear_logprobs, linear_logprobs_reference
     from .policy import PolicyLossConfig, PolicyLossOutput, kl_estimate, policy_loss
@@ -27,7 +28,7 @@ else:
         "policy_loss", "PolicyLossConfig", "PolicyLossOutput", "kl_estimate",
         "preference_loss", "PreferenceLossConfig", "PreferenceLossOutput",
         "group_advantages", "gae", "value_loss", "set_lowp_gemm", "set_vocab_slab",
-        "vocab_shard_range",
+        "vocab_shard_range", "decode_linear",
     ]
 
     def __getattr__(name):

@@ -161,12 +161,16 @@ def test_bench_subprocesses_die_with_their_parent():
     assert not alive(child)
 
 
-def test_int8_bench_times_both_paths(capsys):
-    from rlfuse.benches import int8
+@pytest.mark.skipif(cpp_ext() is None, reason="C++ extension not built")
+def test_decode_bench_times_every_path(capsys):
+    from rlfuse.benches import decode
 
-    rows = int8.main(threads=1, shapes=((24, 32),), rows=(1, 70), read_bytes=1 << 20)
-    assert [(r["out"], r["in"], r["rows"]) for r in rows] == [(24, 32, 1), (24, 32, 70)]
-    assert all(r[k] > 0 for r in rows for k in ("fp32", "kernel", "dequantize"))
+    rows = decode.main(threads=1, shapes=((24, 32),), rows=(1, 9), read_bytes=1 << 20,
+                       cache_bytes=1 << 12, max_seconds=0.1)
+    assert [(r["out"], r["in"], r["rows"]) for r in rows] == [(24, 32, 1), (24, 32, 9)]
+    cols = ("fp32 torch", "fp32 rlfuse", "bf16 torch", "bf16 rlfuse", "int8 torch",
+            "int8 dequant", "int8 rlfuse")
+    assert all(r[c] > 0 for r in rows for c in cols)
     assert "read bandwidth" in capsys.readouterr().out
 
 
