@@ -20,7 +20,7 @@ import torch
 from rlfuse._backend import cpp_ext
 from rlfuse.benches.measure import summarize, time_step
 from rlfuse.benches.report import machine_info, machine_line
-from rlfuse.engine.model import ROWS
+from rlfuse.engine.model import ROWS as SLAB_ROWS
 
 # (out, in): q / o, k / v, gate / up, down, the LM head
 SHAPES = ((896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896))
@@ -53,7 +53,7 @@ def _rotating(make, n_bytes: int, cache_bytes: int):
 def dequantized(x, q, scale):
     """`Int8Linear`'s path for many rows: dequantize ROWS output rows at a time."""
     return torch.cat([torch.nn.functional.linear(x, a * s[:, None])
-                      for a, s in zip(q.split(ROWS), scale.split(ROWS))], dim=-1)
+                      for a, s in zip(q.split(SLAB_ROWS), scale.split(SLAB_ROWS))], dim=-1)
 
 
 def main(threads: int = 2, shapes=SHAPES, rows=ROWS, read_bytes: int = 1 << 30,
