@@ -8,7 +8,7 @@ Each timed call reads a different copy of the weight (enough copies to exceed a 
 so a weight comes from memory, as in a decode step over 24 layers. torch's rows: `linear` in
 the weight's dtype; for int8, its weight-only kernel `torch._weight_int8pack_mm` (on the
 activations rounded to bf16, with bf16 scales) and dequantizing (`Int8Linear`'s path for many
-rows, 4096 output rows at a time). The crossovers it shows are
+rows, `rlfuse.decode.torch_linear`). The crossovers it shows are
 where `rlfuse.decode.FLOAT_MAX_ROWS` and `INT8_MAX_ROWS` come from.
 """
 import math
@@ -20,7 +20,7 @@ import torch
 from rlfuse._backend import cpp_ext
 from rlfuse.benches.measure import summarize, time_step
 from rlfuse.benches.report import machine_info, machine_line
-from rlfuse.engine.model import ROWS as SLAB_ROWS
+from rlfuse.decode import torch_linear
 
 # (out, in): q / o, k / v, gate / up, down, the LM head
 SHAPES = ((896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896))
@@ -48,12 +48,6 @@ def _rotating(make, n_bytes: int, cache_bytes: int):
         state["i"] = (state["i"] + 1) % len(copies)
         return copies[state["i"]]
     return nxt
-
-
-def dequantized(x, q, scale):
-    """`Int8Linear`'s path for many rows: dequantize ROWS output rows at a time."""
-    return torch.cat([torch.nn.functional.linear(x, a * s[:, None])
-                      for a, s in zip(q.split(SLAB_ROWS), scale.split(SLAB_ROWS))], dim=-1)
 
 
 def main(threads: int = 2, shapes=SHAPES, rows=ROWS, read_bytes: int = 1 << 30,
@@ -88,7 +82,7 @@ def main(threads: int = 2, shapes=SHAPES, rows=ROWS, read_bytes: int = 1 << 30,
                 "bf16 torch": lambda: linear(xb, w16()),
                 "bf16 rlfuse": lambda: ext.decode_linear(x, w16(), None, None),
                 "int8 torch": lambda: torch._weight_int8pack_mm(xb, wq(), sb),
-                "int8 dequant": lambda: dequantized(x, wq(), scale),
+                "int8 dequant": lambda: torch_linear(x, wq(), None, scale),
                 "int8 rlfuse": lambda: ext.decode_linear(x, wq(), scale, None),
             }
             ms = {c: summarize(time_step(None, f, "cpu", reps=20, max_seconds=max_seconds)

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from rlfuse.decode import decode_linear, decode_rows
+from rlfuse.decode import DEQUANT_ROWS, decode_linear
 
 from . import distributed, vocab_parallel
 from .config import ConfigError, ModelConfig, UserError
@@ -330,26 +330,19 @@ def int8_copy(model, rollout: bool = False):
 
 
 class DecodeLinear(torch.nn.Linear):
-    """An `nn.Linear` whose calls on few rows without autograd run rlfuse's decode kernel
-    (`rlfuse.decode`); `decoding` makes a model's linear layers these for a while."""
+    """An `nn.Linear` whose calls run `rlfuse.decode_linear`: the decode kernel on few rows
+    without autograd, torch's linear otherwise; `decoding` makes a model's linear layers these
+    for a while."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if decode_rows(x.numel() // max(x.shape[-1], 1), self.weight, x):
-            return decode_linear(x, self.weight, self.bias)
-        return super().forward(x)
+        return decode_linear(x, self.weight, self.bias)
 
 
 @contextlib.contextmanager
 def decoding(model):
     """Within the block, every `nn.Linear` of `model` is a `DecodeLinear` (the same module and
-    tensors, its class swapped), and back after. Nothing changes under FSDP2 (sharded DTensor
-    parameters, which the kernel does not take) or off the CPU."""
-    from torch.distributed.tensor import DTensor
-
-    params = list(model.parameters())
-    swap = [] if not params or params[0].device.type != "cpu" or any(
-        isinstance(p, DTensor) for p in params) else [
-        m for m in model.modules() if type(m) is torch.nn.Linear]
+    tensors, its class swapped), and back after."""
+    swap = [m for m in model.modules() if type(m) is torch.nn.Linear]
     for m in swap:
         m.__class__ = DecodeLinear
     try:
@@ -359,16 +352,16 @@ def decoding(model):
             m.__class__ = torch.nn.Linear
 
 
-# Int8Linear's calls on at most rlfuse.decode.INT8_MAX_ROWS rows (the sampler's decode steps) run
-# the decode kernel; larger calls (a prompt's prefill, the reference's forward) dequantize.
-ROWS = 4096  # Int8Linear quantizes and dequantizes its weight this many output rows at a time
+ROWS = DEQUANT_ROWS  # Int8Linear quantizes its weight this many output rows at a time
 
 
 class Int8Linear(torch.nn.Module):
     """A frozen `nn.Linear` held as int8 weights with one fp32 scale per output row (symmetric,
-    rounded to nearest): 1 byte a weight instead of 4 (fp32) or 2 (bf16). A call on few rows
-    runs rlfuse's decode kernel (int8 to fp32 in registers, fp32 accumulation); a larger call
-    dequantizes the weight into the input's dtype, ROWS output features at a time."""
+    rounded to nearest): 1 byte a weight instead of 4 (fp32) or 2 (bf16). A call runs
+    `rlfuse.decode_linear`: on at most rlfuse.decode.INT8_MAX_ROWS rows (the sampler's decode
+    steps) the decode kernel, int8 to fp32 in registers; on more (a prompt's prefill, the
+    reference's forward) the weight dequantized into the input's dtype, ROWS output rows at a
+    time."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
         super().__init__()
@@ -385,13 +378,7 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        if decode_rows(x.numel() // max(x.shape[-1], 1), self.qweight, x):
-            return decode_linear(x, self.qweight, self.bias, self.scale)
-        # dequantized ROWS output features at a time: a slab's transient, not the weight's
-        parts = [torch.nn.functional.linear(x, (q * s).to(x.dtype))
-                 for q, s in zip(self.qweight.split(ROWS), self.scale.split(ROWS))]
-        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return y if self.bias is None else y + self.bias
+        return decode_linear(x, self.qweight, self.bias, self.scale)
 
 
 def quiet_transformers() -> None:

@@ -69,25 +69,25 @@ inline float hsum(V v) { return v; }
 #endif
 
 // out[m][n] = sum_j x[m, j] * w[n, j] for NB weight rows and MB activation rows.
+// x and w are row-major with rows of k.
 template <int64_t NB, int64_t MB, typename W>
-inline void block(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k,
-                  float (&out)[MB][NB]) {
+inline void block(const float* x, const W* w, int64_t k, float (&out)[MB][NB]) {
   V acc[MB][NB];
   for (int64_t m = 0; m < MB; ++m)
     for (int64_t n = 0; n < NB; ++n) acc[m][n] = zero();
   int64_t j = 0;
   for (; j + kL <= k; j += kL) {
     V wv[NB];
-    for (int64_t n = 0; n < NB; ++n) wv[n] = load(w + n * ldw + j);
+    for (int64_t n = 0; n < NB; ++n) wv[n] = load(w + n * k + j);
     for (int64_t m = 0; m < MB; ++m) {
-      const V xv = load(x + m * ldx + j);
+      const V xv = load(x + m * k + j);
       for (int64_t n = 0; n < NB; ++n) acc[m][n] = fmadd(wv[n], xv, acc[m][n]);
     }
   }
   for (int64_t m = 0; m < MB; ++m)
     for (int64_t n = 0; n < NB; ++n) {
       float s = hsum(acc[m][n]);
-      for (int64_t i = j; i < k; ++i) s += static_cast<float>(w[n * ldw + i]) * x[m * ldx + i];
+      for (int64_t i = j; i < k; ++i) s += static_cast<float>(w[n * k + i]) * x[m * k + i];
       out[m][n] = s;
     }
 }
@@ -104,7 +104,7 @@ struct Args {
 template <int64_t NB, int64_t MB, typename W>
 void rows_block(const Args& a, const W* w, int64_t n0, int64_t m0) {
   float out[MB][NB];
-  block<NB, MB>(a.x + m0 * a.k, a.k, w + n0 * a.k, a.k, a.k, out);
+  block<NB, MB>(a.x + m0 * a.k, w + n0 * a.k, a.k, out);
   for (int64_t m = 0; m < MB; ++m)
     for (int64_t n = 0; n < NB; ++n) {
       float v = out[m][n];
