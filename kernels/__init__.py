@@ -5,13 +5,26 @@ This folder is installed as the package `rlfuse` (pyproject.toml maps it).
 import sys
 
 if __name__ != "rlfuse":
-    # This folder found by path under another name: transformers imports a `kernels` package it
-    # finds on sys.path (looking for Hugging Face's), which is this one when the working
-    # directory is the repository root. A second copy would register the custom ops again over
-    # the live ones (their schemas freed under callers that hold them): hand back the one package.
-    import rlfuse
+    # This folder found by path under another name: transformers (>= 5.25 depends on it) imports
+    # Hugging Face's `kernels` package, and with the repository root on sys.path (`python -m`
+    # from there) the first `kernels` on the path is this folder. Hand back the installed
+    # `kernels` when there is one, else the one rlfuse package: a second copy of rlfuse would
+    # register the custom ops again over the live ones (their schemas freed under callers).
+    import importlib.machinery
+    import importlib.util
+    import os
 
-    sys.modules[__name__] = rlfuse
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
+    _spec = None if "." in __name__ else importlib.machinery.PathFinder.find_spec(__name__, _path)
+    if _spec is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
+    else:
+        import rlfuse
+
+        sys.modules[__name__] = rlfuse
 else:
     from ._backend import IMPLS, set_lowp_gemm, set_vocab_slab
     from ._chunked import LogitTransform

@@ -164,23 +164,33 @@ def test_kernels_found_by_path_is_the_installed_package():
     assert Path(rlfuse.__file__).parent.name == "kernels"  # the editable install's mapping
 
 
-def test_engine_does_not_import_benches_and_transformers_finds_no_kernels(tmp_path):
-    """A script run from the repository root, as the `rlfuse` script is: the engine imports no
-    benches, and building a transformers model does not import kernels/ as `kernels`."""
-    script = tmp_path / "probe.py"
-    script.write_text(
+@pytest.mark.parametrize("run_as", ["script", "module"])
+def test_engine_does_not_import_benches_and_kernels_is_not_this_folder(tmp_path, run_as):
+    """Run from the repository root as the `rlfuse` script is, and as `python -m` is (the root on
+    sys.path, where kernels/ is a bare `kernels`): the engine imports no benches, and building a
+    transformers model (which imports Hugging Face's `kernels`) loads no second copy of kernels/
+    and gets the installed `kernels` when there is one."""
+    probe = (
         "import sys\n"
-        "import rlfuse.engine.cli, rlfuse.engine.demo, rlfuse.engine.trainer\n"
+        "import rlfuse, rlfuse.engine.cli, rlfuse.engine.demo, rlfuse.engine.trainer\n"
         "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
         "Qwen2ForCausalLM(Qwen2Config(vocab_size=8, hidden_size=8, intermediate_size=8,\n"
         "                             num_hidden_layers=1, num_attention_heads=2,\n"
         "                             num_key_value_heads=1))\n"
-        "print(sorted(m for m in sys.modules if m.startswith('rlfuse.benches')),\n"
-        "      'kernels' in sys.modules)\n")
+        "copies = [n for n, m in list(sys.modules.items())\n"
+        "          if getattr(m, '__file__', None) == rlfuse.__file__ and m is not rlfuse]\n"
+        "k = sys.modules.get('kernels')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rlfuse.benches')), copies,\n"
+        "      k is None or k is rlfuse or k.__file__ != rlfuse.__file__)\n")
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         cwd=root, check=True).stdout
-    assert out.strip() == "[] False"
+    if run_as == "script":
+        script = tmp_path / "probe.py"
+        script.write_text(probe)
+        cmd = [sys.executable, str(script)]
+    else:
+        cmd = [sys.executable, "-c", probe]  # '' (the working directory) first on sys.path
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True).stdout
+    assert out.strip() == "[] [] True"
 
 
 def test_installed_entry_point(tmp_path):
