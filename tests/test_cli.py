@@ -147,21 +147,27 @@ def test_bugs_keep_their_traceback(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- packaging
-def test_kernels_found_by_path_is_the_installed_package():
+def test_kernels_found_by_path_is_an_installed_package():
     """From the repository root (the working directory on sys.path, as under `python -c` or
-    `python -m pytest`), kernels/ is importable as `kernels`, and transformers imports it while
-    probing for Hugging Face's kernels library. That import hands back rlfuse itself, so the
-    custom ops are registered once and keep working, whichever name comes first."""
+    `python -m pytest`), kernels/ is importable as `kernels`, and transformers imports that name
+    for Hugging Face's kernels library. The import hands back that library when it is installed,
+    else rlfuse itself: never a second copy of rlfuse, so the custom ops are registered once and
+    keep working, whichever name comes first."""
+    import importlib.machinery
+
+    import rlfuse
+
     root = Path(__file__).resolve().parents[1]
+    assert Path(rlfuse.__file__).parent.name == "kernels"  # the editable install's mapping
+    installed = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if Path(p or ".").resolve() != root])
+    expected = installed.origin if installed is not None else str(root / "kernels/__init__.py")
     op = ("x, w = torch.randn(3, 8), torch.randn(5, 8)\n"
-          "print(kernels is rlfuse, rlfuse.linear_logprobs(x, w, torch.tensor([0, 4, 2])).shape)\n")
+          "print(kernels.__file__, rlfuse.linear_logprobs(x, w, torch.tensor([0, 4, 2])).shape)\n")
     for first in ("import kernels, rlfuse, torch\n", "import rlfuse, kernels, torch\n"):
         out = subprocess.run([sys.executable, "-c", first + op], capture_output=True, text=True,
                              cwd=root, check=True).stdout
-        assert out.split() == ["True", "torch.Size([3])"]
-    import rlfuse
-
-    assert Path(rlfuse.__file__).parent.name == "kernels"  # the editable install's mapping
+        assert out.split() == [expected, "torch.Size([3])"]
 
 
 @pytest.mark.parametrize("run_as", ["script", "module"])
