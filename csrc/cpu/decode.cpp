@@ -2,7 +2,7 @@
 // and each block of NB weight rows is converted to fp32 in registers and multiplied into MB
 // activation rows at a time (dot products along K, summed across the vector lanes at the end).
 // A group's weight rows stay in cache between the activation blocks, so the weight is read from
-// memory once.
+// memory once, and prefetched into L1 a little ahead of its loads.
 //
 // The vector width follows the build flags (-march=native in setup.py): AVX-512, AVX2 + FMA, or
 // plain scalar code.
@@ -23,6 +23,11 @@ namespace {
 // several independent accumulator chains. Every block size divides kG, the weight rows a
 // thread takes at once.
 constexpr int64_t kG = 4, kMB = 8;
+// Weight bytes ahead of each load that are prefetched into L1. Against the hardware prefetcher
+// alone, 1024 took the 8-row fp32 LM head (151936 x 896) from 12.8 to 14.9 GB/s and the MLP
+// layers 10-25% faster, bf16 6-12%, on a 21 GB/s AVX2 EPYC (interleaved A/B, one process);
+// 512 was slower than 1024, 2048 and 4096 no faster.
+constexpr int64_t kPrefetch = 1024;
 #if defined(__AVX512F__)
 using V = __m512;
 constexpr int64_t kL = 16, kNB = 2;  // 16 accumulators + 2 weights + 1 of 32 registers
@@ -78,7 +83,10 @@ inline void block(const float* x, const W* w, int64_t k, float (&out)[MB][NB]) {
   int64_t j = 0;
   for (; j + kL <= k; j += kL) {
     V wv[NB];
-    for (int64_t n = 0; n < NB; ++n) wv[n] = load(w + n * k + j);
+    for (int64_t n = 0; n < NB; ++n) {
+      __builtin_prefetch(reinterpret_cast<const char*>(w + n * k + j) + kPrefetch);
+      wv[n] = load(w + n * k + j);
+    }
     for (int64_t m = 0; m < MB; ++m) {
       const V xv = load(x + m * k + j);
       for (int64_t n = 0; n < NB; ++n) acc[m][n] = fmadd(wv[n], xv, acc[m][n]);
