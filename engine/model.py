@@ -352,27 +352,25 @@ def decoding(model):
             m.__class__ = torch.nn.Linear
 
 
-ROWS = DEQUANT_ROWS  # Int8Linear quantizes its weight this many output rows at a time
-
-
 class Int8Linear(torch.nn.Module):
     """A frozen `nn.Linear` held as int8 weights with one fp32 scale per output row (symmetric,
     rounded to nearest): 1 byte a weight instead of 4 (fp32) or 2 (bf16). A call runs
     `rlfuse.decode_linear`: on at most rlfuse.decode.INT8_MAX_ROWS rows (the sampler's decode
     steps) the decode kernel, int8 to fp32 in registers; on more (a prompt's prefill, the
-    reference's forward) the weight dequantized into the input's dtype, ROWS output rows at a
-    time."""
+    reference's forward) the weight dequantized into the input's dtype, DEQUANT_ROWS output rows
+    at a time; it is quantized in slabs of as many rows."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor] = None):
         super().__init__()
         n, k = weight.shape
         q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
         scale = torch.empty(n, 1, dtype=torch.float32, device=weight.device)
-        for s in range(0, n, ROWS):  # fp32 transients of ROWS rows, not of the whole weight
-            w = weight[s:s + ROWS].detach().float()
-            scale[s:s + ROWS] = w.abs().amax(1, keepdim=True).clamp_min(
-                torch.finfo(torch.float32).tiny) / 127
-            q[s:s + ROWS] = torch.round(w / scale[s:s + ROWS])
+        tiny = torch.finfo(torch.float32).tiny
+        for w, qs, ss in zip(weight.detach().split(DEQUANT_ROWS), q.split(DEQUANT_ROWS),
+                             scale.split(DEQUANT_ROWS)):  # fp32 transients of a slab
+            w = w.float()
+            ss.copy_(w.abs().amax(1, keepdim=True).clamp_min(tiny) / 127)
+            qs.copy_(torch.round(w / ss))
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())

@@ -147,27 +147,35 @@ def test_bugs_keep_their_traceback(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- packaging
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _kernels_expected() -> str:
+    """The file a bare `import kernels` should load from the repository root: Hugging Face's
+    installed `kernels` (found on sys.path without the root) when there is one, else kernels/
+    (which then hands back rlfuse itself)."""
+    import importlib.machinery
+
+    spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if Path(p or ".").resolve() != ROOT])
+    return spec.origin if spec is not None else str(ROOT / "kernels/__init__.py")
+
+
 def test_kernels_found_by_path_is_an_installed_package():
     """From the repository root (the working directory on sys.path, as under `python -c` or
     `python -m pytest`), kernels/ is importable as `kernels`, and transformers imports that name
     for Hugging Face's kernels library. The import hands back that library when it is installed,
     else rlfuse itself: never a second copy of rlfuse, so the custom ops are registered once and
     keep working, whichever name comes first."""
-    import importlib.machinery
-
     import rlfuse
 
-    root = Path(__file__).resolve().parents[1]
     assert Path(rlfuse.__file__).parent.name == "kernels"  # the editable install's mapping
-    installed = importlib.machinery.PathFinder.find_spec(
-        "kernels", [p for p in sys.path if Path(p or ".").resolve() != root])
-    expected = installed.origin if installed is not None else str(root / "kernels/__init__.py")
     op = ("x, w = torch.randn(3, 8), torch.randn(5, 8)\n"
           "print(kernels.__file__, rlfuse.linear_logprobs(x, w, torch.tensor([0, 4, 2])).shape)\n")
     for first in ("import kernels, rlfuse, torch\n", "import rlfuse, kernels, torch\n"):
         out = subprocess.run([sys.executable, "-c", first + op], capture_output=True, text=True,
-                             cwd=root, check=True).stdout
-        assert out.split() == [expected, "torch.Size([3])"]
+                             cwd=ROOT, check=True).stdout
+        assert out.split() == [_kernels_expected(), "torch.Size([3])"]
 
 
 @pytest.mark.parametrize("run_as", ["script", "module"])
@@ -175,7 +183,7 @@ def test_engine_does_not_import_benches_and_kernels_is_not_this_folder(tmp_path,
     """Run from the repository root as the `rlfuse` script is, and as `python -m` is (the root on
     sys.path, where kernels/ is a bare `kernels`): the engine imports no benches, and building a
     transformers model (which imports Hugging Face's `kernels`) loads no second copy of kernels/
-    and gets the installed `kernels` when there is one."""
+    and gets the installed `kernels`, if it imports one."""
     probe = (
         "import sys\n"
         "import rlfuse, rlfuse.engine.cli, rlfuse.engine.demo, rlfuse.engine.trainer\n"
@@ -185,29 +193,28 @@ def test_engine_does_not_import_benches_and_kernels_is_not_this_folder(tmp_path,
         "                             num_key_value_heads=1))\n"
         "copies = [n for n, m in list(sys.modules.items())\n"
         "          if getattr(m, '__file__', None) == rlfuse.__file__ and m is not rlfuse]\n"
-        "k = sys.modules.get('kernels')\n"
         "print(sorted(m for m in sys.modules if m.startswith('rlfuse.benches')), copies,\n"
-        "      k is None or k is rlfuse or k.__file__ != rlfuse.__file__)\n")
-    root = Path(__file__).resolve().parents[1]
+        "      getattr(sys.modules.get('kernels'), '__file__', None))\n")
     if run_as == "script":
         script = tmp_path / "probe.py"
         script.write_text(probe)
         cmd = [sys.executable, str(script)]
     else:
         cmd = [sys.executable, "-c", probe]  # '' (the working directory) first on sys.path
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True).stdout
-    assert out.strip() == "[] [] True"
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    benches, copies, kernels = out.strip().rsplit(" ", 2)
+    assert (benches, copies) == ("[]", "[]")
+    assert kernels in ("None", _kernels_expected())
 
 
 def test_installed_entry_point(tmp_path):
     """The real `rlfuse` script, run from the repository root: help, and a user error as one
     line with exit status 2."""
-    root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([str(RLFUSE), "train", "grpo", "--help"], capture_output=True,
-                          text=True, cwd=root)
+                          text=True, cwd=ROOT)
     assert proc.returncode == 0 and "--grpo.rollout.samples_per_prompt" in proc.stdout
     proc = subprocess.run([str(RLFUSE), "train", "sft", f"sft.data={tmp_path / 'x.jsonl'}"],
-                          capture_output=True, text=True, cwd=root)
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"rlfuse: error: no such data file: {tmp_path / 'x.jsonl'} "
                                    "(config key sft.data)")

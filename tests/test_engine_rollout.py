@@ -138,9 +138,10 @@ def test_int8_linear_matches_its_dequantized_weight(dtype, rows):
 
 
 def test_int8_linear_dequantizes_a_slab_at_a_time():
+    from rlfuse.decode import DEQUANT_ROWS
     from rlfuse.engine import model
 
-    w, b = torch.randn(model.ROWS + 5, 16), torch.randn(model.ROWS + 5)
+    w, b = torch.randn(DEQUANT_ROWS + 5, 16), torch.randn(DEQUANT_ROWS + 5)
     m = model.Int8Linear(w, b)
     x = torch.randn(3, 70, 16)  # 210 rows: the dequantizing path
     want = x.double() @ (m.qweight.double() * m.scale.double()).t() + b.double()

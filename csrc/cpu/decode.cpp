@@ -26,7 +26,7 @@ constexpr int64_t kG = 4, kMB = 8;
 // Weight bytes ahead of each load that are prefetched into L1. Against the hardware prefetcher
 // alone, 1024 took the 8-row fp32 LM head (151936 x 896) from 12.8 to 14.9 GB/s and the MLP
 // layers 10-25% faster, bf16 6-12%, on a 21 GB/s AVX2 EPYC (interleaved A/B, one process);
-// 512 was slower than 1024, 2048 and 4096 no faster.
+// in separate, noisier runs 512 was slower than 1024, and 2048 and 4096 no faster.
 constexpr int64_t kPrefetch = 1024;
 #if defined(__AVX512F__)
 using V = __m512;
