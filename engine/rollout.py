@@ -16,7 +16,8 @@ Two decoders, the same distribution:
             the batch's rows, where BLAS GEMMs at 8 rows fall well short of the memory
             bandwidth). A token is drawn by inverse CDF from one uniform per row
             (torch.multinomial draws an exponential variate per vocabulary entry: over 10x
-            slower at 32k).
+            slower at 32k). A prompt's prefill runs once for its n samples, which then
+            share a copy of its KV cache.
   "hf"      `model.generate` (any model `generate` supports).
 `weights="int8"` (RolloutConfig) samples from this step's int8 weight-only copy of the policy
 (model.int8_copy: the decode kernel on int8 weights, about 1 byte a weight, dropped after the
@@ -97,10 +98,12 @@ def head_logits(x: Tensor, h) -> Tensor:
 
 @torch.no_grad()
 def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature: float,
-            top_p: float, greedy: bool, eos: int, pad: int, logprobs: bool = False
+            top_p: float, greedy: bool, eos: int, pad: int, n: int = 1, logprobs: bool = False
             ) -> tuple[Tensor, Optional[Tensor]]:
-    """New tokens [B, <= max_new_tokens] (pad after a row's EOS; stops when all rows have one),
-    and with `logprobs` their fp32 log-probs under softmax(logits / temperature) [B, same]."""
+    """New tokens [B, <= max_new_tokens] for the B = n x len(inp) samples of the prompts `inp`
+    (each prompt's n rows contiguous; pad after a row's EOS; stops when all rows have one), and
+    with `logprobs` their fp32 log-probs under softmax(logits / temperature) [B, same]. The
+    prompts' prefill runs once per prompt, and its KV cache is copied to the prompt's n rows."""
     from transformers import DynamicCache
 
     from .model import head
@@ -115,11 +118,16 @@ def _decode(model, inp: Tensor, att: Tensor, *, max_new_tokens: int, temperature
     cache = {cache_arg: DynamicCache(config=model.config)}
     pos = (att.cumsum(-1) - 1).clamp_min(0)
     ids, out, lps = inp, [], []
-    done = torch.zeros(inp.shape[0], dtype=torch.bool, device=inp.device)
-    counts = None if h.vocab is None else vocab_parallel.row_counts(inp.shape[0])
+    rows = inp.shape[0] * n
+    done = torch.zeros(rows, dtype=torch.bool, device=inp.device)
+    counts = None if h.vocab is None else vocab_parallel.row_counts(rows)
     for _ in range(max_new_tokens):
         x = decoder(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True,
                     **cache).last_hidden_state[:, -1]
+        if x.shape[0] < rows:  # after the prefill: each prompt's state to its n samples
+            expand = torch.arange(inp.shape[0], device=inp.device).repeat_interleave(n)
+            cache[cache_arg].reorder_cache(expand)
+            x, att, pos = x[expand], att[expand], pos[expand]
         if h.vocab is None:
             logits = head_logits(x, h)
         else:  # every rank's shard of this rank's rows (vocab_parallel.own_logits)
@@ -150,19 +158,22 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
              batch_size: int = 512, decoder: str = "rlfuse", logprobs: bool = False) -> Rollout:
     """n completions per prompt, grouped contiguously: [p0, p0, ..., p1, p1, ...]; `logprobs`
     records each sampled token's log-prob under softmax(logits / temperature) (the full
-    distribution, as the losses score it, also when top_p < 1), with decoder "rlfuse" only."""
+    distribution, as the losses score it, also when top_p < 1), with decoder "rlfuse" only.
+    At most `batch_size` rows decode together (whole groups: at least one prompt's n)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
     if logprobs and decoder != "rlfuse":
         raise ValueError("logprobs=True needs decoder='rlfuse'")
-    ids = [x for x in encode(tokenizer, prompts) for _ in range(n)]
+    encoded = encode(tokenizer, prompts)
+    ids = [x for x in encoded for _ in range(n)]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     comps, lps = [], []
-    for s in range(0, len(ids), batch_size):
-        chunk = ids[s:s + batch_size]
+    per_chunk = max(1, batch_size // n)  # prompts, each with its n samples
+    for s in range(0, len(encoded), per_chunk):
+        chunk = encoded[s:s + per_chunk]
         t = max(len(x) for x in chunk)
         inp = torch.tensor([[pad] * (t - len(x)) + x for x in chunk], device=device)
         att = torch.tensor([[0] * (t - len(x)) + [1] * len(x) for x in chunk], device=device)
@@ -170,11 +181,12 @@ def generate(model, tokenizer, prompts: list[str], *, n: int = 1, temperature: f
             with decoding(model):
                 new, lp = _decode(model, inp, att, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, greedy=greedy,
-                                  eos=eos, pad=pad, logprobs=logprobs)
+                                  eos=eos, pad=pad, n=n, logprobs=logprobs)
             if logprobs:
                 lps += lp.tolist()
         else:
             sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            inp, att = inp.repeat_interleave(n, 0), att.repeat_interleave(n, 0)
             new = model.generate(input_ids=inp, attention_mask=att, max_new_tokens=max_new_tokens,
                                  eos_token_id=eos, pad_token_id=pad, use_cache=True,
                                  **({"do_sample": False} if greedy else sample))[:, t:]

@@ -45,6 +45,26 @@ def test_greedy_decode_equals_model_generate(tok, arch):
     assert ours.prompt_ids == hf.prompt_ids
 
 
+def test_prefill_runs_once_per_prompt_and_whole_groups_decode_together(tok):
+    m = _model("qwen2", tok)
+    shapes = []
+    hook = m.get_decoder().register_forward_hook(
+        lambda mod, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    torch.manual_seed(0)
+    roll = generate(m, tok, PROMPTS, n=4, max_new_tokens=6)
+    longest = max(len(p) for p in roll.prompt_ids)
+    assert shapes[0] == (3, longest) and set(shapes[1:]) == {(12, 1)}
+    assert len({tuple(c) for c in roll.completion_ids[:4]}) > 1  # one prompt, independent draws
+    shapes.clear()  # batch_size 5 at n 2: two prompts (4 rows), then one (2 rows)
+    greedy = generate(m, tok, PROMPTS, n=2, max_new_tokens=6, greedy=True, batch_size=5)
+    hook.remove()
+    assert [s[0] for s in shapes if s[1] > 1] == [2, 1]
+    assert {s[0] for s in shapes if s[1] == 1} == {4, 2}
+    assert greedy.completion_ids == generate(m, tok, PROMPTS, n=2, max_new_tokens=6,
+                                             greedy=True).completion_ids
+
+
 def test_head_logits_apply_the_model_transforms(tok):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
