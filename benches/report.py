@@ -16,15 +16,36 @@ REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
 
 
-def _cpu_model() -> str:
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def _cpuinfo() -> dict:
+    """The first processor's /proc/cpuinfo fields ({} where there is none)."""
+    out = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, val = line.partition(":")
+                out[key.strip()] = val.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return out
+
+
+def _cpu() -> dict:
+    """The CPU's model name, and (where /proc/cpuinfo has them) its family / model / stepping,
+    clock, and which of ISA_FLAGS it has: "AMD EPYC" alone names several generations."""
+    info = _cpuinfo()
+    out = {"cpu": info.get("model name") or platform.processor() or platform.machine()}
+    if "cpu family" in info:
+        out["cpu_id"] = (f"family {info['cpu family']} model {info.get('model', '?')} "
+                         f"stepping {info.get('stepping', '?')}, {info.get('cpu MHz', '?')} MHz")
+    if "flags" in info:
+        flags = set(info["flags"].split())
+        out["cpu_isa"] = " ".join(f for f in ISA_FLAGS if f in flags)
+    return out
 
 
 def _mem_total_gb() -> float | None:
@@ -55,7 +76,7 @@ def _version(dist: str) -> str | None:
 
 def machine_info(device: str | torch.device = "cpu") -> dict:
     info = {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        **_cpu(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "mem_gb": _mem_total_gb(), "gpu": None, "torch": torch.__version__,
         "python": platform.python_version(), "platform": platform.platform(),
         "git_commit": _git_commit(), "transformers": _version("transformers"),
@@ -69,7 +90,9 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
 
 
 def machine_line(m: dict) -> str:
-    where = m["gpu"] or f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
+    isa = f" [{m['cpu_isa']}]" if m.get("cpu_isa") else ""
+    where = m["gpu"] or (f"{m['cpu']}{isa}, {m['cores']} cores "
+                         f"({m['torch_threads']} torch threads)")
     return f"{where}; torch {m['torch']}; commit {m['git_commit'] or '?'}"
 
 
@@ -119,7 +142,7 @@ def write(report: dict, stem: Path, rows_key: str = "results", plot=None) -> lis
     m = report["machine"]
     fixed = {k: report[k] for k in ("op", "dtype", "mode", "device") if k in report}
     fixed.update(shape=report["shape"]["name"], h=report["shape"]["h"], v=report["shape"]["v"],
-                 cpu=m["cpu"], cores=m["cores"], gpu=m["gpu"], torch=m["torch"],
+                 cpu=m["cpu"], cpu_isa=m.get("cpu_isa"), cores=m["cores"], gpu=m["gpu"], torch=m["torch"],
                  git_commit=m["git_commit"])
     rows = [{**fixed, **r} for r in report[rows_key]]
     fields = list(dict.fromkeys(k for r in rows for k in r))

@@ -1,6 +1,7 @@
 """The benchmark CLI at the tiny preset: reports written, the guard, the memory subprocess."""
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,18 @@ FAST = ["--shape", "tiny", "--reps", "1", "--warmup", "1", "--no-memory", "--qui
 
 def _report(tmp_path, stem):
     return json.loads((tmp_path / f"{stem}.json").read_text())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="no /proc/cpuinfo")
+def test_machine_names_the_cpu_generation_and_its_vector_isa():
+    m = report.machine_info()
+    assert m["cpu_id"].startswith("family ") and " MHz" in m["cpu_id"]
+    isa = m["cpu_isa"].split()
+    assert set(isa) <= set(report.ISA_FLAGS)
+    cap = torch.backends.cpu.get_cpu_capability()  # what torch's own kernels dispatch to
+    assert "avx2" in isa or cap not in ("AVX2", "AVX512")
+    assert "avx512f" in isa or cap != "AVX512"
+    assert f"[{m['cpu_isa']}]" in report.machine_line(m)
 
 
 def test_bench_writes_table_json_csv_png(tmp_path, capsys):
