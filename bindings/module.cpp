@@ -1,6 +1,7 @@
 // rlfuse._C: validates inputs and routes to csrc/. No math here.
 #include <torch/extension.h>
 
+#include "cpu/adam8bit.h"
 #include "cpu/decode.h"
 #include "cpu/epilogue.h"
 #include "cpu/gemm.h"
@@ -123,6 +124,45 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& w,
   return y;
 }
 
+rlfuse::cpu::Moment moment(const at::Tensor& codes, const at::Tensor& scale,
+                           const at::Tensor& qmap, const at::Tensor& lut, int64_t n,
+                           const char* name) {
+  constexpr const char* op = "adamw8bit_step_";
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte &&
+                  codes.is_contiguous() && codes.numel() == n,
+              op, ": ", name, "_codes must be a contiguous CPU uint8 tensor of ", n,
+              " elements, got ", codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK(scale.dim() == 1 && scale.numel() > 0 && n % scale.numel() == 0, op, ": ", name,
+              "_scale must be 1-D with a number of blocks that divides ", n, ", got ",
+              scale.sizes());
+  check_row(scale, scale.numel(), (std::string(name) + "_scale").c_str(), op);
+  check_row(qmap, 256, (std::string(name) + "_qmap").c_str(), op);
+  check_row(lut, 1 << rlfuse::cpu::kCodeTableBits, (std::string(name) + "_lut").c_str(), op,
+            at::kByte);
+  return {codes, scale, qmap, lut};
+}
+
+void adamw8bit_step_(at::Tensor p, const at::Tensor& g, const at::Tensor& m_codes,
+                     const at::Tensor& m_scale, const at::Tensor& m_qmap,
+                     const at::Tensor& m_lut, const at::Tensor& v_codes,
+                     const at::Tensor& v_scale, const at::Tensor& v_qmap,
+                     const at::Tensor& v_lut, double lr, double beta1, double beta2,
+                     double weight_decay, double eps, double bc1, double bc2) {
+  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
+              "adamw8bit_step_: p must be a contiguous CPU float32 tensor, got ",
+              p.scalar_type(), " on ", p.device());
+  TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == at::kFloat && g.is_contiguous() &&
+                  g.sizes() == p.sizes(),
+              "adamw8bit_step_: g must be a contiguous CPU float32 tensor shaped like p ",
+              p.sizes(), ", got ", g.scalar_type(), " ", g.sizes());
+  auto m = moment(m_codes, m_scale, m_qmap, m_lut, p.numel(), "m");
+  auto v = moment(v_codes, v_scale, v_qmap, v_lut, p.numel(), "v");
+  TORCH_CHECK(m_scale.numel() == v_scale.numel(),
+              "adamw8bit_step_: m_scale and v_scale must have as many blocks, got ",
+              m_scale.numel(), " and ", v_scale.numel());
+  rlfuse::cpu::adamw8bit_step(p, g, m, v, lr, beta1, beta2, weight_decay, eps, bc1, bc2);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -152,4 +192,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y [M, N] fp32 = x [M, K] fp32 @ w^T (* scale) (+ bias), w [N, K] fp32, bf16 or int8 "
         "(int8 with scale [N] fp32): a few rows against a whole weight, read once",
         py::arg("x"), py::arg("w"), py::arg("scale") = py::none(), py::arg("bias") = py::none());
+  m.def("adamw8bit_step_", &adamw8bit_step_,
+        "one AdamW step of p [n] fp32 in place, with torchao's 8-bit block-wise moments "
+        "(codes, scale, qmap, and the code table lut) updated in place",
+        py::arg("p"), py::arg("g"), py::arg("m_codes"), py::arg("m_scale"), py::arg("m_qmap"),
+        py::arg("m_lut"), py::arg("v_codes"), py::arg("v_scale"), py::arg("v_qmap"),
+        py::arg("v_lut"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("weight_decay"), py::arg("eps"), py::arg("bc1"), py::arg("bc2"));
 }

@@ -219,6 +219,75 @@ def test_int8_states_follow_fp32_adamw_and_are_8_bit():
             assert moments[k].scale.numel() == 8192 // 256
 
 
+def test_int8_states_kernel_takes_torchaos_step():
+    """AdamW8bitCPU (fp32 CPU parameters) against torchao's own step run eagerly, one step at a
+    time from the same states: the same parameters, scales and codes (a code may land one off
+    where the two sides' fp32 roundings differ at a boundary)."""
+    pytest.importorskip("torchao")
+    from torchao.optim import AdamW8bit
+    from torchao.optim.adam import single_param_adam
+
+    from rlfuse._backend import cpp_ext
+
+    if cpp_ext() is None:
+        pytest.skip("the C++ extension is not built")
+    torch.manual_seed(0)
+    for shape in [(37, 3 * 256), (4096, 3), (5, 9)]:  # blocks across rows; too small to quantize
+        p = torch.nn.Parameter(torch.randn(shape) * 0.02)
+        ref = torch.nn.Parameter(p.detach().clone())
+        opt = make_optimizer([p], 1e-2, (0.9, 0.999), 0.01, 0, "int8")
+        torchao = AdamW8bit([ref], lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
+        assert type(opt).__name__ == "AdamW8bitCPU"
+        for step in range(6):
+            scale = 100.0 if step == 3 else 1.0  # rows of very different sizes; one big step
+            g = torch.randn(shape) * torch.rand(shape[0], 1) ** 4 * scale
+            p.grad = g.clone()
+            opt.step()
+            st = torchao.state[ref]
+            if not st:
+                st.update(step=torch.tensor(0.0), exp_avg=torchao._new_buffer(ref, True),
+                          exp_avg_sq=torchao._new_buffer(ref, False))
+            st["step"] += 1
+            with torch.no_grad():
+                single_param_adam(ref.detach(), g, st["step"], st["exp_avg"], st["exp_avg_sq"],
+                                  None, torchao.param_groups[0]["lr"], 0.9, 0.999, 0.01, 1e-8,
+                                  True, False)
+            torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-5, atol=1e-7)
+            for k in ("exp_avg", "exp_avg_sq"):
+                mine, theirs = opt.state[p][k], st[k]
+                if not hasattr(theirs, "codes"):  # under 4096 elements: plain fp32 moments
+                    torch.testing.assert_close(mine, theirs)
+                    continue
+                torch.testing.assert_close(mine.scale, theirs.scale, rtol=1e-6, atol=0)
+                off = (mine.codes.int() - theirs.codes.int()).abs()
+                assert off.max() <= 1 and (off > 0).float().mean() < 1e-3, (shape, step, k)
+                theirs.codes.copy_(mine.codes)  # the next step starts from the same states
+                theirs.scale.copy_(mine.scale)
+            ref.data.copy_(p.detach())
+    # bf16 parameters keep torchao's step (its stochastic rounding of the weights)
+    bf16 = make_optimizer([torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))], 1e-3,
+                          (0.9, 0.99), 0.0, 0, "int8")
+    assert type(bf16) is AdamW8bit
+
+
+def test_code_table_starts_each_search_at_or_below_the_nearest_code():
+    pytest.importorskip("torchao")
+    from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+
+    from rlfuse.engine.optim import CODE_TABLE_BITS, code_table
+
+    torch.manual_seed(0)
+    for qmap in (torch.tensor(get_qmap_signed()), torch.tensor(get_qmap_unsigned())):
+        table = code_table(qmap)
+        x = torch.cat([qmap, (qmap[1:] + qmap[:-1]) / 2, torch.rand(100_000) * 2 - 1,
+                       torch.rand(10_000) ** 8 * torch.sign(torch.randn(10_000))])
+        below = (torch.searchsorted(qmap, x, right=True) - 1).clamp(0, 255)  # largest q <= x
+        top = (x.view(torch.int32) >> (32 - CODE_TABLE_BITS)) & ((1 << CODE_TABLE_BITS) - 1)
+        start = table[top]
+        steps = below - start.long()
+        assert steps.min() >= 0 and steps.max() <= 3
+
+
 def test_int8_states_train_and_resume(tmp_path):
     pytest.importorskip("torchao")
     base = make_cfg(tmp_path, "sft")
