@@ -142,8 +142,8 @@ def write(report: dict, stem: Path, rows_key: str = "results", plot=None) -> lis
     m = report["machine"]
     fixed = {k: report[k] for k in ("op", "dtype", "mode", "device") if k in report}
     fixed.update(shape=report["shape"]["name"], h=report["shape"]["h"], v=report["shape"]["v"],
-                 cpu=m["cpu"], cpu_isa=m.get("cpu_isa"), cores=m["cores"], gpu=m["gpu"], torch=m["torch"],
-                 git_commit=m["git_commit"])
+                 cpu=m["cpu"], cpu_isa=m.get("cpu_isa"), cores=m["cores"], gpu=m["gpu"],
+                 torch=m["torch"], git_commit=m["git_commit"])
     rows = [{**fixed, **r} for r in report[rows_key]]
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(paths[1], "w", newline="") as f:

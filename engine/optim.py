@@ -173,6 +173,8 @@ def _adamw_8bit_cpu():
             tables = self.__dict__.setdefault("_code_tables", {})  # by signedness
             for group in self.param_groups:
                 (b1, b2), lr = group["betas"], group["lr"]
+                if group["amsgrad"]:
+                    raise NotImplementedError("AdamW8bitCPU: amsgrad (use torchao's AdamW8bit)")
                 for p in group["params"]:
                     if p.grad is None:
                         continue

@@ -60,7 +60,7 @@ void adamw8bit_step(at::Tensor& p, const at::Tensor& g, Moment& m, Moment& v, do
         vb[i] = vq[vc[o + i]] * vs[b];
       }
       float am = 0.f, av = 0.f;
-      for (int64_t i = 0; i < bs; ++i) {  // the step, in vector lanes
+      for (int64_t i = 0; i < bs; ++i) {  // the step, on the fp32 moments
         const float mi = lerp(mb[i], gb[i], a1), vi = lerp(vb[i], gb[i] * gb[i], a2);
         mb[i] = mi;
         vb[i] = vi;
