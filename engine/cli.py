@@ -66,6 +66,7 @@ def train(argv: list[str]) -> int:
             yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     try:
         trainer.fit()
+        distributed.barrier()  # every rank is done before the group is torn down
     finally:
         main_rank = distributed.is_main()
         distributed.close()
