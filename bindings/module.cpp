@@ -137,8 +137,10 @@ rlfuse::cpu::Moment moment(const at::Tensor& codes, const at::Tensor& scale,
               scale.sizes());
   check_row(scale, scale.numel(), (std::string(name) + "_scale").c_str(), op);
   check_row(qmap, 256, (std::string(name) + "_qmap").c_str(), op);
-  check_row(lut, 1 << rlfuse::cpu::kCodeTableBits, (std::string(name) + "_lut").c_str(), op,
-            at::kByte);
+  const int64_t entries = lut.numel();
+  TORCH_CHECK(entries >= 2 && entries <= 65536 && (entries & (entries - 1)) == 0, op, ": ", name,
+              "_lut must have 2^k entries, k in [1, 16], got ", entries);
+  check_row(lut, entries, (std::string(name) + "_lut").c_str(), op, at::kByte);
   return {codes, scale, qmap, lut};
 }
 

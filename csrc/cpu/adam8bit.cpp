@@ -17,10 +17,10 @@ namespace {
 
 // The nearest code to x (ties up), as torchao's quantize_8bit_with_qmap: the largest code c
 // with q[c] <= x, then c + 1 where x is at least halfway to q[c + 1].
-inline uint8_t quantize(float x, const float* q, const uint8_t* lut) {
+inline uint8_t quantize(float x, const float* q, const uint8_t* lut, int shift) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
-  int c = lut[bits >> (32 - kCodeTableBits)];
+  int c = lut[bits >> shift];
   while (c < 255 && x >= q[c + 1]) ++c;
   const int up = std::min(c + 1, 255);
   return static_cast<uint8_t>(x - q[c] >= (q[up] - q[c]) * 0.5f ? up : c);
@@ -48,6 +48,9 @@ void adamw8bit_step(at::Tensor& p, const at::Tensor& g, Moment& m, Moment& v, do
   const float a1 = static_cast<float>(1 - beta1), a2 = static_cast<float>(1 - beta2);
   const float c1 = static_cast<float>(bc1), c2 = std::sqrt(static_cast<float>(bc2));
   const float e = static_cast<float>(eps);
+  // a lut of 2^k entries is indexed by the top k bits
+  const int m_shift = 32 - __builtin_ctzll(m.lut.numel());
+  const int v_shift = 32 - __builtin_ctzll(v.lut.numel());
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(2 * bs);  // this block's moments, fp32
     float *mb = buf.data(), *vb = buf.data() + bs;
@@ -75,8 +78,8 @@ void adamw8bit_step(at::Tensor& p, const at::Tensor& g, Moment& m, Moment& v, do
         vb[i] /= av;
       }
       for (int64_t i = 0; i < bs; ++i) {
-        mc[o + i] = quantize(mb[i], mq, ml);
-        vc[o + i] = quantize(vb[i], vq, vl);
+        mc[o + i] = quantize(mb[i], mq, ml, m_shift);
+        vc[o + i] = quantize(vb[i], vq, vl, v_shift);
       }
     }
   });

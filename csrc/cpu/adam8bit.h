@@ -5,10 +5,9 @@
 namespace rlfuse::cpu {
 
 // One moment: codes [n] uint8 into qmap [256] fp32 (sorted), one fp32 absmax scale per block
-// of n / scale.numel() elements, and lut [2^k] uint8 (k = kCodeTableBits): for each top k bits
-// of an fp32 value, the largest code whose qmap value is <= the smallest value with those bits.
-constexpr int kCodeTableBits = 16;  // the lut's k: 64 KB (14 bits ran slower)
-
+// of n / scale.numel() elements, and lut [2^k] uint8 (k <= 16, rlfuse.engine.optim.code_table):
+// for each top k bits of an fp32 value, the largest code whose qmap value is <= the smallest
+// value with those bits.
 struct Moment {
   at::Tensor codes, scale, qmap, lut;
 };
