@@ -22,7 +22,7 @@ try:
     ext_modules = [
         CppExtension(
             "rlfuse._C",
-            ["bindings/module.cpp", "csrc/cpu/adam8bit.cpp", "csrc/cpu/decode.cpp",
+            ["bindings/module.cpp", "csrc/cpu/adamw.cpp", "csrc/cpu/decode.cpp",
              "csrc/cpu/epilogue.cpp", "csrc/cpu/gemm.cpp"],
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": cxx_flags},

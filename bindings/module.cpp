@@ -1,7 +1,7 @@
 // rlfuse._C: validates inputs and routes to csrc/. No math here.
 #include <torch/extension.h>
 
-#include "cpu/adam8bit.h"
+#include "cpu/adamw.h"
 #include "cpu/decode.h"
 #include "cpu/epilogue.h"
 #include "cpu/gemm.h"
@@ -125,7 +125,7 @@ at::Tensor decode_linear(const at::Tensor& x, const at::Tensor& w,
 }
 
 rlfuse::cpu::Moment moment(const at::Tensor& codes, const at::Tensor& scale,
-                           const at::Tensor& qmap, const at::Tensor& lut, int64_t n,
+                           const at::Tensor& qmap, const at::Tensor& table, int64_t n,
                            const char* name) {
   constexpr const char* op = "adamw8bit_step_";
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte &&
@@ -137,32 +137,52 @@ rlfuse::cpu::Moment moment(const at::Tensor& codes, const at::Tensor& scale,
               scale.sizes());
   check_row(scale, scale.numel(), (std::string(name) + "_scale").c_str(), op);
   check_row(qmap, 256, (std::string(name) + "_qmap").c_str(), op);
-  const int64_t entries = lut.numel();
-  TORCH_CHECK(entries >= 2 && entries <= 65536 && (entries & (entries - 1)) == 0, op, ": ", name,
-              "_lut must have 2^k entries, k in [1, 16], got ", entries);
-  check_row(lut, entries, (std::string(name) + "_lut").c_str(), op, at::kByte);
-  return {codes, scale, qmap, lut};
+  const int64_t entries = table.dim() == 2 ? table.size(0) : 0;
+  TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kFloat &&
+                  table.is_contiguous() && table.dim() == 2 && table.size(1) == 2 &&
+                  entries >= 2 && entries <= 65536 && (entries & (entries - 1)) == 0,
+              op, ": ", name, "_table must be a contiguous CPU float32 tensor [2^k, 2], k in "
+              "[1, 16], got ", table.scalar_type(), " ", table.sizes());
+  return {codes, scale, qmap, table};
 }
 
 void adamw8bit_step_(at::Tensor p, const at::Tensor& g, const at::Tensor& m_codes,
                      const at::Tensor& m_scale, const at::Tensor& m_qmap,
-                     const at::Tensor& m_lut, const at::Tensor& v_codes,
+                     const at::Tensor& m_table, const at::Tensor& v_codes,
                      const at::Tensor& v_scale, const at::Tensor& v_qmap,
-                     const at::Tensor& v_lut, double lr, double beta1, double beta2,
-                     double weight_decay, double eps, double bc1, double bc2) {
-  TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == at::kFloat && p.is_contiguous(),
-              "adamw8bit_step_: p must be a contiguous CPU float32 tensor, got ",
-              p.scalar_type(), " on ", p.device());
-  TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == at::kFloat && g.is_contiguous() &&
+                     const at::Tensor& v_table, double lr, double beta1, double beta2,
+                     double weight_decay, double eps, double bc1, double bc2, int64_t seed) {
+  const auto dt = p.scalar_type();
+  TORCH_CHECK(p.device().is_cpu() && (dt == at::kFloat || dt == at::kBFloat16) &&
+                  p.is_contiguous(),
+              "adamw8bit_step_: p must be a contiguous CPU float32 or bfloat16 tensor, got ",
+              dt, " on ", p.device());
+  TORCH_CHECK(g.device().is_cpu() && g.scalar_type() == dt && g.is_contiguous() &&
                   g.sizes() == p.sizes(),
-              "adamw8bit_step_: g must be a contiguous CPU float32 tensor shaped like p ",
-              p.sizes(), ", got ", g.scalar_type(), " ", g.sizes());
-  auto m = moment(m_codes, m_scale, m_qmap, m_lut, p.numel(), "m");
-  auto v = moment(v_codes, v_scale, v_qmap, v_lut, p.numel(), "v");
+              "adamw8bit_step_: g must be a contiguous CPU tensor of p's dtype (", dt,
+              ") and shape ", p.sizes(), ", got ", g.scalar_type(), " ", g.sizes());
+  auto m = moment(m_codes, m_scale, m_qmap, m_table, p.numel(), "m");
+  auto v = moment(v_codes, v_scale, v_qmap, v_table, p.numel(), "v");
   TORCH_CHECK(m_scale.numel() == v_scale.numel(),
               "adamw8bit_step_: m_scale and v_scale must have as many blocks, got ",
               m_scale.numel(), " and ", v_scale.numel());
-  rlfuse::cpu::adamw8bit_step(p, g, m, v, lr, beta1, beta2, weight_decay, eps, bc1, bc2);
+  rlfuse::cpu::adamw8bit_step(p, g, m, v, lr, beta1, beta2, weight_decay, eps, bc1, bc2, seed);
+}
+
+void adamw_bf16_step_(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, double lr,
+                      double beta1, double beta2, double weight_decay, double eps,
+                      double step_size, double bc2_sqrt, int64_t seed) {
+  const std::pair<const at::Tensor*, const char*> args[] = {{&p, "p"}, {&g, "g"}, {&m, "m"},
+                                                            {&v, "v"}};
+  for (auto [t, name] : args) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 &&
+                    t->is_contiguous() && t->sizes() == p.sizes(),
+                "adamw_bf16_step_: ", name, " must be a contiguous CPU bfloat16 tensor of p's "
+                "shape ", p.sizes(), ", got ", t->scalar_type(), " ", t->sizes(), " on ",
+                t->device());
+  }
+  rlfuse::cpu::adamw_bf16_step(p, g, m, v, lr, beta1, beta2, weight_decay, eps, step_size,
+                               bc2_sqrt, seed);
 }
 
 }  // namespace
@@ -194,11 +214,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y [M, N] fp32 = x [M, K] fp32 @ w^T (* scale) (+ bias), w [N, K] fp32, bf16 or int8 "
         "(int8 with scale [N] fp32): a few rows against a whole weight, read once",
         py::arg("x"), py::arg("w"), py::arg("scale") = py::none(), py::arg("bias") = py::none());
+  m.def("adamw_bf16_step_", &adamw_bf16_step_,
+        "one StochasticRoundingAdamW step of bf16 p, m, v [n] in place (fp32 arithmetic, each "
+        "written back rounded stochastically from seed)",
+        py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("lr"), py::arg("beta1"),
+        py::arg("beta2"), py::arg("weight_decay"), py::arg("eps"), py::arg("step_size"),
+        py::arg("bc2_sqrt"), py::arg("seed"));
   m.def("adamw8bit_step_", &adamw8bit_step_,
-        "one AdamW step of p [n] fp32 in place, with torchao's 8-bit block-wise moments "
-        "(codes, scale, qmap, and the code table lut) updated in place",
+        "one AdamW step of p [n] fp32 or bf16 in place (bf16: rounded stochastically from "
+        "seed), with torchao's 8-bit block-wise moments (codes, scale, qmap, and the code "
+        "table) updated in place",
         py::arg("p"), py::arg("g"), py::arg("m_codes"), py::arg("m_scale"), py::arg("m_qmap"),
-        py::arg("m_lut"), py::arg("v_codes"), py::arg("v_scale"), py::arg("v_qmap"),
-        py::arg("v_lut"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
-        py::arg("weight_decay"), py::arg("eps"), py::arg("bc1"), py::arg("bc2"));
+        py::arg("m_table"), py::arg("v_codes"), py::arg("v_scale"), py::arg("v_qmap"),
+        py::arg("v_table"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("weight_decay"), py::arg("eps"), py::arg("bc1"), py::arg("bc2"),
+        py::arg("seed") = 0);
 }

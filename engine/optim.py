@@ -10,8 +10,10 @@ weights, gradients and both moments stay bf16 (8 bytes a parameter, half of fp32
 write back rounds stochastically: up or down with probability given by the distance, so each
 rounding is unbiased and small updates add up in expectation (Zamirai et al. 2020, "Revisiting
 BFloat16 Training", show such pure-bf16 training matching fp32; Kahan summation would cost 2
-more bytes a parameter). Each update is computed in fp32 a slab at a time, so the transient
-memory is a few slabs, whatever the tensor size. The rounding noise comes from one seeded
+more bytes a parameter). Each update is computed in fp32 a block at a time: on CPU in one pass
+of rlfuse's kernel (csrc/cpu/adamw.cpp; the torch ops below took 40 ns a parameter on a 2-core
+CPU, most of it drawing the noise), elsewhere a slab of torch ops at a time, so the transient
+memory is a few slabs whatever the tensor size. The rounding noise comes from one seeded
 generator whose state travels in `state_dict()`, so a resumed run continues bit for bit.
 fp16 weights (no headroom to round this way) and fp32 ones keep torch's AdamW.
 
@@ -19,8 +21,8 @@ fp16 weights (no headroom to round this way) and fp32 ones keep torch's AdamW.
 parameter (block-wise quantized, the scheme of Dettmers et al. 2022), so AdamW's state costs 2
 bytes a parameter instead of 8 (fp32) or 4 (bf16). Its compiled step searches the 256 codes in
 8 table lookups per value, 26 s a step for 0.5B parameters on a 2-core CPU against 0.5 s for
-torch's fused AdamW; for fp32 CPU parameters, `AdamW8bitCPU` runs the same arithmetic on the
-same states in rlfuse's kernel (csrc/cpu/adam8bit.cpp) instead.
+torch's fused AdamW; for fp32 and bf16 CPU parameters, `AdamW8bitCPU` runs the same arithmetic
+on the same states in rlfuse's kernel (csrc/cpu/adamw.cpp) instead.
 """
 import functools
 import math
@@ -47,6 +49,13 @@ def round_stochastic_(dst: torch.Tensor, src: torch.Tensor, gen: torch.Generator
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of an FSDP2 (DTensor) parameter, state or gradient; else `t`."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _fused_bf16(views: list) -> bool:
+    """Whether rlfuse's CPU kernel takes this bf16 weight's step (csrc/cpu/adamw.cpp)."""
+    return cpp_ext() is not None and all(
+        x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.is_contiguous()
+        for x in views)
 
 
 class StochasticRoundingAdamW(torch.optim.Optimizer):
@@ -76,6 +85,11 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
                 step_size, bc2_sqrt = lr / (1 - b1 ** t), (1 - b2 ** t) ** 0.5
                 views = [_local(x).view(-1)
                          for x in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+                if _fused_bf16(views):
+                    seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), generator=self.gen))
+                    cpp_ext().adamw_bf16_step_(*views, lr, b1, b2, wd, eps, step_size, bc2_sqrt,
+                                               seed)
+                    continue
                 for s in range(0, views[0].numel(), SLAB):
                     w, g, m, v = (x[s:s + SLAB] for x in views)
                     w32, g32, m32, v32 = (x.float() for x in (w, g, m, v))  # fp32 copies
@@ -111,7 +125,7 @@ def make_optimizer(params: list, lr: float, betas: tuple, weight_decay: float, s
     if states == "int8":
         fused = cpp_ext() is not None and all(
             type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cpu"
-            and p.dtype == torch.float32 for p in flat)
+            and p.dtype in (torch.float32, torch.bfloat16) for p in flat)
         base = _adamw_8bit()  # imported on every call: a ConfigError where torchao is missing
         cls = _adamw_8bit_cpu() if fused else base
         return cls(params, lr=lr, betas=betas, weight_decay=weight_decay,
@@ -139,19 +153,59 @@ def _adamw_8bit():
     return AdamW8bit
 
 
-CODE_TABLE_BITS = 16  # a 64 KB table per map: 14 bits took more search steps and ran slower
+CODE_TABLE_BITS = 16  # 2^16 buckets of 512 KB: the fewest bits that keep one threshold a bucket
+
+
+def _order(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of the fp32 values x (-0.0 and 0.0 alike)."""
+    b = x.view(torch.int32).long()
+    return torch.where(b >= 0, b, -(b & 0x7FFFFFFF))
+
+
+def _unorder(k: torch.Tensor) -> torch.Tensor:
+    return _bits_to_float(torch.where(k >= 0, k, -k + (1 << 31)))
+
+
+def rounding_thresholds(qmap: torch.Tensor) -> torch.Tensor:
+    """[255] fp32: t[c] is the smallest fp32 x that torchao's quantize_8bit_with_qmap rounds up
+    from code c to c + 1 (x - q[c] >= (q[c + 1] - q[c]) * 0.5 in fp32), so the code of x is
+    the number of thresholds <= x. Found by bisection over the fp32 values in [q[c], q[c+1]]."""
+    q = qmap.float()
+    lo, half = q[:-1], (q[1:] - q[:-1]) * 0.5
+    a, b = _order(lo), _order(q[1:])  # the predicate holds at q[c + 1]
+    while bool((a < b).any()):
+        mid = torch.div(a + b, 2, rounding_mode="floor")
+        up = (_unorder(mid) - lo) >= half
+        a, b = torch.where(up | (a >= b), a, mid + 1), torch.where(up & (a < b), mid, b)
+    return _unorder(a)
 
 
 def code_table(qmap: torch.Tensor, k: int = CODE_TABLE_BITS) -> torch.Tensor:
-    """[2^k] uint8 for a sorted 8-bit map `qmap` [256]: for each top k bits of an fp32 value,
-    the largest code whose value is <= the smallest value with those bits (0 below qmap[0]).
-    From there the code of any value is a few steps up (csrc/cpu/adam8bit.cpp)."""
+    """[2^k, 2] fp32 for a sorted 8-bit map `qmap` [256]: for the fp32 values whose bits start
+    with the k bits i, (the code of the smallest of them, the one rounding threshold among the
+    rest or NaN). The code of such a value x is then row[0] + (x >= row[1]): exactly torchao's
+    nearest code, for every fp32 x (csrc/cpu/adamw.cpp). ValueError where a bucket holds two
+    thresholds (none does in torchao's two maps at k = 16)."""
+    t = rounding_thresholds(qmap)
     top, low = torch.arange(1 << k, dtype=torch.int64), (1 << (32 - k)) - 1
-    # a positive value's smallest has its low bits clear, a negative value's has them set
-    bits = (top << (32 - k)) | torch.where(top >= 1 << (k - 1), low, 0)
-    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)
-    vals = bits.view(torch.float32).nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    return (torch.searchsorted(qmap.float(), vals, right=True) - 1).clamp(0, 255).to(torch.uint8)
+    neg = top >= 1 << (k - 1)  # bits are sign-magnitude: a negative bucket's smallest has
+    smallest, largest = (  # its low bits set
+        _bits_to_float((top << (32 - k)) | torch.where(neg == first, low, 0))
+        for first in (True, False))
+    nan = smallest.isnan()  # NaN buckets (and -inf) take code 0, as in torchao
+    below = torch.where(nan, 0, torch.searchsorted(t, smallest, right=True))
+    inside = torch.where(nan, 0, torch.searchsorted(t, largest.nan_to_num(nan=math.inf),
+                                                    right=True) - below)
+    if int(inside.max()) > 1:
+        raise ValueError(f"code_table: a bucket of {32 - k} low bits holds "
+                         f"{int(inside.max())} rounding thresholds; use more than k={k} bits")
+    thr = torch.where(inside == 1, t[below.clamp_max(254)], math.nan)
+    return torch.stack([below.float(), thr], dim=1)
+
+
+def _bits_to_float(b: torch.Tensor) -> torch.Tensor:
+    """fp32 values of the bit patterns b (int64 in [0, 2^32))."""
+    return torch.where(b >= 1 << 31, b - (1 << 32), b).to(torch.int32).view(torch.float32)
 
 
 @functools.cache
@@ -162,10 +216,12 @@ def _adamw_8bit_cpu():
     from torchao.optim.subclass_8bit import OptimState8bit
 
     class AdamW8bitCPU(base):
-        """torchao's AdamW8bit, its states and checkpoints unchanged, for fp32 CPU parameters:
-        a parameter whose moments are 8-bit steps in rlfuse's kernel (`_C.adamw8bit_step_`,
-        torchao's arithmetic, the code search by a table: `code_table`); the others (under 4096
-        elements, or not a multiple of the block) in torchao's step, run eagerly."""
+        """torchao's AdamW8bit, its states and checkpoints unchanged, for fp32 and bf16 CPU
+        parameters: a parameter whose moments are 8-bit steps in rlfuse's kernel
+        (`_C.adamw8bit_step_`, torchao's arithmetic, each code from `code_table`; bf16 weights
+        rounded stochastically, the noise seeded from torch's generator as torchao's is); the
+        others (under 4096 elements, or not a multiple of the block) in torchao's step, run
+        eagerly."""
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -185,10 +241,12 @@ def _adamw_8bit_cpu():
                         state["exp_avg_sq"] = self._new_buffer(p, False)
                     state["step"] += 1
                     m, v = state["exp_avg"], state["exp_avg_sq"]
-                    if not (isinstance(m, OptimState8bit) and p.is_contiguous()):
+                    rounds = self.bf16_stochastic_round and p.dtype == torch.bfloat16
+                    if not (isinstance(m, OptimState8bit) and p.is_contiguous()
+                            and (rounds or p.dtype == torch.float32)):
                         single_param_adam(p.detach(), p.grad, state["step"], m, v, None,
                                           lr, b1, b2, group["weight_decay"], group["eps"],
-                                          True, False)
+                                          True, rounds)
                         continue
                     moments = []
                     for x in (m, v):
@@ -196,8 +254,9 @@ def _adamw_8bit_cpu():
                             tables[x.signed] = code_table(x.qmap)
                         moments += [x.codes.view(-1), x.scale, x.qmap, tables[x.signed]]
                     bc1, bc2 = (float(1 - b ** state["step"]) for b in (b1, b2))
-                    cpp_ext().adamw8bit_step_(p.detach().view(-1), p.grad.contiguous().view(-1),
-                                              *moments, float(lr), b1, b2,
-                                              group["weight_decay"], group["eps"], bc1, bc2)
+                    seed = int(torch.randint(-2 ** 63, 2 ** 63 - 1, ())) if rounds else 0
+                    cpp_ext().adamw8bit_step_(
+                        p.detach().view(-1), p.grad.to(p.dtype).contiguous().view(-1), *moments,
+                        float(lr), b1, b2, group["weight_decay"], group["eps"], bc1, bc2, seed)
 
     return AdamW8bitCPU

@@ -28,6 +28,19 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_neighbours():
     assert abs(neg.double().mean().item() + x.item()) < 4 * (hi - lo).item() / out.numel() ** 0.5
 
 
+@pytest.fixture(params=["kernel", "torch ops"])
+def sr_path(request, monkeypatch):
+    """StochasticRoundingAdamW's two paths: rlfuse's CPU kernel, and the torch ops it replaces
+    (used where the extension is missing, and on CUDA)."""
+    from rlfuse._backend import cpp_ext
+
+    if request.param == "torch ops":
+        monkeypatch.setattr("rlfuse.engine.optim.cpp_ext", lambda: None)
+    elif cpp_ext() is None:
+        pytest.skip("the C++ extension is not built")
+    return request.param
+
+
 def _run(opt_cls_or_dtype, steps, lr, grad_fn, dtype):
     w = torch.full((4096,), 1.0, dtype=dtype, requires_grad=True)
     opt = (torch.optim.AdamW([w], lr=lr, weight_decay=0.0) if opt_cls_or_dtype == "torch"
@@ -38,7 +51,7 @@ def _run(opt_cls_or_dtype, steps, lr, grad_fn, dtype):
     return w.detach().double()
 
 
-def test_small_updates_add_up_where_nearest_rounding_loses_them():
+def test_small_updates_add_up_where_nearest_rounding_loses_them(sr_path):
     # Adam's step is ~lr = 1e-4 a step, 1/80 of bf16's spacing at 1.0: nearest rounding drops it.
     grad = lambda k: torch.tensor(1.0 + 0.1 * (k % 3))  # noqa: E731
     fp32 = _run("torch", 200, 1e-4, grad, torch.float32)
@@ -51,7 +64,7 @@ def test_small_updates_add_up_where_nearest_rounding_loses_them():
     assert abs(ours.mean().item() - fp32.mean().item()) < 0.02 * moved
 
 
-def test_matches_fp32_adamw_on_a_regression():
+def test_matches_fp32_adamw_on_a_regression(sr_path):
     torch.manual_seed(0)
     x, y = torch.randn(256, 32), torch.randn(256, 1)
 
@@ -72,7 +85,7 @@ def test_matches_fp32_adamw_on_a_regression():
     assert bf16 < start - 0.9 * (start - fp32)  # 90% of fp32's improvement at least
 
 
-def test_state_dict_resumes_bit_for_bit():
+def test_state_dict_resumes_bit_for_bit(sr_path):
     def make():
         torch.manual_seed(0)
         w = torch.nn.Parameter(torch.randn(3000, dtype=torch.bfloat16))
@@ -95,6 +108,52 @@ def test_state_dict_resumes_bit_for_bit():
     steps(w3, o3, range(3, 6))
     assert torch.equal(w1, w3)
     assert all(o3.state[w3][k].dtype == torch.bfloat16 for k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_bf16_kernel_step_is_the_fp32_step_rounded_to_a_neighbour():
+    """The kernel's weights and moments are one fp32 AdamW step from the same bf16 state (the
+    torch ops' formulas), each rounded to a bf16 neighbour, the weights without bias; the
+    noise follows the optimizer's generator, not the thread count."""
+    from rlfuse._backend import cpp_ext
+
+    if cpp_ext() is None:
+        pytest.skip("the C++ extension is not built")
+    n, lr, (b1, b2), wd, eps = 40_000 + 37, 1e-3, (0.9, 0.999), 0.1, 1e-8
+    torch.manual_seed(0)
+    w = torch.nn.Parameter((torch.randn(n) * 0.02).bfloat16())
+    opt = StochasticRoundingAdamW([w], lr=lr, betas=(b1, b2), weight_decay=wd, eps=eps, seed=3)
+    for step in range(1, 4):
+        w.grad = (torch.randn(n) * torch.rand(n) ** 4).bfloat16()
+        st = opt.state[w]
+        w32, g32 = w.detach().float(), w.grad.float()
+        m32, v32 = ((st[k].float() for k in ("exp_avg", "exp_avg_sq")) if st
+                    else (torch.zeros(n), torch.zeros(n)))
+        m32 = m32.lerp(g32, 1 - b1)
+        v32 = v32 * b2 + (1 - b2) * g32 * g32
+        w32 = w32 * (1 - lr * wd) - lr / (1 - b1 ** step) * m32 / (
+            v32.sqrt() / (1 - b2 ** step) ** 0.5 + eps)
+        opt.step()
+        for mine, ref in ((w.detach(), w32), (st["exp_avg"], m32), (st["exp_avg_sq"], v32)):
+            spacing = torch.ldexp(torch.ones(n), torch.frexp(ref)[1] - 8)  # bf16's, at |ref|
+            assert bool(((mine.float() - ref).abs() <= spacing * 1.001).all())
+        err = (w.detach().float() - w32) / torch.ldexp(torch.ones(n), torch.frexp(w32)[1] - 8)
+        assert abs(err.mean()) < 5 * 0.5 / n ** 0.5, err.mean()  # |err| < 1 per weight
+
+    def one_step(threads, seed):
+        torch.manual_seed(1)
+        q = torch.nn.Parameter(torch.randn(100_000).bfloat16())  # blocks for 2 threads
+        o = StochasticRoundingAdamW([q], lr=1e-3, seed=seed)
+        q.grad = torch.randn(100_000).bfloat16()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            o.step()
+        finally:
+            torch.set_num_threads(before)
+        return q.detach().clone()
+
+    assert torch.equal(one_step(1, 0), one_step(2, 0))
+    assert not torch.equal(one_step(1, 0), one_step(1, 1))
 
 
 def test_the_dtype_picks_the_optimizer():
@@ -219,18 +278,56 @@ def test_int8_states_follow_fp32_adamw_and_are_8_bit():
             assert moments[k].scale.numel() == 8192 // 256
 
 
-def test_int8_states_kernel_takes_torchaos_step():
-    """AdamW8bitCPU (fp32 CPU parameters) against torchao's own step run eagerly, one step at a
-    time from the same states: the same parameters, scales and codes (a code may land one off
-    where the two sides' fp32 roundings differ at a boundary)."""
-    pytest.importorskip("torchao")
-    from torchao.optim import AdamW8bit
+def _torchao_step(opt, ref, g, b1=0.9, b2=0.999, wd=0.01):
+    """torchao's AdamW8bit step of `ref` (fp32), run eagerly on `opt`'s (an AdamW8bit) states."""
     from torchao.optim.adam import single_param_adam
 
+    st = opt.state[ref]
+    if not st:
+        st.update(step=torch.tensor(0.0), exp_avg=opt._new_buffer(ref, True),
+                  exp_avg_sq=opt._new_buffer(ref, False))
+    st["step"] += 1
+    with torch.no_grad():
+        single_param_adam(ref.detach(), g, st["step"], st["exp_avg"], st["exp_avg_sq"], None,
+                          opt.param_groups[0]["lr"], b1, b2, wd, 1e-8, True, False)
+    return st
+
+
+def _same_moments(mine, theirs):
+    """The kernel's moments are torchao's: the same scales and codes (plain fp32 moments for
+    tensors too small to quantize); then torchao's continue from the kernel's."""
+    for k in ("exp_avg", "exp_avg_sq"):
+        a, b = mine[k], theirs[k]
+        if not hasattr(b, "codes"):
+            torch.testing.assert_close(a, b)
+            continue
+        torch.testing.assert_close(a.scale, b.scale, rtol=1e-6, atol=0)
+        off = (a.codes.int() - b.codes.int()).abs()
+        assert (off > 0).float().mean() < 1e-4 and off.max() <= 1, k
+        b.codes.copy_(a.codes)
+        b.scale.copy_(a.scale)
+
+
+def _int8_kernel_or_skip():
+    pytest.importorskip("torchao")
     from rlfuse._backend import cpp_ext
 
     if cpp_ext() is None:
         pytest.skip("the C++ extension is not built")
+
+
+def _grads(shape, steps):
+    """Rows of very different sizes; one 100x step."""
+    for step in range(steps):
+        yield torch.randn(shape) * torch.rand(shape[0], 1) ** 4 * (100.0 if step == 3 else 1.0)
+
+
+def test_int8_states_kernel_takes_torchaos_step():
+    """AdamW8bitCPU (fp32 CPU parameters) against torchao's own step run eagerly, one step at a
+    time from the same states: the same parameters, scales and codes."""
+    _int8_kernel_or_skip()
+    from torchao.optim import AdamW8bit
+
     torch.manual_seed(0)
     for shape in [(37, 3 * 256), (4096, 3), (5, 9)]:  # blocks across rows; too small to quantize
         p = torch.nn.Parameter(torch.randn(shape) * 0.02)
@@ -238,54 +335,95 @@ def test_int8_states_kernel_takes_torchaos_step():
         opt = make_optimizer([p], 1e-2, (0.9, 0.999), 0.01, 0, "int8")
         torchao = AdamW8bit([ref], lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
         assert type(opt).__name__ == "AdamW8bitCPU"
-        for step in range(6):
-            scale = 100.0 if step == 3 else 1.0  # rows of very different sizes; one big step
-            g = torch.randn(shape) * torch.rand(shape[0], 1) ** 4 * scale
+        for g in _grads(shape, 6):
             p.grad = g.clone()
             opt.step()
-            st = torchao.state[ref]
-            if not st:
-                st.update(step=torch.tensor(0.0), exp_avg=torchao._new_buffer(ref, True),
-                          exp_avg_sq=torchao._new_buffer(ref, False))
-            st["step"] += 1
-            with torch.no_grad():
-                single_param_adam(ref.detach(), g, st["step"], st["exp_avg"], st["exp_avg_sq"],
-                                  None, torchao.param_groups[0]["lr"], 0.9, 0.999, 0.01, 1e-8,
-                                  True, False)
+            st = _torchao_step(torchao, ref, g)
             torch.testing.assert_close(p.detach(), ref.detach(), rtol=1e-5, atol=1e-7)
-            for k in ("exp_avg", "exp_avg_sq"):
-                mine, theirs = opt.state[p][k], st[k]
-                if not hasattr(theirs, "codes"):  # under 4096 elements: plain fp32 moments
-                    torch.testing.assert_close(mine, theirs)
-                    continue
-                torch.testing.assert_close(mine.scale, theirs.scale, rtol=1e-6, atol=0)
-                off = (mine.codes.int() - theirs.codes.int()).abs()
-                assert off.max() <= 1 and (off > 0).float().mean() < 1e-3, (shape, step, k)
-                theirs.codes.copy_(mine.codes)  # the next step starts from the same states
-                theirs.scale.copy_(mine.scale)
+            _same_moments(opt.state[p], st)
             ref.data.copy_(p.detach())
-    # bf16 parameters keep torchao's step (its stochastic rounding of the weights)
-    bf16 = make_optimizer([torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))], 1e-3,
-                          (0.9, 0.99), 0.0, 0, "int8")
-    assert type(bf16) is AdamW8bit
 
 
-def test_code_table_starts_each_search_at_or_below_the_nearest_code():
+def test_int8_states_kernel_rounds_bf16_weights_stochastically():
+    """bf16 parameters: the kernel's moments are torchao's fp32 step's from the same states, and
+    each weight is that step's fp32 result rounded to one of its two bf16 neighbours, up with
+    probability given by the distance (unbiased); the noise follows torch's seed, not the
+    thread count. Tensors too small to quantize take torchao's step, also rounded."""
+    _int8_kernel_or_skip()
+    from torchao.optim import AdamW8bit
+
+    shape = (37, 3 * 256)
+    torch.manual_seed(0)
+    p = torch.nn.Parameter((torch.randn(shape) * 0.02).bfloat16())
+    ref = torch.nn.Parameter(p.detach().float())
+    opt = make_optimizer([p], 1e-2, (0.9, 0.999), 0.01, 0, "int8")
+    torchao = AdamW8bit([ref], lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01)
+    assert type(opt).__name__ == "AdamW8bitCPU" and opt.bf16_stochastic_round
+    ups, fracs = [], []
+    for g in _grads(shape, 6):
+        p.grad = g.bfloat16()
+        opt.step()
+        st = _torchao_step(torchao, ref, p.grad.float())
+        bits = ref.detach().view(torch.int32)
+        down = bits & -65536  # toward zero, and the neighbour away from it
+        mine = p.detach().float().view(torch.int32)
+        assert bool(((mine == down) | (mine == down + 65536)).all())
+        ups.append((mine != down).float().flatten())
+        fracs.append((bits & 65535).float().flatten() / 65536)
+        _same_moments(opt.state[p], st)
+        ref.data.copy_(p.detach().float())
+    up, frac = torch.cat(ups), torch.cat(fracs)
+    sigma = (frac * (1 - frac)).sum().sqrt() / up.numel()
+    assert abs(up.mean() - frac.mean()) < 5 * sigma, (up.mean(), frac.mean(), sigma)
+
+    def one_step(seed, threads):
+        torch.manual_seed(1)
+        q = torch.nn.Parameter((torch.randn(shape) * 0.02).bfloat16())
+        o = make_optimizer([q], 1e-2, (0.9, 0.999), 0.0, 0, "int8")
+        q.grad = torch.randn(shape).bfloat16()
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        try:
+            o.step()
+        finally:
+            torch.set_num_threads(before)
+        return q.detach().clone()
+
+    assert torch.equal(one_step(2, 1), one_step(2, 2))
+    assert not torch.equal(one_step(2, 1), one_step(3, 1))
+    small = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    o = make_optimizer([small], 0.1, (0.9, 0.99), 0.0, 0, "int8")  # 1 -> 0.9
+    small.grad = torch.ones(8, dtype=torch.bfloat16)
+    o.step()
+    assert type(o).__name__ == "AdamW8bitCPU" and bool((small.detach() < 1).all())
+
+
+def test_code_table_gives_torchaos_nearest_code_for_every_value():
+    """The table's code (one entry and one comparison) is torchao's quantize_8bit_with_qmap at
+    every rounding threshold, the floats either side of it, each code's value, the specials,
+    and random values; and no bucket holds two thresholds (what makes one comparison enough)."""
     pytest.importorskip("torchao")
+    from torchao.optim.quant_utils import quantize_8bit_with_qmap
     from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
 
-    from rlfuse.engine.optim import CODE_TABLE_BITS, code_table
+    from rlfuse.engine.optim import CODE_TABLE_BITS, code_table, rounding_thresholds
 
     torch.manual_seed(0)
     for qmap in (torch.tensor(get_qmap_signed()), torch.tensor(get_qmap_unsigned())):
-        table = code_table(qmap)
-        x = torch.cat([qmap, (qmap[1:] + qmap[:-1]) / 2, torch.rand(100_000) * 2 - 1,
-                       torch.rand(10_000) ** 8 * torch.sign(torch.randn(10_000))])
-        below = (torch.searchsorted(qmap, x, right=True) - 1).clamp(0, 255)  # largest q <= x
-        top = (x.view(torch.int32) >> (32 - CODE_TABLE_BITS)) & ((1 << CODE_TABLE_BITS) - 1)
-        start = table[top]
-        steps = below - start.long()
-        assert steps.min() >= 0 and steps.max() <= 3
+        table, t = code_table(qmap), rounding_thresholds(qmap)
+        assert table.shape == (1 << CODE_TABLE_BITS, 2) and bool((t[1:] > t[:-1]).all())
+        inf = torch.full_like(t, math.inf)
+        x = torch.cat([t, torch.nextafter(t, -inf), torch.nextafter(t, inf), qmap,
+                       torch.rand(200_000) * 2 - 1,
+                       torch.rand(20_000) ** 8 * torch.sign(torch.randn(20_000)),
+                       torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 3.0, -3.0,
+                                     math.inf, -math.inf, math.nan])])
+        row = table[(x.view(torch.int32).long() & 0xFFFFFFFF) >> (32 - CODE_TABLE_BITS)]
+        mine = (row[:, 0] + (x >= row[:, 1]).float()).to(torch.uint8)
+        assert torch.equal(mine, quantize_8bit_with_qmap(x, qmap))
+    with pytest.raises(ValueError, match="rounding thresholds"):  # too coarse: two in a bucket
+        code_table(torch.tensor(get_qmap_unsigned()), k=12)
 
 
 def test_int8_states_train_and_resume(tmp_path):
