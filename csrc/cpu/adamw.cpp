@@ -44,8 +44,7 @@ inline uint8_t quantize(float x, const float* table, int shift) {
   return static_cast<uint8_t>(e[0] + (x >= e[1] ? 1.f : 0.f));  // NaN threshold: no step
 }
 
-// 32-bit integer hash (Wellons' lowbias32): the rounding noise of element i is
-// hash(block key + i), the block key from the call's seed and the block index.
+// 32-bit integer hash (Wellons' lowbias32)
 inline uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352dU;
