@@ -12,7 +12,7 @@ rounding is unbiased and small updates add up in expectation (Zamirai et al. 202
 BFloat16 Training", show such pure-bf16 training matching fp32; Kahan summation would cost 2
 more bytes a parameter). Each update is computed in fp32 a block at a time: on CPU in one pass
 of rlfuse's kernel (csrc/cpu/adamw.cpp; the torch ops below took 40 ns a parameter on a 2-core
-CPU, most of it drawing the noise), elsewhere a slab of torch ops at a time, so the transient
+Zen 1 EPYC, the kernel 2.5), elsewhere a slab of torch ops at a time, so the transient
 memory is a few slabs whatever the tensor size. The rounding noise comes from one seeded
 generator whose state travels in `state_dict()`, so a resumed run continues bit for bit.
 fp16 weights (no headroom to round this way) and fp32 ones keep torch's AdamW.
@@ -153,7 +153,7 @@ def _adamw_8bit():
     return AdamW8bit
 
 
-CODE_TABLE_BITS = 16  # 2^16 buckets of 512 KB: the fewest bits that keep one threshold a bucket
+CODE_TABLE_BITS = 16  # a 512 KB table: the fewest bits that leave one threshold a bucket
 
 
 def _order(x: torch.Tensor) -> torch.Tensor:
@@ -173,10 +173,10 @@ def rounding_thresholds(qmap: torch.Tensor) -> torch.Tensor:
     q = qmap.float()
     lo, half = q[:-1], (q[1:] - q[:-1]) * 0.5
     a, b = _order(lo), _order(q[1:])  # the predicate holds at q[c + 1]
-    while bool((a < b).any()):
+    while bool((active := a < b).any()):
         mid = torch.div(a + b, 2, rounding_mode="floor")
         up = (_unorder(mid) - lo) >= half
-        a, b = torch.where(up | (a >= b), a, mid + 1), torch.where(up & (a < b), mid, b)
+        a, b = torch.where(active & ~up, mid + 1, a), torch.where(active & up, mid, b)
     return _unorder(a)
 
 
@@ -188,10 +188,9 @@ def code_table(qmap: torch.Tensor, k: int = CODE_TABLE_BITS) -> torch.Tensor:
     thresholds (none does in torchao's two maps at k = 16)."""
     t = rounding_thresholds(qmap)
     top, low = torch.arange(1 << k, dtype=torch.int64), (1 << (32 - k)) - 1
-    neg = top >= 1 << (k - 1)  # bits are sign-magnitude: a negative bucket's smallest has
-    smallest, largest = (  # its low bits set
-        _bits_to_float((top << (32 - k)) | torch.where(neg == first, low, 0))
-        for first in (True, False))
+    neg = top >= 1 << (k - 1)  # sign-magnitude: a negative bucket's smallest has its low bits set
+    smallest = _bits_to_float((top << (32 - k)) | torch.where(neg, low, 0))
+    largest = _bits_to_float((top << (32 - k)) | torch.where(neg, 0, low))
     nan = smallest.isnan()  # NaN buckets (and -inf) take code 0, as in torchao
     below = torch.where(nan, 0, torch.searchsorted(t, smallest, right=True))
     inside = torch.where(nan, 0, torch.searchsorted(t, largest.nan_to_num(nan=math.inf),
