@@ -1,6 +1,7 @@
 """bf16 training: the stochastic-rounding AdamW against fp32 AdamW, and every trainer end to end
 with model.dtype=bfloat16 (tiny sizes: a bf16 GEMM is slow on a CPU without native bf16)."""
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -110,6 +111,21 @@ def test_state_dict_resumes_bit_for_bit(sr_path):
     assert all(o3.state[w3][k].dtype == torch.bfloat16 for k in ("exp_avg", "exp_avg_sq"))
 
 
+def _one_step(make, threads: int, seed: int) -> torch.Tensor:
+    """The weights after one step of make(seed)'s (parameter, optimizer), built from torch seed 1
+    and stepped on `threads` threads with torch seed `seed`."""
+    torch.manual_seed(1)
+    q, opt = make(seed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    try:
+        opt.step()
+    finally:
+        torch.set_num_threads(before)
+    return q.detach().clone()
+
+
 def test_bf16_kernel_step_is_the_fp32_step_rounded_to_a_neighbour():
     """The kernel's weights and moments are one fp32 AdamW step from the same bf16 state (the
     torch ops' formulas), each rounded to a bf16 neighbour, the weights without bias; the
@@ -139,19 +155,12 @@ def test_bf16_kernel_step_is_the_fp32_step_rounded_to_a_neighbour():
         err = (w.detach().float() - w32) / torch.ldexp(torch.ones(n), torch.frexp(w32)[1] - 8)
         assert abs(err.mean()) < 5 * 0.5 / n ** 0.5, err.mean()  # |err| < 1 per weight
 
-    def one_step(threads, seed):
-        torch.manual_seed(1)
+    def make(seed):
         q = torch.nn.Parameter(torch.randn(100_000).bfloat16())  # blocks for 2 threads
-        o = StochasticRoundingAdamW([q], lr=1e-3, seed=seed)
         q.grad = torch.randn(100_000).bfloat16()
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            o.step()
-        finally:
-            torch.set_num_threads(before)
-        return q.detach().clone()
+        return q, StochasticRoundingAdamW([q], lr=1e-3, seed=seed)
 
+    one_step = functools.partial(_one_step, make)
     assert torch.equal(one_step(1, 0), one_step(2, 0))
     assert not torch.equal(one_step(1, 0), one_step(1, 1))
 
@@ -378,22 +387,14 @@ def test_int8_states_kernel_rounds_bf16_weights_stochastically():
     sigma = (frac * (1 - frac)).sum().sqrt() / up.numel()
     assert abs(up.mean() - frac.mean()) < 5 * sigma, (up.mean(), frac.mean(), sigma)
 
-    def one_step(seed, threads):
-        torch.manual_seed(1)
+    def make(seed):  # the noise's seed is drawn from torch's generator at the step
         q = torch.nn.Parameter((torch.randn(shape) * 0.02).bfloat16())
-        o = make_optimizer([q], 1e-2, (0.9, 0.999), 0.0, 0, "int8")
         q.grad = torch.randn(shape).bfloat16()
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        torch.manual_seed(seed)
-        try:
-            o.step()
-        finally:
-            torch.set_num_threads(before)
-        return q.detach().clone()
+        return q, make_optimizer([q], 1e-2, (0.9, 0.999), 0.0, 0, "int8")
 
-    assert torch.equal(one_step(2, 1), one_step(2, 2))
-    assert not torch.equal(one_step(2, 1), one_step(3, 1))
+    one_step = functools.partial(_one_step, make)
+    assert torch.equal(one_step(1, 2), one_step(2, 2))
+    assert not torch.equal(one_step(1, 2), one_step(1, 3))
     small = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
     o = make_optimizer([small], 0.1, (0.9, 0.99), 0.0, 0, "int8")  # 1 -> 0.9
     small.grad = torch.ones(8, dtype=torch.bfloat16)

@@ -9,17 +9,10 @@
 // Stochastic rounding adds 16 bits of noise to a value's fp32 bits and truncates to bf16. The
 // noise of element i in block b is hash(key(seed, b) + i): fixed by the seed, whatever the
 // thread count.
-#if defined(__AVX512F__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "cpu/vec.h"  // first: it sets the vector width
 #include "cpu/adamw.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>

@@ -1,16 +1,9 @@
 // CPU epilogue kernels: ATen parallel_for over rows, AVX2/AVX-512 Vectorized sweeps.
 // The vector width follows the build flags (-march=native in setup.py).
-#if defined(__AVX512F__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "cpu/vec.h"  // first: it sets the vector width
 #include "cpu/epilogue.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 #include <limits>
