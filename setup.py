@@ -31,15 +31,30 @@ try:
     ]
 
     class OptionalBuildExtension(BuildExtension):
-        """A failed compile (no compiler, say) leaves the reference paths: warn, don't fail."""
+        """A failed compile (no compiler, say) leaves the reference paths: warn, don't fail.
+        An extension left by an earlier build is removed, so that a failed rebuild can't leave
+        binaries of older sources loaded under the new Python (the import then warns)."""
 
         def run(self):
             try:
                 super().run()
             except Exception as err:  # noqa: BLE001 - any build failure
+                for path in filter(os.path.exists, self._built_paths()):
+                    os.remove(path)
+                    print(f"rlfuse: removed {path}, built from older sources", file=sys.stderr)
                 print(f"rlfuse: building the C++ extension failed ({err}); installing without "
                       "it, the ops will run on their reference paths", file=sys.stderr)
                 self.extensions = []
+
+        def _built_paths(self):
+            """Where an earlier build put each extension: the build folder and, for an
+            editable install, the package's source folder."""
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                name = self.get_ext_fullname(ext.name)
+                package = build_py.get_package_dir(name.rpartition(".")[0])
+                yield self.get_ext_fullpath(ext.name)
+                yield os.path.join(package, os.path.basename(self.get_ext_filename(name)))
 
     cmdclass = {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 except ImportError:
