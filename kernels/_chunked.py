@@ -190,6 +190,11 @@ class ChunkPlan:
     vocab: Optional[_vocab_parallel.VocabShard] = None
     slab: int = 0
 
+    @property
+    def first_id(self) -> int:
+        """The vocabulary id of the weight's first row (vocab-parallel: the shard's start)."""
+        return 0 if self.vocab is None else self.vocab.start
+
 
 class Inputs(NamedTuple):
     """The LM head's inputs, flattened to rows."""
@@ -309,6 +314,48 @@ class _GradAccumulator:
 
 
 # ----------------------------------------------------------------------------- per-chunk steps
+class _Summary:
+    """The per-row logit summary TRL's trainers report (`mean_logits`, `is_top1`): the mean
+    transformed logit over the vocabulary and whether the target is its first argmax, reduced
+    with torch from the logits each chunk's stats step already holds (two reads of the buffer,
+    no extra GEMM), then merged over the vocabulary slabs in order (and the ranks)."""
+
+    SOFTCAP_BYTES = 16 * 2**20  # the transformed rows' fp32 temporaries, with a softcap
+
+    def __init__(self, n: int, device: torch.device):
+        self.max = torch.full((n,), -float("inf"), dtype=torch.float32, device=device)
+        self.arg = torch.zeros(n, dtype=torch.int64, device=device)  # first argmax, global id
+        self.sum = torch.zeros(n, dtype=torch.float32, device=device)
+
+    def add(self, s: int, e: int, z: Tensor, transform: LogitTransform, v0: int) -> None:
+        """Rows [s, e) of raw logits z [c, Vs] whose first column is vocabulary id v0."""
+        if transform.final_logit_softcapping is None:  # z -> k z, k > 0: same argmax
+            k = transform.logit_scale / transform.temperature
+            m, i = z.max(-1)
+            m, total = m.float() * k, z.sum(-1, dtype=torch.float32) * k
+        else:
+            rows = max(1, self.SOFTCAP_BYTES // (4 * z.shape[1]))
+            m, i, total = map(torch.cat, zip(*(
+                (*u.max(-1), u.sum(-1)) for u in (transform.apply(z[r:r + rows].float())
+                                                  for r in range(0, z.shape[0], rows)))))
+        # an earlier slab keeps a tie (the first argmax)
+        better = m > self.max[s:e]
+        self.arg[s:e] = torch.where(better, i + v0, self.arg[s:e])
+        self.max[s:e] = torch.maximum(self.max[s:e], m)
+        self.sum[s:e] += total
+
+    def result(self, targets: Tensor, plan: "ChunkPlan", v: int) -> Tensor:
+        """[2, N] fp32: the mean logit, and 1 where the target is the row's first argmax (0 for
+        ignored targets and rows with a NaN logit), over a weight of v rows (vocab-parallel:
+        this rank's shard, the summaries combined over the ranks)."""
+        if plan.vocab is not None:
+            v = plan.vocab.vocab_size
+            self.max, self.arg, self.sum = _vocab_parallel.combine_summary(
+                self.max, self.arg, self.sum, plan.vocab.group)
+        top1 = (self.arg == targets) & (targets != plan.ignore_index) & ~self.max.isnan()
+        return torch.stack([self.sum / v, top1.float()])
+
+
 def _epilogues(plan: ChunkPlan):
     # Vocab-parallel hook (_vocab_parallel.py): a VocabShard's kernels combine the row
     # statistics over the ranks and take the global lse / entropy in the gradient.
@@ -335,19 +382,24 @@ def chunk_grad_(z: Tensor, plan: ChunkPlan, targets: Tensor, lse: Tensor, entrop
           grad_entropy.float().contiguous(), *plan.transform.kernel_args(), plan.ignore_index)
 
 
-def forward_stats(inputs: Inputs, plan: ChunkPlan) -> tuple[Tensor, Tensor, Tensor]:
-    """lse [N] fp64, logp and entropy [N] fp32, from one GEMM pass."""
+def forward_stats(inputs: Inputs, plan: ChunkPlan, summary: Optional[_Summary] = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """lse [N] fp64, logp and entropy [N] fp32, from one GEMM pass; `summary`, when given, is
+    added the same logits."""
     n = inputs.hidden.shape[0]
     out = [torch.empty(n, dtype=dt, device=inputs.hidden.device)
            for dt in (torch.float64, torch.float32, torch.float32)]
     if n == 0:
         return tuple(out)
     if plan.slab:
-        return _slab_stats(inputs, plan)
+        return _slab_stats(inputs, plan, summary)
     g = _Gemms(inputs, plan.chunk)
     for s, e in g.ranges():
-        for o, r in zip(out, chunk_stats(g, plan, s, e)[2:]):
+        _, z, *stats = chunk_stats(g, plan, s, e)
+        for o, r in zip(out, stats):
             o[s:e] = r
+        if summary is not None:
+            summary.add(s, e, z, plan.transform, plan.first_id)
     return tuple(out)
 
 
@@ -372,7 +424,7 @@ def _slab_kernels(plan: ChunkPlan, v0: int, v: int):
     """(partials, grad_) for a slab whose first row is row v0 of a weight of v rows: its columns
     are global ids from v0 (+ the shard's start, vocab-parallel) in a vocabulary of v ids (the
     shard's vocab_size)."""
-    start, size = (0, v) if plan.vocab is None else (plan.vocab.start, plan.vocab.vocab_size)
+    start, size = plan.first_id, v if plan.vocab is None else plan.vocab.vocab_size
     partials, (_, grad_) = partials_epilogue(plan.impl), epilogues(plan.impl)
     args = plan.transform.kernel_args()
 
@@ -386,7 +438,8 @@ def _slab_kernels(plan: ChunkPlan, v0: int, v: int):
     return part, grad
 
 
-def _slab_stats(inputs: Inputs, plan: ChunkPlan) -> tuple[Tensor, Tensor, Tensor]:
+def _slab_stats(inputs: Inputs, plan: ChunkPlan, summary: Optional[_Summary] = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """forward_stats in the slab order: each slab's row partials (max, sum-exp, shifted sum p*z,
     target logit), merged online into [4, N] (`_vocab_parallel.merge`), then finished into lse,
     logp, entropy (over the ranks first, vocab-parallel)."""
@@ -397,7 +450,10 @@ def _slab_stats(inputs: Inputs, plan: ChunkPlan) -> tuple[Tensor, Tensor, Tensor
         partials, _ = _slab_kernels(plan, v0, weight.shape[0])
         part = torch.empty(4, hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for s, e in g.ranges():
-            part[:, s:e] = partials(g.logits(s, e)[1], targets[s:e])
+            z = g.logits(s, e)[1]
+            part[:, s:e] = partials(z, targets[s:e])
+            if summary is not None:
+                summary.add(s, e, z, plan.transform, plan.first_id + v0)
         merged = part if merged is None else _vocab_parallel.merge(merged, part)
     if plan.vocab is not None:
         return _vocab_parallel.combine(merged, targets, plan.ignore_index, plan.vocab.group)
@@ -593,8 +649,8 @@ def _grad_outputs(inputs: Inputs, grads) -> tuple[Tensor, Tensor, Tensor]:
 @torch.library.custom_op("rlfuse::chunked_loss", mutates_args=())
 def _chunked_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                      rows: list[Tensor], spec: str
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """loss, logp, entropy, lse, dX, dW, db of the op that `spec` names (see `run`).
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """loss, logp, entropy, lse, summary, dX, dW, db of the op that `spec` names (see `run`).
 
     rows: the family's per-row tensors (constants; an empty tensor for an absent one). spec:
     the static configuration, `_spec_string`. A loss family computes its gradients in the
@@ -606,18 +662,24 @@ def _chunked_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     the same graph (retain_graph=True) raises: call the loss again. Under torch.compile they are
     scaled out of place and torch itself refuses a second backward through the compiled graph.
     For "logprobs" (no loss: loss is 0, the gradients empty) autograd's backward recomputes Z
-    from the saved lse (`chunked_logprobs_backward`) and may run any number of times.
+    from the saved lse (`chunked_logprobs_backward`) and may run any number of times; with
+    its option `summary`, summary is the logit summary [2, N] fp32 (`_Summary.result`), else
+    empty.
     """
     s = _parse(spec)
     inputs = Inputs(hidden, weight, bias, targets)
+    plan = s.plan(inputs)
+    summary = hidden.new_empty(0, dtype=torch.float32)
     if s.family.math is None:
-        lse, logp, ent = forward_stats(inputs, s.plan(inputs))
+        gather = _Summary(hidden.shape[0], hidden.device) if s.options.summary else None
+        lse, logp, ent = forward_stats(inputs, plan, gather)
+        if gather is not None:
+            summary = gather.result(targets, plan, weight.shape[0])
         loss, grads = torch.zeros((), dtype=torch.float32, device=hidden.device), (None,) * 3
     else:
-        loss, logp, ent, grads = run_loss(inputs, s.plan(inputs), s.family.math(s.options, rows),
-                                          s.needs)
+        loss, logp, ent, grads = run_loss(inputs, plan, s.family.math(s.options, rows), s.needs)
         lse = hidden.new_empty(0, dtype=torch.float64)
-    return (loss, logp, ent, lse, *_grad_outputs(inputs, grads))
+    return (loss, logp, ent, lse, summary, *_grad_outputs(inputs, grads))
 
 
 @_chunked_loss_op.register_fake
@@ -625,12 +687,14 @@ def _(hidden, weight, bias, targets, rows, spec):
     s = _parse(spec)
     n = hidden.shape[0]
     f32 = [hidden.new_empty(shape, dtype=torch.float32) for shape in ((), (n,), (n,))]
-    lse = hidden.new_empty(n if s.family.math is None else 0, dtype=torch.float64)
-    like = (hidden, weight, bias)
     fused = s.family.math is not None
+    lse = hidden.new_empty(0 if fused else n, dtype=torch.float64)
+    summary = hidden.new_empty((2, n) if not fused and s.options.summary else 0,
+                               dtype=torch.float32)
+    like = (hidden, weight, bias)
     grads = tuple(torch.empty_like(t) if fused and need and t is not None else None
                   for t, need in zip(like, s.needs))
-    return (*f32, lse, *_grad_outputs(Inputs(hidden, weight, bias, targets), grads))
+    return (*f32, lse, summary, *_grad_outputs(Inputs(hidden, weight, bias, targets), grads))
 
 
 @torch.library.custom_op("rlfuse::chunked_logprobs_backward", mutates_args=())
@@ -657,7 +721,7 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, targets, stats, spec):
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, rows, spec = inputs
-    _, _, ent, lse, *grads = output
+    _, _, ent, lse, _, *grads = output
     s = _parse(spec)
     ctx.spec, ctx.n_rows = spec, len(rows)
     # Outputs that get no gradient (lse, dX, dW, db) arrive in backward as None, not as zeros
@@ -713,9 +777,11 @@ _chunked_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ----------------------------------------------------------------------------- the entry
 def run(family: str, options, impl: str, inputs: Inputs, rows: Sequence[Optional[Tensor]] = (),
-        vocab=None) -> tuple[Tensor, Tensor, Tensor]:
+        vocab=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The one entry of every fused op: loss (fp32 scalar, differentiable in hidden, weight and
-    bias; 0 for "logprobs"), logp and entropy ([N] fp32; differentiable for "logprobs" only).
+    bias; 0 for "logprobs"), logp and entropy ([N] fp32; differentiable for "logprobs" only),
+    and the logit summary ([2, N] fp32, detached; empty unless the "logprobs" option
+    `summary` asks for it).
 
     `family` names a registered family, `options` its frozen options (a HeadOptions), `impl` the
     resolved chunked impl; `rows` are the family's per-row tensors (None: absent), constants;
@@ -726,5 +792,5 @@ def run(family: str, options, impl: str, inputs: Inputs, rows: Sequence[Optional
     absent = inputs.hidden.new_empty(0)
     rows = [absent if r is None else r for r in rows]
     spec = _compiled_spec_string(family, options, impl, needs, "" if vocab is None else vocab.spec)
-    loss, logp, ent, *_ = _chunked_loss_op(*inputs, rows, spec)
-    return loss, logp, ent
+    loss, logp, ent, _, summary, *_ = _chunked_loss_op(*inputs, rows, spec)
+    return loss, logp, ent, summary.detach()

@@ -234,6 +234,19 @@ def combine(part: Tensor, targets: Tensor, ignore_index: int, group
     return finish(_summed(mx, terms), targets, ignore_index)
 
 
+def combine_summary(mx: Tensor, arg: Tensor, total: Tensor, group
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """The full vocabulary's row max, its first id and the logits' sum ([c] each) from this
+    shard's: three collectives (the lowest id among the ranks holding the max is the first)."""
+    local, mx = mx, mx.clone()
+    dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    arg = torch.where(local == mx, arg, torch.iinfo(torch.int64).max)
+    dist.all_reduce(arg, op=dist.ReduceOp.MIN, group=group)
+    total = total.clone()
+    dist.all_reduce(total, group=group)
+    return mx, arg, total
+
+
 # ----------------------------------------------------------------------------- reference
 class _SumOverRanks(torch.autograd.Function):
     """all_reduce SUM forward; identity backward: every rank computes the same (replicated)

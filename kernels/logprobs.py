@@ -77,24 +77,36 @@ class HeadOptions:
         return LogitTransform(self.logit_scale, self.final_logit_softcapping, self.temperature)
 
 
+@dataclass(frozen=True)
+class LogprobOptions(HeadOptions):
+    """linear_logprobs' options: the head's, and whether to gather the logit summary."""
+
+    summary: bool = False
+
+
 # ----------------------------------------------------------------------------- reference
 def linear_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
                               bias: Optional[Tensor] = None,
                               transform: LogitTransform = LogitTransform(),
                               ignore_index: int = -100,
-                              vocab_group=None) -> tuple[Tensor, Tensor]:
+                              vocab_group=None, summary: bool = False) -> tuple[Tensor, ...]:
     """The spec: materialized logits, log_softmax, gather. Computes in fp32 (fp64 for fp64).
-    vocab_group (or a DTensor weight): weight and bias are this rank's vocabulary shard
-    (`_vocab_parallel.logprobs_reference`)."""
+    -> logp, entropy, and with `summary` the mean transformed logit and whether the target is
+    its first argmax (bool). vocab_group (or a DTensor weight): weight and bias are this rank's
+    vocabulary shard (`_vocab_parallel.logprobs_reference`; no summary)."""
     weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
     if vocab is not None:
+        if summary:
+            raise ValueError("return_logit_summary with vocab_group runs on the chunked impls "
+                             "(impl='cpp' or 'triton'), not on the reference path")
         return _vocab_parallel.logprobs_reference(hidden, weight, targets, bias, transform,
                                                   ignore_index, vocab)
     dt = torch.promote_types(hidden.dtype, torch.float32)
     logits = hidden.to(dt) @ weight.to(dt).T  # [..., V]
     if bias is not None:
         logits = logits + bias.to(dt)
-    logz = torch.log_softmax(transform.apply(logits), dim=-1)  # [..., V]
+    logits = transform.apply(logits)
+    logz = torch.log_softmax(logits, dim=-1)  # [..., V]
     valid = targets != ignore_index
     logp = logz.gather(-1, torch.where(valid, targets, 0).long().unsqueeze(-1)).squeeze(-1)
     entropy = -(logz.exp() * logz).sum(-1)
@@ -102,7 +114,11 @@ def linear_logprobs_reference(hidden: Tensor, weight: Tensor, targets: Tensor,
     # in every impl.
     logp = torch.where(torch.isnan(entropy), entropy, logp)
     zero = torch.zeros((), dtype=dt, device=logp.device)
-    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+    out = torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+    if not summary:
+        return out
+    top1 = (logits.argmax(-1) == targets) & valid & ~torch.isnan(entropy)
+    return *out, logits.detach().mean(-1).float(), top1
 
 
 # ----------------------------------------------------------------------------- public API
@@ -112,11 +128,15 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                     chunk_size: Optional[int] = None, impl: str = "auto",
                     logit_scale: float = 1.0,
                     final_logit_softcapping: Optional[float] = None,
-                    vocab_group=None):
+                    vocab_group=None, return_logit_summary: bool = False):
     """Per-token log-prob of `targets` (and optionally entropy) under the LM head, in fp32
     (fp64 for fp64 inputs on the reference path).
 
     hidden [..., H], weight [V, H], targets [...] int -> logp [...] fp32 (and entropy [...]).
+    return_logit_summary: also the mean transformed logit over the vocabulary [...] fp32 and
+    whether the target is its first argmax [...] bool (TRL's `mean_logits` and `is_top1`;
+    False for ignored positions and rows with a NaN logit), not differentiable, from the same
+    GEMM pass: the outputs are logp, entropy (if return_entropy), mean_logit, is_top1.
     Positions whose target is `ignore_index` give 0 and receive no gradient. Differentiable in
     hidden, weight and bias through both outputs (any number of backward passes: the backward
     recomputes the logits; no dW for a frozen weight); the [N, V] logits are never held.
@@ -129,18 +149,21 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     """
     weight, bias, vocab = _vocab_parallel.shard(weight, bias, vocab_group)
     check_linear_inputs(hidden, weight, targets, bias, ignore_index, vocab)
-    opts = HeadOptions(temperature, logit_scale, final_logit_softcapping, ignore_index,
-                       chunk_size, impl)
+    opts = LogprobOptions(temperature, logit_scale, final_logit_softcapping, ignore_index,
+                          chunk_size, impl, bool(return_logit_summary))
     impl = resolve(impl, hidden.device)
     if impl == "reference":
-        logp, ent = linear_logprobs_reference(hidden, weight, targets, bias, opts.transform(),
-                                              ignore_index, vocab and vocab.group)
+        logp, ent, *summary = linear_logprobs_reference(
+            hidden, weight, targets, bias, opts.transform(), ignore_index, vocab and vocab.group,
+            summary=opts.summary)
     else:
         lead, h = targets.shape, weight.shape[1]
         inputs = _chunked.Inputs(hidden.reshape(-1, h), weight, bias, targets.reshape(-1).long())
-        _, logp, ent = _chunked.run("logprobs", opts, impl, inputs, vocab=vocab)
+        _, logp, ent, summary = _chunked.run("logprobs", opts, impl, inputs, vocab=vocab)
         logp, ent = logp.view(lead), ent.view(lead)
-    return (logp, ent) if return_entropy else logp
+        summary = [summary[0].view(lead), summary[1].view(lead).bool()] if opts.summary else []
+    out = [logp, *([ent] if return_entropy else []), *summary]
+    return out[0] if len(out) == 1 else tuple(out)
 
 
-_chunked.register_family("logprobs", HeadOptions)
+_chunked.register_family("logprobs", LogprobOptions)

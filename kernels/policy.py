@@ -415,7 +415,7 @@ def policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor,
     else:
         inputs = _chunked.Inputs(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                  targets.reshape(-1).long())
-        loss, logp, ent = _chunked.run("policy", cfg, impl, inputs, rows.pack(), vocab)
+        loss, logp, ent, _ = _chunked.run("policy", cfg, impl, inputs, rows.pack(), vocab)
         with torch.no_grad():
             _, ratio, kl = _per_token(cfg, logp, ent, rows)
 

@@ -278,7 +278,7 @@ def preference_loss(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tenso
         inputs = _chunked.Inputs(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
                                  targets.reshape(-1).long())
         ref = None if ref_logp is None else ref_logp.float()
-        loss, logp, _ = _chunked.run("preference", cfg, impl, inputs, [valid, ref], vocab)
+        loss, logp, _, _ = _chunked.run("preference", cfg, impl, inputs, [valid, ref], vocab)
         with torch.no_grad():
             _, seq, metrics = _pair_loss(logp.view(rows, steps), valid, ref, cfg)
     b = rows // 2

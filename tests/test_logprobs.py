@@ -291,3 +291,55 @@ def test_non_finite_head_gives_nan_rows_in_every_impl(where, tfname, pass_order)
         assert torch.equal(lp.isnan(), ent.isnan() & (t != -100)), impl
         ok = ~want_lp.isnan()
         torch.testing.assert_close(lp[ok], want_lp[ok], atol=2e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- logit summary
+@pytest.mark.parametrize("impl,pass_order", IMPL_ORDERS, indirect=["pass_order"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tfname", list(TRANSFORMS))
+@pytest.mark.parametrize("peak,offset", [(0.0, 0.0), (20.0, 1e3)])  # flat rows; peaked, large
+def test_logit_summary_matches_fp64(impl, pass_order, dtype, tfname, peak, offset):
+    """return_logit_summary (TRL's mean_logits and is_top1) from the same pass, in every impl
+    and pass order: the mean transformed logit within 2x PyTorch's own error, the first argmax
+    (a tie across two slabs goes to the lower id), and logp / entropy / gradients unchanged."""
+    kw = TRANSFORMS[tfname]
+    x, w, b, t = _peaked(36, 24, 123, peak, offset, dtype)
+    # ids 3 and 122 (slabs 0 and 2) tie at the max of rows 0 and 1, exactly in any summation
+    # order (products and sums of small powers of two)
+    w[3] = w[-1] = 0
+    w[3, :4] = w[-1, :4] = torch.tensor([1.0, 2.0, 0.5, 1.0])
+    b[-1] = b[3]
+    x[:2] = 0
+    x[:2, :4] = 8.0
+    tf = LogitTransform(**kw)
+    z64 = tf.apply(x.double() @ w.double().T + b.double())  # [36, V]
+    t[3:12] = z64[3:12].argmax(-1)  # top-1 targets on flat rows too
+    t[0], t[1], t[2] = 122, 3, -100
+    x, t, z64 = x.view(4, 9, 24), t.view(4, 9), z64.view(4, 9, -1)
+    want_mean, want_top1 = z64.mean(-1), (z64.argmax(-1) == t) & (t != -100)
+    naive_mean = tf.apply((x @ w.T + b).float()).mean(-1)  # PyTorch in the inputs' dtype
+
+    xx = x.detach().requires_grad_()
+    lp, ent, mean, top1 = rlfuse.linear_logprobs(
+        xx, w, t, bias=b, return_entropy=True, return_logit_summary=True, chunk_size=10,
+        impl=impl, **kw)
+    assert mean.shape == top1.shape == t.shape
+    assert mean.dtype == torch.float32 and top1.dtype == torch.bool
+    assert not mean.requires_grad and not top1.requires_grad
+    err = (mean.double() - want_mean).abs().max().item()
+    budget = (naive_mean.double() - want_mean).abs().max().item()
+    assert err <= 2 * budget + 1e-6 * max(1.0, want_mean.abs().max().item()), (err, budget)
+    top2 = z64.topk(2, -1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-3 * top2[..., 0].abs().clamp(min=1)
+    clear.view(-1)[:3] = True  # the tied rows and the ignored one are exact
+    assert torch.equal(top1[clear], want_top1[clear])
+    if not (tfname == "all" and offset):  # there the softcap ties every logit at its cap
+        assert top1.view(-1)[:3].tolist() == [False, True, False]
+    assert want_top1.view(-1)[3:12].all()
+
+    (lp.sum() + ent.sum()).backward()
+    xx2 = x.detach().requires_grad_()
+    lp2, ent2 = rlfuse.linear_logprobs(xx2, w, t, bias=b, return_entropy=True, chunk_size=10,
+                                       impl=impl, **kw)
+    (lp2.sum() + ent2.sum()).backward()
+    assert torch.equal(lp, lp2) and torch.equal(ent, ent2) and torch.equal(xx.grad, xx2.grad)

@@ -281,6 +281,14 @@ else:
             scale_ = max(1.0, want.abs().max().item())
             atol = 2e-5 if dtype != torch.bfloat16 else 1e-2
             assert err <= 2 * budget + atol * scale_, (err, budget, scale_)
+        # the logit summary (TRL's mean_logits, is_top1) from the same pass
+        _, mean, top1 = rlfuse.linear_logprobs(x, w, t, bias=b, return_logit_summary=True,
+                                               impl="triton", chunk_size=10, **kw)
+        z = tf.apply(x.double() @ w.double().T + (0 if b is None else b.double()))
+        assert (mean.double() - z.mean(-1)).abs().max() <= 1e-5 * max(1.0, z.abs().max())
+        top2 = z.topk(2, -1).values
+        clear = top2[:, 0] - top2[:, 1] > 1e-3 * top2[:, 0].abs().clamp(min=1)
+        assert torch.equal(top1[clear], ((z.argmax(-1) == t) & (t != -100))[clear])
 
     @pytest.mark.skipif(CPP is None, reason="C++ extension not built")
     def test_fused_loss_matches_cpp():

@@ -332,12 +332,17 @@ def test_dpo_weighting_falls_back_with_a_warning(model_dir, tmp_path):
         _dpo(rtrl.DPOTrainer, model_dir, tmp_path, use_weighting=True)
 
 
-def test_dpo_top1_pass_is_announced_once(model_dir, tmp_path):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _dpo(rtrl.DPOTrainer, model_dir, tmp_path, precompute_ref_log_probs=True)
-    said = [w for w in caught if "mean_token_accuracy" in str(w.message)]
-    assert len(said) == 1
+def test_dpo_metrics_come_from_the_scoring_pass(model_dir, tmp_path, monkeypatch):
+    # logits/* and mean_token_accuracy (checked against TRL's in test_dpo_matches_trl) come from
+    # the policy's own linear_logprobs call: no second pass over the LM head
+    t = _dpo(rtrl.DPOTrainer, model_dir, tmp_path, precompute_ref_log_probs=True)
+    asked, op = [], rtrl.linear_logprobs
+    monkeypatch.setattr(rtrl, "linear_logprobs",
+                        lambda *a, **kw: asked.append(kw["return_logit_summary"]) or op(*a, **kw))
+    t._compute_loss(t.model, t.data_collator([t.train_dataset[i] for i in range(4)]),
+                    return_outputs=False)
+    assert asked == [True]
+    assert not hasattr(rtrl, "_logit_summary")
 
 
 def test_dpo_training_matches_trl(model_dir, tmp_path):

@@ -119,6 +119,18 @@ def _inputs(c):
     if ig >= 0:
         t[1, 2] = ig  # ignore_index a real id (on rank 0's shard): ignored, not "absent"
         t[1, 3] = v - 1  # on the last shard
+    if c["op"] == "logprobs":
+        # the logit summary: ids 3 and V-1 (on two ranks) tie at the max of positions (0, 4)
+        # and (0, 5), exactly (small powers of two); top-1 targets at (1, 4:7)
+        w, bias = x["weight"], x["bias"]
+        w[3] = w[-1] = 0
+        w[3, :4] = w[-1, :4] = torch.tensor([1.0, 2.0, 0.5, 1.0])
+        if bias is not None:
+            bias[-1] = bias[3]
+        x["hidden"][0, 4:6] = 0
+        x["hidden"][0, 4:6, :4] = 4.0
+        t[0, 4], t[0, 5] = v - 1, 3
+        t[1, 4:7] = (x["hidden"][1, 4:7] @ w.T).argmax(-1)
     x["targets"] = t
     mask = (torch.rand(rows, steps, generator=g) > 0.25).long()
     mask[:, -1] = 1  # every row keeps a valid token
@@ -134,11 +146,17 @@ def _forward(c, x, hidden, weight, bias, group):
     """(scalar to differentiate, {name: output}) of the case's op."""
     tf = c["tf"]
     if c["op"] == "logprobs":
-        logp, ent = linear_logprobs(hidden, weight, x["targets"], bias=bias,
-                                    ignore_index=c["ignore_index"], return_entropy=True,
-                                    chunk_size=c["chunk"], impl=c["impl"], vocab_group=group,
-                                    **tf)
-        return (logp * x["ga"]).sum() + (ent * x["ge"]).sum(), {"logp": logp, "entropy": ent}
+        summary = c["impl"] != "reference"  # the chunked impls' (the reference refuses it)
+        logp, ent, *summ = linear_logprobs(hidden, weight, x["targets"], bias=bias,
+                                           ignore_index=c["ignore_index"], return_entropy=True,
+                                           chunk_size=c["chunk"], impl=c["impl"],
+                                           vocab_group=group, return_logit_summary=summary,
+                                           **tf)
+        out = {"logp": logp, "entropy": ent}
+        if summary:
+            assert summ[1].view(-1).any()
+            out.update(mean_logit=summ[0], is_top1=summ[1].double())
+        return (logp * x["ga"]).sum() + (ent * x["ge"]).sum(), out
     if c["op"] == "policy":
         cfg = PolicyLossConfig(**c["loss"], **tf, ignore_index=c["ignore_index"],
                                chunk_size=c["chunk"], impl=c["impl"])
@@ -227,6 +245,9 @@ def _check_errors(rank, group):
     t[0, 0] = 123  # a global id past V, though inside no shard
     with pytest.raises(ValueError, match=r"targets must be in \[0, 123\)"):
         linear_logprobs(x["hidden"], x["weight"][s:e], t, vocab_group=group)
+    with pytest.raises(ValueError, match="return_logit_summary with vocab_group runs on the "):
+        linear_logprobs(x["hidden"], x["weight"][s:e], x["targets"], vocab_group=group,
+                        impl="reference", return_logit_summary=True)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
 

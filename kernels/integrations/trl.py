@@ -66,7 +66,6 @@ CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo")  # the fused ones TRL clips (and l
 # Batch keys of multimodal models, whose backbones take extra inputs and slice them per row.
 MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
               "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
-SUMMARY_ROWS = 256  # rows per chunk of the no-grad mean-logit / top-1 pass: 256 x V fp32
 
 
 def _warn_once(trainer, option: str, what: str) -> None:
@@ -77,27 +76,6 @@ def _warn_once(trainer, option: str, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the LM head
-@torch.no_grad()
-def _logit_summary(x: Tensor, weight: Tensor, bias: Optional[Tensor], tf: LogitTransform,
-                   targets: Tensor) -> tuple[Tensor, Tensor]:
-    """TRL's `mean_logits` and `is_top1` for rows x [M, H]: the mean transformed logit over the
-    vocabulary ([M] fp32) and whether the target is the first argmax ([M] bool), chunk by chunk.
-    A no-grad pass of 2·M·H·V FLOPs: rlfuse's epilogue does not emit the row max yet."""
-    n = x.shape[0]
-    mean = torch.empty(n, dtype=torch.float32, device=x.device)
-    top1 = torch.empty(n, dtype=torch.bool, device=x.device)
-    w = weight.float()
-    b = None if bias is None else bias.float()
-    for s in range(0, n, SUMMARY_ROWS):
-        z = x[s:s + SUMMARY_ROWS].float() @ w.T  # [c, V] fp32
-        if b is not None:
-            z += b
-        z = tf.apply(z)
-        mean[s:s + SUMMARY_ROWS] = z.mean(-1)
-        top1[s:s + SUMMARY_ROWS] = z.argmax(-1) == targets[s:s + SUMMARY_ROWS]
-    return mean, top1
-
-
 class _Head:
     """rlfuse's forward in place of the one TRL's `add_fused_lm_head` put on `model`.
 
@@ -170,14 +148,13 @@ class _Head:
         mask = labels != -100  # [B, T]
         x, t = hidden[mask], labels[mask]  # [M, H], [M]: only the scored tokens
         tf = self.transform
-        logp, ent = linear_logprobs(x, weight, t, bias=bias, temperature=tf.temperature,
-                                    return_entropy=True, logit_scale=tf.logit_scale,
-                                    final_logit_softcapping=tf.final_logit_softcapping)
+        logp, ent, *summary = linear_logprobs(  # + mean logit, is-top-1 from the same pass
+            x, weight, t, bias=bias, temperature=tf.temperature, return_entropy=True,
+            logit_scale=tf.logit_scale, final_logit_softcapping=tf.final_logit_softcapping,
+            return_logit_summary="mean_logits" in self.outputs or "is_top1" in self.outputs)
         fields = {"log_probs": logp, "entropy": ent if "entropy" in self.outputs else None}
-        if "mean_logits" in self.outputs or "is_top1" in self.outputs:
-            mean, top1 = _logit_summary(x.detach(), weight.detach(), bias, tf, t)
-            fields["mean_logits"] = mean if "mean_logits" in self.outputs else None
-            fields["is_top1"] = top1 if "is_top1" in self.outputs else None
+        for name, value in zip(("mean_logits", "is_top1"), summary):
+            fields[name] = value if name in self.outputs else None
         # masked_scatter keeps an all-masked batch connected to the graph (a zero gradient)
         fields = {k: None if v is None else v.new_zeros(mask.shape).masked_scatter(mask, v)
                   for k, v in fields.items()}
@@ -202,11 +179,6 @@ def _install_heads(trainer) -> None:
         if head.unsupported:
             option, why = head.unsupported
             _warn_once(trainer, option, f"{why}; TRL's own LM head runs for this model")
-        elif "is_top1" in head.outputs:
-            _warn_once(trainer, "mean_token_accuracy",
-                       "rlfuse's epilogue does not emit the row max yet, so is_top1 (and the "
-                       "mean logit) come from an extra no-grad pass over the LM head "
-                       "(2 x tokens x hidden x vocab FLOPs per step)")
 
         @functools.wraps(type(m).forward)  # generate validates model kwargs against it
         def forward(self, *args, _head=head, **kwargs):
