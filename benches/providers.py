@@ -135,6 +135,13 @@ def _rlfuse_logprobs(impl):
     return run
 
 
+def _rlfuse_logprobs_summary(c: Case):
+    import rlfuse
+
+    return rlfuse.linear_logprobs(c.hidden, c.weight, c.targets, return_entropy=True,
+                                  return_logit_summary=True)[:2]
+
+
 def _rlfuse_policy(impl):
     def run(c: Case):
         import rlfuse
@@ -228,6 +235,9 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
                           est_bytes=_logits_bytes(4)),
         "trl": Provider("trl", lambda c: trl_logprobs(c.hidden, c.weight, c.targets),
                         _trl_why_not, est_bytes=_trl_bytes),
+        "rlfuse+summary": Provider(
+            "rlfuse+summary", _rlfuse_logprobs_summary,
+            note="impl auto, also the mean logit and is-top-1 (TRL's DPO / SFT metrics)"),
         "liger": Provider("liger", why_not=_never(LIGER_NO_LOGPROBS)),
         "floor": Provider("floor", note="GEMMs alone", est_bytes=_logits_bytes(1)),
     },

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlfuse.engine import stats
-from rlfuse.engine.audit import AuditConfig, audit, run, style_features
+from rlfuse.engine.audit import AuditConfig, audit, style_features
 from rlfuse.engine.cli import main
 from rlfuse.engine.data import write_jsonl
 

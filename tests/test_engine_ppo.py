@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import rlfuse
 from rlfuse.engine.config import ConfigError, ModelConfig, load_config

@@ -20,7 +20,6 @@ from rlfuse.engine import trainer as trainer_mod
 from rlfuse.engine.checkpoint import CheckpointError
 from rlfuse.engine.cli import main as cli_main
 from rlfuse.engine.config import ConfigError, ModelConfig, OptimConfig
-from rlfuse.engine.dpo import DPOTrainer
 from rlfuse.engine.grpo import GRPOTrainer
 from rlfuse.engine.model import char_tokenizer, load_policy
 from rlfuse.engine.monitor import Alerts, Monitor

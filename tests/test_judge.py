@@ -9,7 +9,7 @@ import torch
 
 import rlfuse
 from rlfuse.engine.judge import JudgeReward, LMVerdict, PairwiseJudge
-from rlfuse.engine.model import char_tokenizer, hidden_states, tiny_model
+from rlfuse.engine.model import char_tokenizer, tiny_model
 from rlfuse.engine.winrate import controlled_win_rate
 from test_engine_trainers import TINY
 

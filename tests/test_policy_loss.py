@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import rlfuse
 from rlfuse import PolicyLossConfig, policy_loss
 from rlfuse import policy
 from rlfuse.logprobs import linear_logprobs_reference
