@@ -11,11 +11,11 @@ AMX-FP16 for fp16; their flags as torch's cpuinfo reports them), upcast on other
 where torch's bf16 GEMM runs several times slower than fp32). The user overrides it with the
 environment variable RLFUSE_LOWP_GEMM=auto|native|upcast or `rlfuse.set_lowp_gemm(mode)`.
 
-`vocab_slab_mode()` is the user's say over the driver's pass order (`_chunked.vocab_slab` decides
+`vocab_slab_mode()` is the user's say over the driver's pass order (`_chunked.pass_order` decides
 from it): RLFUSE_VOCAB_SLAB=auto|off|on|ROWS or `rlfuse.set_vocab_slab(mode)`. "auto" runs the
-vocabulary-slab order where the row order would hold weight-sized fp32 buffers past a budget,
-"off" always runs the row order, "on" always the slab order, a positive integer the slab order
-with that many vocabulary rows per slab.
+vocabulary-slab order where the row order would hold weight-sized fp32 buffers past a budget, and
+on CPU where both orders do the same FLOPs (taller GEMMs); "off" always runs the row order, "on"
+always the slab order, a positive integer the slab order with that many vocabulary rows per slab.
 """
 from __future__ import annotations
 
@@ -164,8 +164,9 @@ _slab_mode = _check_slab_mode(os.environ.get("RLFUSE_VOCAB_SLAB", "auto"),
 
 def set_vocab_slab(mode) -> None:
     """The driver's pass order: "auto" (the vocabulary-slab order where the row order would hold
-    weight-sized fp32 buffers, see `rlfuse._chunked.vocab_slab`), "off" (the row order), "on"
-    (the slab order) or a positive int (the slab order, that many vocabulary rows per slab).
+    weight-sized fp32 buffers, and on CPU for taller GEMMs where both orders do the same FLOPs;
+    `rlfuse._chunked.pass_order`), "off" (the row order), "on" (the slab order) or a positive
+    int (the slab order, that many vocabulary rows per slab).
     Overrides RLFUSE_VOCAB_SLAB for this process."""
     global _slab_mode
     _slab_mode = _check_slab_mode(mode, "set_vocab_slab(mode)")

@@ -16,8 +16,8 @@ Either way autograd's backward only scales the saved gradients. linear_logprobs 
 lse and recomputes Z chunk by chunk in autograd's backward (`rlfuse::chunked_logprobs_backward`).
 Extra memory: one [C, V] buffer plus O(N) row statistics, and an fp32 dW accumulator.
 
-The vocabulary-slab order (`vocab_slab` decides; for bf16 / fp16 heads whose fp32 dW
-accumulator or fp32 weight copy would be large) runs the same steps with the loops swapped, as
+The vocabulary-slab order (`pass_order` decides: for bf16 / fp16 heads whose fp32 dW
+accumulator or fp32 weight copy would be large, and on CPU for taller GEMMs) runs the same steps with the loops swapped, as
 the vocab-parallel ops' shards (`_vocab_parallel`), combined locally:
     stats pass, per slab W_s [Vs, H] (upcast per slab), per chunk: Z = X_c @ W_s^T -> row
         partials (max, sum-exp, shifted sum p*z, target logit), merged online into [4, N]
@@ -58,14 +58,19 @@ from ._checks import check_number
 # (2048 x 131072 bf16 is 512 MiB), so each GEMM fills an H100/H200 (unmeasured: no GPU yet).
 CHUNK_ROWS = {"cpu": 256, "cuda": 2048}
 CHUNK_BYTES = {"cpu": 160 * 2**20, "cuda": 2**30}
-# The pass order (`vocab_slab`): the row order may hold weight-sized buffers (an fp32 copy of a
+# The pass order (`pass_order`): the row order may hold weight-sized buffers (an fp32 copy of a
 # bf16 / fp16 weight when upcasting, dW's fp32 accumulator for a bf16 / fp16 weight) up to
 # WEIGHT_BYTES; past it `auto` runs vocabulary slabs, whose buffers (the slab's weight copy and dW
-# accumulator, its [C, Vs] logits) fit SLAB_BYTES. At the qwen-0.5b head (H 896, V 151936) bf16
-# upcast: 545 MB + 545 MB in the row order, 19 slabs of 8192 rows (58 MB + 8 MB) in the other.
+# accumulator, its [C, Vs] logits) fit SLAB_BYTES. On CPU `auto` also runs slabs where both
+# orders do the same FLOPs, for their taller GEMMs: a slab's chunk is SLAB_CHUNK_ROWS rows, as its
+# [C, Vs] tile is bounded by SLAB_BYTES, not by V. MKL ran the qwen-0.5b head's GEMM (H 896,
+# V 151936, fp32, 2 threads, a Zen 3 EPYC) at 140 GFLOP/s on 256 rows and 169 on 2048, and 2048
+# x 8192 tiles at 168. At that head, bf16 upcast with dW: 545 MB + 545 MB in the row order, 35
+# slabs of 4352 rows (16 MB + 16 MB + a 34 MB tile) in the other.
 WEIGHT_BYTES = 128 * 2**20
 SLAB_BYTES = 64 * 2**20
 SLAB_MULTIPLE = 256  # slab rows: the GEMMs' N dimension, kept large
+SLAB_CHUNK_ROWS = 2048  # CPU (CUDA: its default chunk, already this tall)
 
 
 @dataclass(frozen=True)
@@ -154,26 +159,31 @@ def default_chunk_size(n: int, v: int, device: torch.device, dtype: torch.dtype)
     return max(1, min(n, rows))
 
 
-def vocab_slab(n: int, h: int, v: int, device: torch.device, dtype: torch.dtype, chunk: int,
-               needs: "Needs") -> int:
-    """Vocabulary rows per slab, 0 for the row order: the one place that decides the pass order
-    (the user's say: `_backend.vocab_slab_mode`). `auto` runs slabs where the row order's
-    weight-sized buffers (an fp32 weight copy when upcasting, dW's fp32 accumulator when dW is
-    not fp32 itself) would pass WEIGHT_BYTES, sized so that the slab's own buffers fit
-    SLAB_BYTES; fp32 inputs never need it (dW accumulates in its own output)."""
+def pass_order(n: int, h: int, v: int, device: torch.device, dtype: torch.dtype,
+               chunk_size: Optional[int], needs: "Needs", same_flops: bool) -> tuple[int, int]:
+    """(rows per chunk, vocabulary rows per slab; 0 for the row order): the one place that
+    decides the pass order (the user's say: `_backend.vocab_slab_mode`) and the chunk where
+    `chunk_size` is None. `auto` runs slabs where the row order's weight-sized buffers (an fp32
+    weight copy when upcasting, dW's fp32 accumulator when dW is not fp32 itself) would pass
+    WEIGHT_BYTES, and on CPU where the op does the same FLOPs in both orders (`same_flops`:
+    log-probs, a loss without gradients), for taller GEMMs; slabs are sized so that their own
+    buffers fit SLAB_BYTES."""
     mode = vocab_slab_mode()
-    if mode == "off" or v == 0:
-        return 0
     gemm = compute_dtype(device, dtype)
     copy = h * _bytes(gemm) if gemm != dtype else 0  # per vocabulary row
     acc = h * _bytes(torch.promote_types(gemm, torch.float32)) if needs[1] else 0
-    if mode == "auto" and v * (copy + (acc if acc > h * _bytes(dtype) else 0)) <= WEIGHT_BYTES:
-        return 0
+    heavy = v * (copy + (acc if acc > h * _bytes(dtype) else 0)) > WEIGHT_BYTES
+    cpu = device.type == "cpu"
+    if v == 0 or mode == "off" or mode == "auto" and not (heavy or same_flops and cpu):
+        return chunk_size or default_chunk_size(n, v, device, dtype), 0
+    chunk = chunk_size or (min(n, SLAB_CHUNK_ROWS) if cpu else default_chunk_size(n, v, device,
+                                                                                  dtype))
     if isinstance(mode, int):
-        return min(mode, v)
+        return chunk, min(mode, v)
     z = logits_dtype(device, gemm)
     per_row = copy + acc + min(chunk, n) * (_bytes(z) + (_bytes(gemm) if z != gemm else 0))
-    return min(v, max(SLAB_MULTIPLE, SLAB_BYTES // per_row // SLAB_MULTIPLE * SLAB_MULTIPLE))
+    return chunk, min(v, max(SLAB_MULTIPLE,
+                             SLAB_BYTES // per_row // SLAB_MULTIPLE * SLAB_MULTIPLE))
 
 
 @dataclass(frozen=True)
@@ -181,7 +191,7 @@ class ChunkPlan:
     """How the driver runs an op, resolved: the logit transform, the ignored target id, rows per
     chunk, the impl ("cpp" or "triton"), for the vocab-parallel ops this rank's shard of the
     vocabulary (weight and bias are its rows; `_vocab_parallel.VocabShard`), and the vocabulary
-    rows per slab of the slab order (`vocab_slab`; 0: the row order)."""
+    rows per slab of the slab order (`pass_order`; 0: the row order)."""
 
     transform: LogitTransform
     ignore_index: int
@@ -610,10 +620,11 @@ class _Spec(NamedTuple):
     def plan(self, inputs: Inputs) -> ChunkPlan:
         o, (hidden, weight, _, _) = self.options, inputs
         (n, h), v = hidden.shape, weight.shape[0]
-        chunk = o.chunk_size or default_chunk_size(n, v, hidden.device, hidden.dtype)
+        same_flops = self.family.math is None or not any(self.needs)
+        chunk, slab = pass_order(n, h, v, hidden.device, hidden.dtype, o.chunk_size, self.needs,
+                                 same_flops)
         return ChunkPlan(o.transform(), o.ignore_index, chunk, o.impl,
-                         _vocab_parallel.VocabShard.from_spec(self.vocab),
-                         vocab_slab(n, h, v, hidden.device, hidden.dtype, chunk, self.needs))
+                         _vocab_parallel.VocabShard.from_spec(self.vocab), slab)
 
 
 def _spec_string(family: str, options, impl: str, needs: Needs, vocab: str) -> str:

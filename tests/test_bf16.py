@@ -390,9 +390,15 @@ def slab_mode():
     _backend.set_vocab_slab(before)
 
 
-def _slab(dtype, needs, chunk=256, **shape):
+def _order(dtype, needs, chunk=256, same_flops=False, device=CPU, **shape):
+    """`pass_order` at the qwen-0.5b head (or `shape`): (rows per chunk, slab rows or 0)."""
     shape = {**QWEN, **shape}
-    return _chunked.vocab_slab(shape["n"], shape["h"], shape["v"], CPU, dtype, chunk, needs)
+    return _chunked.pass_order(shape["n"], shape["h"], shape["v"], device, dtype, chunk, needs,
+                               same_flops)
+
+
+def _slab(*args, **kwargs):
+    return _order(*args, **kwargs)[1]
 
 
 def _slab_buffer_bytes(dtype, needs, rows, chunk=256, h=896):
@@ -429,6 +435,29 @@ def test_auto_runs_slabs_where_the_row_order_holds_weight_sized_fp32_buffers(mod
     assert _slab(torch.float32, ALL) == 0 and _slab(torch.float32, NONE) == 0
     assert _slab(bf16, ALL, v=32000, h=512) == 0  # copy + dW, 2 x 62.5 MiB: in budget
     assert _slab(bf16, ALL, v=1000) == 0
+
+
+@cpp
+@pytest.mark.parametrize("mode", ["native", "upcast"])
+def test_auto_runs_tall_slabs_on_cpu_where_both_orders_do_the_same_flops(mode, lowp_mode,
+                                                                          slab_mode):
+    """Log-probs and losses without gradients do the same GEMMs in both orders: on CPU `auto`
+    runs slabs there, with chunks of SLAB_CHUNK_ROWS rows (never more than N) and buffers in
+    SLAB_BYTES. A fused loss with gradients (3 GEMMs a chunk in the row order, 4 in the other)
+    and CUDA (2048-row chunks in the row order already) keep the row order."""
+    lowp_mode(mode)
+    slab_mode("auto")
+    tall = _chunked.SLAB_CHUNK_ROWS
+    for dtype in (torch.float32, torch.bfloat16):
+        for needs in (ALL, FROZEN, NONE):
+            chunk, rows = _order(dtype, needs, chunk=None, same_flops=True)
+            assert chunk == tall and rows % _chunked.SLAB_MULTIPLE == 0 and rows >= 2048
+            assert _slab_buffer_bytes(dtype, needs, rows, chunk) <= _chunked.SLAB_BYTES
+    assert _order(torch.float32, NONE, chunk=None, same_flops=True, n=100)[0] == 100
+    assert _order(torch.float32, NONE, chunk=64, same_flops=True)[0] == 64  # as given
+    assert _order(torch.float32, ALL, chunk=None) == (256, 0)
+    cuda = torch.device("cuda")
+    assert _order(torch.float32, NONE, chunk=None, same_flops=True, device=cuda)[1] == 0
 
 
 def test_pass_order_overrides(slab_mode):

@@ -109,6 +109,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         if name == "vp-tied":
             out.update(start=start, embedding=t.model.get_input_embeddings().weight.detach())
         torch.save(out, os.path.join(tmp, f"{name}.rank{rank}.pt"))
+    torch.distributed.barrier()  # as test_vocab_parallel's workers
     torch.distributed.destroy_process_group()
 
 
