@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from rlfuse._backend import cpu_native_lowp
 from rlfuse.decode import DEQUANT_ROWS, decode_linear
 
 from . import distributed, vocab_parallel
@@ -115,6 +116,13 @@ def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation needs the prompts flush right
     model.to(device)
+    dtype = DTYPES[cfg.dtype]
+    if device.type == "cpu" and dtype != torch.float32 and not cpu_native_lowp(dtype) \
+            and distributed.is_main():
+        print(f"rlfuse: WARNING: model.dtype={cfg.dtype} on a CPU without {cfg.dtype} matmul "
+              "units (no AMX / AVX512-BF16 in its flags): torch's GEMMs in that dtype can run "
+              "several times slower than float32 here (README, Engine, bf16)", file=sys.stderr,
+              flush=True)
     if cfg.gradient_checkpointing:
         # transformers 5 renamed it (gradient_checkpointing_enable warns); non-reentrant by default
         model.activation_checkpointing_enable()

@@ -463,3 +463,19 @@ def test_int8_states_refused_where_unsupported(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "torchao.optim", None)  # not installed
     with pytest.raises(ConfigError, match="'optim.states': int8 needs torchao"):
         make_optimizer([torch.nn.Parameter(torch.ones(2))], 1e-3, (0.9, 0.99), 0.0, 0, "int8")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_model_on_a_cpu_without_bf16_units_warns(native, monkeypatch, capsys):
+    """The decision follows the CPU's flags (mocked here): a warning only where bf16 is not
+    native, and never for float32."""
+    from rlfuse.engine import model as engine_model
+    from rlfuse.engine.config import ModelConfig
+
+    monkeypatch.setattr(engine_model, "cpu_native_lowp", lambda dtype: native)
+    tiny = dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=32)
+    for dtype, warns in (("bfloat16", not native), ("float32", False)):
+        model, _ = engine_model.load_policy(ModelConfig(dtype=dtype, **tiny), torch.device("cpu"))
+        assert next(model.parameters()).dtype == getattr(torch, dtype)
+        err = capsys.readouterr().err
+        assert ("model.dtype=bfloat16 on a CPU without bfloat16 matmul units" in err) == warns
