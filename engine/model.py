@@ -120,9 +120,9 @@ def load_policy(cfg: ModelConfig, device: torch.device, tokenizer=None):
     if device.type == "cpu" and dtype != torch.float32 and not cpu_native_lowp(dtype) \
             and distributed.is_main():
         print(f"rlfuse: WARNING: model.dtype={cfg.dtype} on a CPU without {cfg.dtype} matmul "
-              "units (no AMX / AVX512-BF16 in its flags): torch's GEMMs in that dtype can run "
-              "several times slower than float32 here (README, Engine, bf16)", file=sys.stderr,
-              flush=True)
+              "units (AMX or AVX512-BF16 for bfloat16, AMX-FP16 for float16): torch's GEMMs "
+              "in that dtype can run several times slower than float32 here (README, Engine, "
+              "bf16)", file=sys.stderr, flush=True)
     if cfg.gradient_checkpointing:
         # transformers 5 renamed it (gradient_checkpointing_enable warns); non-reentrant by default
         model.activation_checkpointing_enable()

@@ -17,8 +17,9 @@ lse and recomputes Z chunk by chunk in autograd's backward (`rlfuse::chunked_log
 Extra memory: one [C, V] buffer plus O(N) row statistics, and an fp32 dW accumulator.
 
 The vocabulary-slab order (`pass_order` decides: for bf16 / fp16 heads whose fp32 dW
-accumulator or fp32 weight copy would be large, and on CPU for taller GEMMs) runs the same steps with the loops swapped, as
-the vocab-parallel ops' shards (`_vocab_parallel`), combined locally:
+accumulator or fp32 weight copy would be large, and on CPU for taller GEMMs) runs the same
+steps with the loops swapped, as the vocab-parallel ops' shards (`_vocab_parallel`), combined
+locally:
     stats pass, per slab W_s [Vs, H] (upcast per slab), per chunk: Z = X_c @ W_s^T -> row
         partials (max, sum-exp, shifted sum p*z, target logit), merged online into [4, N]
         -> lse, logp, entropy; the loss math on the [N] vectors (two phases)
@@ -176,12 +177,13 @@ def pass_order(n: int, h: int, v: int, device: torch.device, dtype: torch.dtype,
     cpu = device.type == "cpu"
     if v == 0 or mode == "off" or mode == "auto" and not (heavy or same_flops and cpu):
         return chunk_size or default_chunk_size(n, v, device, dtype), 0
-    chunk = chunk_size or (min(n, SLAB_CHUNK_ROWS) if cpu else default_chunk_size(n, v, device,
-                                                                                  dtype))
+    chunk = chunk_size or (max(1, min(n, SLAB_CHUNK_ROWS)) if cpu
+                           else default_chunk_size(n, v, device, dtype))
     if isinstance(mode, int):
         return chunk, min(mode, v)
     z = logits_dtype(device, gemm)
-    per_row = copy + acc + min(chunk, n) * (_bytes(z) + (_bytes(gemm) if z != gemm else 0))
+    rows = max(1, min(chunk, n))  # the tile's rows (N = 0: no tile, a nonzero divisor)
+    per_row = copy + acc + rows * (_bytes(z) + (_bytes(gemm) if z != gemm else 0))
     return chunk, min(v, max(SLAB_MULTIPLE,
                              SLAB_BYTES // per_row // SLAB_MULTIPLE * SLAB_MULTIPLE))
 

@@ -343,3 +343,20 @@ def test_logit_summary_matches_fp64(impl, pass_order, dtype, tfname, peak, offse
                                        impl=impl, **kw)
     (lp2.sum() + ent2.sum()).backward()
     assert torch.equal(lp, lp2) and torch.equal(ent, ent2) and torch.equal(xx.grad, xx2.grad)
+
+
+@pytest.mark.parametrize("impl,pass_order", IMPL_ORDERS + [(i, "auto") for i in CHUNKED_IMPLS],
+                         indirect=["pass_order"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_rows(impl, pass_order, dtype):
+    """An empty batch ([2, 0] targets) gives empty outputs and zero gradients, in every pass
+    order and in the one `auto` picks (on CPU: slabs, whose tile has no rows here)."""
+    x = torch.randn(2, 0, 24, dtype=dtype, requires_grad=True)
+    w = torch.randn(123, 24, dtype=dtype, requires_grad=True)
+    t = torch.zeros(2, 0, dtype=torch.long)
+    lp, ent, mean, top1 = rlfuse.linear_logprobs(x, w, t, return_entropy=True, impl=impl,
+                                                 return_logit_summary=True)
+    assert lp.shape == ent.shape == mean.shape == top1.shape == (2, 0)
+    assert lp.dtype == torch.float32
+    (lp.sum() + ent.sum()).backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
