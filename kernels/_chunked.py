@@ -167,8 +167,8 @@ def pass_order(n: int, h: int, v: int, device: torch.device, dtype: torch.dtype,
     `chunk_size` is None. `auto` runs slabs where the row order's weight-sized buffers (an fp32
     weight copy when upcasting, dW's fp32 accumulator when dW is not fp32 itself) would pass
     WEIGHT_BYTES, and on CPU where the op does the same FLOPs in both orders (`same_flops`:
-    log-probs, a loss without gradients), for taller GEMMs; slabs are sized so that their own
-    buffers fit SLAB_BYTES."""
+    log-probs, a loss without gradients or in two phases), for taller GEMMs; slabs are sized
+    so that their own buffers fit SLAB_BYTES."""
     mode = vocab_slab_mode()
     gemm = compute_dtype(device, dtype)
     copy = h * _bytes(gemm) if gemm != dtype else 0  # per vocabulary row
@@ -581,11 +581,18 @@ def _whole_groups(inputs: Inputs, plan: ChunkPlan, math: LossMath, needs: Needs)
         None if dx is None else math.restore(dx), dw, db)
 
 
+def fused_in_forward(math: LossMath, needs: Needs, chunk: int) -> bool:
+    """Whether the row order writes a loss's gradients during its forward, whole groups per
+    chunk of `chunk` rows (3 GEMMs a chunk); else it runs two phases (4), as the slab order
+    always does."""
+    return any(needs) and math.group is not None and math.group <= chunk
+
+
 def run_loss(inputs: Inputs, plan: ChunkPlan, math: LossMath, needs: Needs):
     """loss (fp32 scalar), logp, entropy ([N] fp32) and (dX, dW, db), each None where `needs`
     leaves it out: whole groups per chunk when they fit, else (and in the slab order) two
     phases."""
-    if not any(needs) or math.group is None or math.group > plan.chunk or plan.slab:
+    if plan.slab or not fused_in_forward(math, needs, plan.chunk):
         n = inputs.hidden.shape[0]
         lse, logp, ent = forward_stats(inputs, plan)
         lp, en = math.layout(logp), math.layout(ent)
@@ -619,10 +626,12 @@ class _Spec(NamedTuple):
     needs: Needs
     vocab: str  # VocabShard.spec of this rank's vocabulary shard, "" for the whole vocabulary
 
-    def plan(self, inputs: Inputs) -> ChunkPlan:
+    def plan(self, inputs: Inputs, math: Optional[LossMath] = None) -> ChunkPlan:
+        """The plan for `inputs`; `math`: the loss family's, None for log-probs."""
         o, (hidden, weight, _, _) = self.options, inputs
         (n, h), v = hidden.shape, weight.shape[0]
-        same_flops = self.family.math is None or not any(self.needs)
+        rows = o.chunk_size or default_chunk_size(n, v, hidden.device, hidden.dtype)
+        same_flops = math is None or not fused_in_forward(math, self.needs, rows)
         chunk, slab = pass_order(n, h, v, hidden.device, hidden.dtype, o.chunk_size, self.needs,
                                  same_flops)
         return ChunkPlan(o.transform(), o.ignore_index, chunk, o.impl,
@@ -681,16 +690,17 @@ def _chunked_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     """
     s = _parse(spec)
     inputs = Inputs(hidden, weight, bias, targets)
-    plan = s.plan(inputs)
+    math = None if s.family.math is None else s.family.math(s.options, rows)
+    plan = s.plan(inputs, math)
     summary = hidden.new_empty(0, dtype=torch.float32)
-    if s.family.math is None:
+    if math is None:
         gather = _Summary(hidden.shape[0], hidden.device) if s.options.summary else None
         lse, logp, ent = forward_stats(inputs, plan, gather)
         if gather is not None:
             summary = gather.result(targets, plan, weight.shape[0])
         loss, grads = torch.zeros((), dtype=torch.float32, device=hidden.device), (None,) * 3
     else:
-        loss, logp, ent, grads = run_loss(inputs, plan, s.family.math(s.options, rows), s.needs)
+        loss, logp, ent, grads = run_loss(inputs, plan, math, s.needs)
         lse = hidden.new_empty(0, dtype=torch.float64)
     return (loss, logp, ent, lse, summary, *_grad_outputs(inputs, grads))
 

@@ -460,6 +460,24 @@ def test_auto_runs_tall_slabs_on_cpu_where_both_orders_do_the_same_flops(mode, l
     assert _order(torch.float32, NONE, chunk=None, same_flops=True, device=cuda)[1] == 0
 
 
+@cpp
+def test_losses_in_two_phases_take_the_tall_slabs(slab_mode):
+    """A loss whose groups do not fit a row chunk, or that couples the whole batch, does 4 GEMMs
+    a chunk in either order: on CPU `auto` runs it in the slab order's tall chunks. A loss whose
+    groups fit keeps the row order (3 GEMMs a chunk), unless it computes no gradient."""
+    from types import SimpleNamespace
+
+    slab_mode("auto")
+    x, w = torch.zeros(600, 8), torch.zeros(1000, 8)
+    inputs = _chunked.Inputs(x, w, None, torch.zeros(600, dtype=torch.long))
+    for needs, group, want in ((ALL, 1, (256, 0)), (ALL, 256, (256, 0)), (ALL, 300, (600, 1000)),
+                               (ALL, None, (600, 1000)), (NONE, 1, (600, 1000))):
+        spec = _chunked._parse(_chunked._spec_string("policy", PolicyLossConfig(), "cpp",
+                                                     needs, ""))
+        plan = spec.plan(inputs, SimpleNamespace(group=group))
+        assert (plan.chunk, plan.slab) == want, (needs, group)
+
+
 def test_pass_order_overrides(slab_mode):
     slab_mode("off")
     assert _slab(torch.bfloat16, ALL) == 0
