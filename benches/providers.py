@@ -127,19 +127,13 @@ def dpo_sigmoid_loss(case: Case, logp: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- per op
-def _rlfuse_logprobs(impl):
+def _rlfuse_logprobs(impl, summary=False):
     def run(c: Case):
         import rlfuse
 
-        return rlfuse.linear_logprobs(c.hidden, c.weight, c.targets, return_entropy=True, impl=impl)
+        return rlfuse.linear_logprobs(c.hidden, c.weight, c.targets, return_entropy=True,
+                                      impl=impl, return_logit_summary=summary)[:2]
     return run
-
-
-def _rlfuse_logprobs_summary(c: Case):
-    import rlfuse
-
-    return rlfuse.linear_logprobs(c.hidden, c.weight, c.targets, return_entropy=True,
-                                  return_logit_summary=True)[:2]
 
 
 def _rlfuse_policy(impl):
@@ -236,7 +230,7 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
         "trl": Provider("trl", lambda c: trl_logprobs(c.hidden, c.weight, c.targets),
                         _trl_why_not, est_bytes=_trl_bytes),
         "rlfuse+summary": Provider(
-            "rlfuse+summary", _rlfuse_logprobs_summary,
+            "rlfuse+summary", _rlfuse_logprobs("auto", summary=True),
             note="impl auto, also the mean logit and is-top-1 (TRL's DPO / SFT metrics)"),
         "liger": Provider("liger", why_not=_never(LIGER_NO_LOGPROBS)),
         "floor": Provider("floor", note="GEMMs alone", est_bytes=_logits_bytes(1)),

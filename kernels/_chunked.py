@@ -334,32 +334,39 @@ class _Summary:
 
     SOFTCAP_BYTES = 16 * 2**20  # the transformed rows' fp32 temporaries, with a softcap
 
-    def __init__(self, n: int, device: torch.device):
+    def __init__(self, plan: "ChunkPlan", n: int, device: torch.device):
+        self.plan = plan
         self.max = torch.full((n,), -float("inf"), dtype=torch.float32, device=device)
         self.arg = torch.zeros(n, dtype=torch.int64, device=device)  # first argmax, global id
         self.sum = torch.zeros(n, dtype=torch.float32, device=device)
 
-    def add(self, s: int, e: int, z: Tensor, transform: LogitTransform, v0: int) -> None:
-        """Rows [s, e) of raw logits z [c, Vs] whose first column is vocabulary id v0."""
-        if transform.final_logit_softcapping is None:  # z -> k z, k > 0: same argmax
-            k = transform.logit_scale / transform.temperature
+    def add(self, s: int, e: int, z: Tensor, v0: int = 0) -> None:
+        """Rows [s, e) of raw logits z [c, Vs] whose first column is weight row v0."""
+        tf = self.plan.transform
+        if tf.final_logit_softcapping is None:  # z -> k z, k > 0: the same argmax
+            k = tf.logit_scale / tf.temperature
             m, i = z.max(-1)
             m, total = m.float() * k, z.sum(-1, dtype=torch.float32) * k
-        else:
+        else:  # the transformed logits, in row blocks of SOFTCAP_BYTES
+            m = torch.empty(e - s, dtype=torch.float32, device=z.device)
+            total = torch.empty_like(m)
+            i = torch.empty(e - s, dtype=torch.int64, device=z.device)
             rows = max(1, self.SOFTCAP_BYTES // (4 * z.shape[1]))
-            m, i, total = map(torch.cat, zip(*(
-                (*u.max(-1), u.sum(-1)) for u in (transform.apply(z[r:r + rows].float())
-                                                  for r in range(0, z.shape[0], rows)))))
+            for r in range(0, e - s, rows):
+                u = tf.apply(z[r:r + rows].float())
+                torch.max(u, -1, out=(m[r:r + rows], i[r:r + rows]))
+                total[r:r + rows] = u.sum(-1)
         # an earlier slab keeps a tie (the first argmax)
         better = m > self.max[s:e]
-        self.arg[s:e] = torch.where(better, i + v0, self.arg[s:e])
+        self.arg[s:e] = torch.where(better, i + (self.plan.first_id + v0), self.arg[s:e])
         self.max[s:e] = torch.maximum(self.max[s:e], m)
         self.sum[s:e] += total
 
-    def result(self, targets: Tensor, plan: "ChunkPlan", v: int) -> Tensor:
+    def result(self, targets: Tensor, v: int) -> Tensor:
         """[2, N] fp32: the mean logit, and 1 where the target is the row's first argmax (0 for
         ignored targets and rows with a NaN logit), over a weight of v rows (vocab-parallel:
         this rank's shard, the summaries combined over the ranks)."""
+        plan = self.plan
         if plan.vocab is not None:
             v = plan.vocab.vocab_size
             self.max, self.arg, self.sum = _vocab_parallel.combine_summary(
@@ -411,7 +418,7 @@ def forward_stats(inputs: Inputs, plan: ChunkPlan, summary: Optional[_Summary] =
         for o, r in zip(out, stats):
             o[s:e] = r
         if summary is not None:
-            summary.add(s, e, z, plan.transform, plan.first_id)
+            summary.add(s, e, z)
     return tuple(out)
 
 
@@ -465,7 +472,7 @@ def _slab_stats(inputs: Inputs, plan: ChunkPlan, summary: Optional[_Summary] = N
             z = g.logits(s, e)[1]
             part[:, s:e] = partials(z, targets[s:e])
             if summary is not None:
-                summary.add(s, e, z, plan.transform, plan.first_id + v0)
+                summary.add(s, e, z, v0)
         merged = part if merged is None else _vocab_parallel.merge(merged, part)
     if plan.vocab is not None:
         return _vocab_parallel.combine(merged, targets, plan.ignore_index, plan.vocab.group)
@@ -694,10 +701,10 @@ def _chunked_loss_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     plan = s.plan(inputs, math)
     summary = hidden.new_empty(0, dtype=torch.float32)
     if math is None:
-        gather = _Summary(hidden.shape[0], hidden.device) if s.options.summary else None
+        gather = _Summary(plan, hidden.shape[0], hidden.device) if s.options.summary else None
         lse, logp, ent = forward_stats(inputs, plan, gather)
         if gather is not None:
-            summary = gather.result(targets, plan, weight.shape[0])
+            summary = gather.result(targets, weight.shape[0])
         loss, grads = torch.zeros((), dtype=torch.float32, device=hidden.device), (None,) * 3
     else:
         loss, logp, ent, grads = run_loss(inputs, plan, math, s.needs)
