@@ -470,12 +470,11 @@ def test_bf16_model_on_a_cpu_without_bf16_units_warns(native, monkeypatch, capsy
     """The decision follows the CPU's flags (mocked here): a warning only where bf16 is not
     native, and never for float32."""
     from rlfuse.engine import model as engine_model
-    from rlfuse.engine.config import ModelConfig
 
     monkeypatch.setattr(engine_model, "cpu_native_lowp", lambda dtype: native)
-    tiny = dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=32)
     for dtype, warns in (("bfloat16", not native), ("float32", False)):
-        model, _ = engine_model.load_policy(ModelConfig(dtype=dtype, **tiny), torch.device("cpu"))
+        cfg = dataclasses.replace(TINY, dtype=dtype)
+        model, _ = engine_model.load_policy(cfg, torch.device("cpu"))
         assert next(model.parameters()).dtype == getattr(torch, dtype)
         err = capsys.readouterr().err
         assert ("model.dtype=bfloat16 on a CPU without bfloat16 matmul units" in err) == warns
